@@ -1,0 +1,1 @@
+"""Fine-grained layers, each in its own file."""

@@ -1,0 +1,1 @@
+"""Losses for part attention and metric learning."""
