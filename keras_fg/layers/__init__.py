@@ -1,1 +1,2 @@
 """Fine-grained layers, each in its own file."""
+from keras_fg.layers.part_crop import PartCrop
