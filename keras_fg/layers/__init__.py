@@ -1,2 +1,3 @@
 """Fine-grained layers, each in its own file."""
 from keras_fg.layers.part_crop import PartCrop
+from keras_fg.layers.channel_grouping import ChannelGrouping

@@ -1,0 +1,217 @@
+"""Tests for ChannelGrouping: math, shapes, serialisation, training, precision, TFLite."""
+
+import numpy as np
+import pytest
+
+import keras
+import tensorflow as tf
+
+from keras_fg.layers import ChannelGrouping
+
+
+def sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def numpy_channel_grouping(layer, features):
+    """Direct transcription of the equations, part by part, in float64."""
+    hidden_kernel, hidden_bias, channel_kernel, channel_bias = (
+        np.asarray(w, np.float64) for w in layer.get_weights()
+    )
+    features = features.astype(np.float64)
+    batch, height, width, channels = features.shape
+    maps = np.zeros((batch, height, width, layer.num_parts))
+    weights = np.zeros((batch, layer.num_parts, channels))
+    for b in range(batch):
+        pooled = features[b].mean(axis=(0, 1))
+        for i in range(layer.num_parts):
+            d = sigmoid(np.tanh(pooled @ hidden_kernel[i] + hidden_bias[i]) @ channel_kernel[i] + channel_bias[i])
+            if layer.normalization == "softmax":
+                response = (features[b] * d).mean(axis=-1)
+                squashed = layer.sharpness * np.log(np.log1p(np.exp(np.tanh(layer.response_scale * response))))
+                scores = np.exp(squashed)
+            else:
+                scores = sigmoid((features[b] * d).sum(axis=-1))
+            maps[b, :, :, i] = scores / scores.sum()
+            weights[b, i] = d
+    return maps, weights
+
+
+def randomized(layer, features):
+    """Builds `layer` and gives every weight, biases included, random values."""
+    layer(features)
+    rng = np.random.default_rng(1)
+    layer.set_weights([rng.normal(0, 0.5, w.shape).astype("float32") for w in layer.get_weights()])
+    return layer
+
+
+@pytest.mark.parametrize("normalization", ["softmax", "sum"])
+def test_maps_match_numpy_transcription(normalization):
+    features = np.random.normal(0, 3, (2, 5, 4, 6)).astype("float32")
+    layer = randomized(ChannelGrouping(3, hidden_units=4, normalization=normalization), features)
+    outputs = layer(features)
+    expected_maps, expected_weights = numpy_channel_grouping(layer, features)
+    maps = keras.ops.convert_to_numpy(outputs["attention_maps"])
+    np.testing.assert_allclose(maps, expected_maps, atol=1e-5)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(outputs["channel_weights"]), expected_weights, atol=1e-5)
+    # The maps are far from uniform, so the comparison above means something.
+    assert maps.max() > 2 * maps.min()
+    np.testing.assert_allclose(maps.sum(axis=(1, 2)), 1.0, atol=1e-5)
+
+
+def test_part_features_pool_with_the_layers_own_maps():
+    features = np.random.normal(0, 3, (2, 5, 4, 6)).astype("float32")
+    outputs = randomized(ChannelGrouping(2, normalization="sum"), features)(features)
+    maps = keras.ops.convert_to_numpy(outputs["attention_maps"]).astype(np.float64)
+    expected = np.zeros((2, 2, 6))
+    for b in range(2):
+        for i in range(2):
+            for x in range(5):
+                for y in range(4):
+                    expected[b, i] += maps[b, x, y, i] * features[b, x, y]
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(outputs["part_features"]), expected, atol=1e-5)
+
+
+def test_weights_are_batched_and_named():
+    layer = ChannelGrouping(4)
+    layer.build((None, 7, 7, 10))
+    shapes = {w.name: tuple(w.shape) for w in layer.trainable_weights}
+    assert shapes == {
+        "hidden_kernel": (4, 10, 10),  # hidden_units defaults to C
+        "hidden_bias": (4, 10),
+        "channel_kernel": (4, 10, 10),
+        "channel_bias": (4, 10),
+    }
+    layer = ChannelGrouping(4, hidden_units=3)
+    layer.build((None, 7, 7, 10))
+    assert tuple(layer.hidden_kernel.shape) == (4, 10, 3)
+    assert tuple(layer.channel_kernel.shape) == (4, 3, 10)
+
+
+def test_symbolic_and_eager_calls_agree_on_shapes():
+    layer = ChannelGrouping(3)
+    symbolic = layer(keras.Input((6, 5, 8)))
+    eager = layer(np.random.rand(2, 6, 5, 8).astype("float32"))
+    expected = {"attention_maps": (6, 5, 3), "part_features": (3, 8), "channel_weights": (3, 8)}
+    assert {k: tuple(v.shape) for k, v in symbolic.items()} == {k: (None, *s) for k, s in expected.items()}
+    assert {k: tuple(v.shape) for k, v in eager.items()} == {k: (2, *s) for k, s in expected.items()}
+    assert layer.compute_output_shape((None, 6, 5, 8)) == {k: (None, *s) for k, s in expected.items()}
+
+
+def test_config_round_trip():
+    layer = ChannelGrouping(
+        3,
+        hidden_units=5,
+        normalization="sum",
+        sharpness=2.0,
+        response_scale=0.5,
+        kernel_initializer="he_normal",
+        name="grouping",
+    )
+    restored = ChannelGrouping.from_config(layer.get_config())
+    assert restored.get_config() == layer.get_config()
+    restored = keras.layers.deserialize(keras.layers.serialize(layer))
+    assert isinstance(restored, ChannelGrouping)
+    assert restored.get_config() == layer.get_config()
+
+
+def tiny_model(num_parts=2):
+    inputs = keras.Input((8, 8, 3))
+    features = keras.layers.Conv2D(6, 3, padding="same", activation="relu")(inputs)
+    grouping = ChannelGrouping(num_parts, name="grouping")(features)
+    logits = keras.layers.Dense(3)(keras.layers.Flatten()(grouping["part_features"]))
+    return keras.Model(inputs, {"logits": logits, "attention_maps": grouping["attention_maps"]})
+
+
+def test_fit_step_updates_the_grouping_weights():
+    model = tiny_model()
+    classifier = keras.Model(model.input, model.output["logits"])
+    classifier.compile(optimizer=keras.optimizers.SGD(0.1), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    before = [w.numpy().copy() for w in model.get_layer("grouping").trainable_weights]
+    history = classifier.fit(
+        np.random.rand(4, 8, 8, 3).astype("float32"), np.array([0, 1, 2, 0]), batch_size=4, epochs=1, verbose=0
+    )
+    assert np.isfinite(history.history["loss"][0])
+    after = model.get_layer("grouping").trainable_weights
+    assert all(not np.allclose(b, a.numpy()) for b, a in zip(before, after))
+
+
+def test_keras_save_and_load_give_identical_outputs(tmp_path):
+    model = tiny_model()
+    x = np.random.rand(2, 8, 8, 3).astype("float32")
+    path = tmp_path / "model.keras"
+    model.save(path)
+    restored = keras.models.load_model(path)
+    expected, actual = model.predict(x, verbose=0), restored.predict(x, verbose=0)
+    for key in expected:
+        np.testing.assert_array_equal(actual[key], expected[key])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"num_parts": 0}, "Received: num_parts=0"),
+        ({"num_parts": 2.0}, "Received: num_parts=2.0"),
+        ({"num_parts": 2, "hidden_units": 0}, "Received: hidden_units=0"),
+        ({"num_parts": 2, "normalization": "max"}, "Received: normalization='max'"),
+        ({"num_parts": 2, "sharpness": 0}, "Received: sharpness=0"),
+        ({"num_parts": 2, "response_scale": -1.0}, "Received: response_scale=-1.0"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ChannelGrouping(**kwargs)
+
+
+def test_bad_input_shapes_raise():
+    with pytest.raises(ValueError, match=r"rank-4 input .* Received: input_shape=\(2, 8, 3\)"):
+        ChannelGrouping(2)(np.zeros((2, 8, 3), "float32"))
+    with pytest.raises(ValueError, match="channel dimension of the input must be known"):
+        ChannelGrouping(2).build((None, 8, 8, None))
+
+
+def test_mixed_float16_gives_float32_maps():
+    features = np.random.normal(0, 3, (2, 5, 4, 6)).astype("float32")
+    reference = randomized(ChannelGrouping(2), features)
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        layer = ChannelGrouping(2)
+        layer(features)
+        layer.set_weights(reference.get_weights())
+        outputs = layer(features)
+        symbolic = layer(keras.Input((5, 4, 6)))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert all(w.dtype == "float32" for w in layer.weights)
+    dtypes = {"attention_maps": "float32", "channel_weights": "float32", "part_features": "float16"}
+    assert {k: keras.backend.standardize_dtype(v.dtype) for k, v in outputs.items()} == dtypes
+    assert {k: v.dtype for k, v in symbolic.items()} == dtypes
+    # Only the float16 rounding of the inputs separates the two.
+    np.testing.assert_allclose(
+        outputs["attention_maps"], reference(features)["attention_maps"], rtol=1e-2, atol=1e-4
+    )
+
+
+@pytest.mark.parametrize("normalization", ["softmax", "sum"])
+def test_tflite_builtins_match_keras(tmp_path, normalization):
+    from ai_edge_litert.interpreter import Interpreter
+
+    inputs = keras.Input((8, 8, 3))
+    features = keras.layers.Conv2D(6, 3, padding="same")(inputs)
+    model = keras.Model(inputs, ChannelGrouping(2, normalization=normalization)(features))
+    path = str(tmp_path / "model.tflite")
+    model.export(
+        path,
+        format="litert",
+        verbose=False,
+        target_spec={"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS]},
+    )
+    interpreter = Interpreter(model_path=path)
+    runner = interpreter.get_signature_runner()
+    (input_name,) = interpreter.get_signature_list()["serving_default"]["inputs"]
+    x = np.random.rand(1, 8, 8, 3).astype("float32")
+    actual = runner(**{input_name: x})
+    expected = model.predict(x, verbose=0)
+    assert set(actual) == set(expected)
+    for key in expected:
+        np.testing.assert_allclose(actual[key], expected[key], atol=1e-4)
