@@ -1,1 +1,2 @@
 """Losses for part attention and metric learning."""
+from keras_fg.losses.channel_grouping_loss import ChannelGroupingLoss, distance_loss, diversity_loss
