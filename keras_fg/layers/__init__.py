@@ -1,3 +1,4 @@
 """Fine-grained layers, each in its own file."""
 from keras_fg.layers.part_crop import PartCrop
 from keras_fg.layers.channel_grouping import ChannelGrouping
+from keras_fg.layers.image_preprocessing import ImagePreprocessing
