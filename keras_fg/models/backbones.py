@@ -1,0 +1,214 @@
+"""Backbones: headless feature extractors that take raw pixels, by name.
+
+A backbone is a plain Functional `keras.Model` named `"<name>_backbone"` that maps
+images of raw RGB pixel values in [0, 255], shape `(B, H, W, 3)`, to the feature map
+`(B, h, w, C)` of one layer. Its input preprocessing is its first layer
+(`ImagePreprocessing`), so datasets, exported models and servers feed the same pixels
+whatever the backbone. The model families put their heads on it (the backbone / task
+split of KerasHub) and call it as `backbone(images, training=False)` to keep its
+BatchNormalization in inference mode.
+"""
+
+import dataclasses
+import functools
+import numbers
+import os
+import warnings
+from typing import Callable
+
+import keras
+
+from keras_fg.layers.image_preprocessing import ImagePreprocessing
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneSpec:
+    """How to build one registered backbone.
+
+    Attributes:
+        application: Builds the whole headless network, with the signature of the
+            `keras.applications` constructors:
+            `application(include_top=False, weights=..., input_tensor=..., input_shape=...)`.
+        feature_layer: Name of the default layer whose output is the feature map.
+        preprocessing: The `ImagePreprocessing` mode the network was trained with.
+        channels: Channels `C` of the default feature map.
+        stride: Input pixels per feature-map cell at the default feature layer.
+    """
+
+    application: Callable
+    feature_layer: str
+    preprocessing: str
+    channels: int
+    stride: int
+
+
+def _tiny_convnet(include_top=False, weights=None, input_tensor=None, input_shape=None):
+    """Three 3×3 Conv2D + ReLU layers (16, 32, 64 filters, stride 2 each), no BatchNorm.
+
+    A backbone small enough for tests and the embedded demo; it has no pretrained weights.
+    """
+    if weights is not None:
+        raise ValueError(
+            "The 'tiny' backbone has no pretrained weights: pass weights=None or the path "
+            f"of a weights file saved from a 'tiny' backbone. Received: weights={weights!r}"
+        )
+    images = keras.Input(shape=input_shape) if input_tensor is None else input_tensor
+    x = images
+    for index, filters in enumerate((16, 32, 64), start=1):
+        x = keras.layers.Conv2D(
+            filters, 3, strides=2, padding="same", activation="relu", name=f"conv{index}"
+        )(x)
+    return keras.Model(keras.utils.get_source_inputs(images), x, name="tiny")
+
+
+def _named_output(application, output_name):
+    """`application`, with its output layer renamed `output_name`.
+
+    MobileNetV3's last activation has no name of its own: Keras numbers it
+    ("activation_17") by how many activations were built before, so it is renamed
+    to give the default feature layer a stable name.
+    """
+
+    @functools.wraps(application)
+    def build(**kwargs):
+        model = application(**kwargs)
+        model.layers[-1].name = output_name
+        return model
+
+    return build
+
+
+_apps = keras.applications
+BACKBONES = {
+    "vgg16": BackboneSpec(_apps.VGG16, "block5_conv3", "caffe", 512, 16),
+    # MA-CNN's conv5_4 (28×28×512 at 448 px).
+    "vgg19": BackboneSpec(_apps.VGG19, "block5_conv4", "caffe", 512, 16),
+    "resnet50": BackboneSpec(_apps.ResNet50, "conv5_block3_out", "caffe", 2048, 32),
+    # The last layer: the 320-channel block_16_project_BN before it is linear (no ReLU),
+    # and the families reduce channels with a 1×1 convolution anyway.
+    "mobilenetv2": BackboneSpec(_apps.MobileNetV2, "out_relu", "tf", 1280, 32),
+    # MobileNetV3 and EfficientNetV2 include their own preprocessing and take [0, 255].
+    "mobilenetv3small": BackboneSpec(
+        _named_output(_apps.MobileNetV3Small, "conv_1_activation"), "conv_1_activation", "none", 576, 32
+    ),
+    "mobilenetv3large": BackboneSpec(
+        _named_output(_apps.MobileNetV3Large, "conv_1_activation"), "conv_1_activation", "none", 960, 32
+    ),
+    "efficientnetv2b0": BackboneSpec(_apps.EfficientNetV2B0, "top_activation", "none", 1280, 32),
+    "tiny": BackboneSpec(_tiny_convnet, "conv3", "unit", 64, 8),
+}
+
+
+def list_backbones():
+    """The registered backbone names, sorted."""
+    return sorted(BACKBONES)
+
+
+def create_backbone(name, weights=None, image_size=224, feature_layer=None, name_prefix=""):
+    """Builds a registered backbone: raw [0, 255] RGB pixels in, a feature map out.
+
+    Args:
+        name: A name from `list_backbones()`, such as `"vgg19"` or `"mobilenetv2"`.
+        weights: `None` for random initialisation; `"imagenet"` for the
+            `keras.applications` ImageNet weights (downloaded, so online only); or the
+            path of a local weights file saved from the whole headless application,
+            e.g. `keras.applications.MobileNetV2(include_top=False).save_weights(
+            "mobilenet_v2.weights.h5")` (the `.h5` files that `keras.applications`
+            downloads load too). The weights do not depend on the image size. They
+            are loaded before the network is cut at `feature_layer`.
+        image_size: Input size in pixels: an int for square images, or a
+            `(height, width)` tuple such as `(256, 128)` for person re-identification.
+        feature_layer: Name of the layer whose output is the feature map; `None` for
+            the registered default, `BACKBONES[name].feature_layer`.
+        name_prefix: Prepended to the model name, so that two backbones of the same
+            kind can sit side by side in one model.
+
+    Returns:
+        A Functional `keras.Model` named `f"{name_prefix}{name}_backbone"`, input
+        `(B, height, width, 3)` float RGB pixels in [0, 255], output the feature map
+        `(B, h, w, C)`; with the default layer `C = BACKBONES[name].channels` and
+        `h = ceil(height / BACKBONES[name].stride)` for sizes the network divides evenly.
+
+    Example:
+
+    >>> backbone = create_backbone("mobilenetv2", weights="mobilenet_v2.weights.h5")
+    >>> backbone.output_shape
+    (None, 7, 7, 1280)
+    """
+    if name not in BACKBONES:
+        raise ValueError(
+            f"Unknown backbone. Valid names: {', '.join(list_backbones())}. Received: name={name!r}"
+        )
+    spec = BACKBONES[name]
+    input_shape = (*_height_width(image_size), 3)
+    weights_file = None
+    if weights is not None and weights != "imagenet":
+        weights_file = os.fspath(weights)
+        if not os.path.isfile(weights_file):
+            raise FileNotFoundError(f"Weights file of backbone {name!r} not found: {weights_file}")
+
+    images = keras.Input(shape=input_shape, name="images")
+    pixels = ImagePreprocessing(spec.preprocessing, name="image_preprocessing")(images)
+    network = _build_network(name, spec, None if weights_file else weights, pixels, input_shape)
+
+    layer_name = feature_layer or spec.feature_layer
+    layer_names = [layer.name for layer in network.layers]
+    if layer_name not in layer_names:
+        raise ValueError(
+            f"Unknown feature_layer for backbone {name!r}. Valid names include "
+            f"{', '.join(layer_names[-8:])} ({len(layer_names)} layers in all, listed by "
+            f"keras.Model.summary()). Received: feature_layer={layer_name!r}"
+        )
+    if weights_file:
+        _load_weights(network, weights_file, name)
+    features = network.get_layer(layer_name).output
+    return keras.Model(images, features, name=f"{name_prefix}{name}_backbone")
+
+
+def _height_width(image_size):
+    size = (image_size, image_size) if isinstance(image_size, numbers.Integral) else image_size
+    if not (
+        isinstance(size, (tuple, list))
+        and len(size) == 2
+        and all(isinstance(side, numbers.Integral) and side > 0 for side in size)
+    ):
+        raise ValueError(
+            "`image_size` must be a positive int or a (height, width) tuple of positive "
+            f"ints. Received: image_size={image_size!r}"
+        )
+    return tuple(int(side) for side in size)
+
+
+def _build_network(name, spec, weights, pixels, input_shape):
+    """The whole headless application on `pixels`, with the download error made clear."""
+    try:
+        return spec.application(
+            include_top=False, weights=weights, input_tensor=pixels, input_shape=input_shape
+        )
+    except (ValueError, TypeError):
+        raise
+    except Exception as error:
+        if weights != "imagenet":
+            raise
+        reason = " ".join(str(error).split())
+        raise OSError(
+            f"The ImageNet weights of backbone {name!r} could not be downloaded ({reason}). "
+            "Without internet access, pass the path of a local .weights.h5 file saved from "
+            f"the headless model instead: create_backbone({name!r}, weights='path/to/file.weights.h5')."
+        ) from None
+
+
+def _load_weights(network, path, name):
+    """Loads `path` into `network`, or says which file did not fit which backbone."""
+    try:
+        with warnings.catch_warnings():
+            # On a mismatch Keras warns once per layer before it raises.
+            warnings.simplefilter("ignore")
+            network.load_weights(path)
+    except Exception as error:
+        # Keras' message lists every layer that failed; its first example is enough.
+        detail = " ".join(str(error).split("List of objects")[0].split())
+        raise ValueError(
+            f"The weights file {path} does not fit backbone {name!r}: it must be saved from "
+            f"the same headless keras.applications model (include_top=False). {detail}"
+        ) from None
