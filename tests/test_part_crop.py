@@ -145,7 +145,9 @@ def test_fit_step_trains_through_the_crops():
     crops = PartCrop(6, 0.5)([images, maps])
     dense = keras.layers.Dense(4)
     model = keras.Model([images, maps], dense(keras.layers.Flatten()(crops)))
-    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
     before = keras.ops.convert_to_numpy(dense.kernel).copy()
     history = model.fit(list(random_inputs()), np.arange(2), epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])

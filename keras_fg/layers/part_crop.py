@@ -100,7 +100,8 @@ class PartCrop(keras.layers.Layer):
             or not 0 < box_fraction <= 1
         ):
             raise ValueError(
-                f"`box_fraction` must be a number in (0, 1]. Received: box_fraction={box_fraction!r}"
+                "`box_fraction` must be a number in (0, 1]. "
+                f"Received: box_fraction={box_fraction!r}"
             )
         self.crop_size = (int(size[0]), int(size[1]))
         self.box_fraction = float(box_fraction)
