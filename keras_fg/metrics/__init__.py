@@ -1,0 +1,11 @@
+"""Evaluation metrics: classification accuracy and person re-identification (CMC, mAP, mINP)."""
+
+from keras_fg.metrics.classification import (
+    MeanPerClassAccuracy,
+    classification_report,
+    confusion_matrix,
+    mean_per_class_accuracy,
+    top_k_accuracy,
+)
+from keras_fg.metrics.re_ranking import k_reciprocal_re_ranking
+from keras_fg.metrics.reid import evaluate_reid, pairwise_distances
