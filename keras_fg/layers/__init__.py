@@ -2,3 +2,4 @@
 from keras_fg.layers.part_crop import PartCrop
 from keras_fg.layers.channel_grouping import ChannelGrouping
 from keras_fg.layers.image_preprocessing import ImagePreprocessing
+from keras_fg.layers.bilinear_pooling import BilinearPooling
