@@ -3,3 +3,4 @@ from keras_fg.layers.part_crop import PartCrop
 from keras_fg.layers.channel_grouping import ChannelGrouping
 from keras_fg.layers.image_preprocessing import ImagePreprocessing
 from keras_fg.layers.bilinear_pooling import BilinearPooling
+from keras_fg.layers.spatial_attention_lstm import SpatialAttentionLSTM
