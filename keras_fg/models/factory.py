@@ -1,0 +1,72 @@
+"""One factory for every model family, so that one command line can drive them all."""
+
+from keras_fg.models.backbones import create_backbone
+from keras_fg.models.bilinear_cnn import BilinearCNN
+from keras_fg.models.dasrbn import DASRBN
+from keras_fg.models.gap_classifier import GAPClassifier
+from keras_fg.models.macnn import MACNN
+
+MODELS = {
+    "gap": GAPClassifier,
+    "bcnn": BilinearCNN,
+    "macnn": MACNN,
+    "dasrbn": DASRBN,
+}
+
+
+def list_models():
+    """The names `create_model` accepts."""
+    return sorted(MODELS)
+
+
+def create_model(
+    name,
+    num_classes,
+    backbone="mobilenetv2",
+    weights=None,
+    image_size=224,
+    feature_layer=None,
+    second_backbone=None,
+    **options,
+):
+    """Builds a model family on a backbone.
+
+    Args:
+        name: the family: `"gap"`, `"bcnn"`, `"macnn"` or `"dasrbn"`.
+        num_classes: number of classes (identities for re-identification).
+        backbone: a backbone name from `keras_fg.models.list_backbones()`.
+        weights: the backbone's weights: `None`, `"imagenet"` or a local `.weights.h5` path.
+        image_size: input size, an int or `(height, width)`.
+        feature_layer: the backbone layer whose output the head reads (default: the
+            backbone's own default).
+        second_backbone: for `"bcnn"` and `"dasrbn"`, the name of a second stream's backbone
+            (same `weights` argument rules; randomly initialised unless `weights` is
+            `"imagenet"`).
+        **options: the family's own arguments (e.g. `num_parts=4` for `"macnn"`,
+            `projection_dim=8192` for `"bcnn"`) and the `FineGrainedModel` ones
+            (`class_names`, `label_smoothing`, `triplet_weight`, ...).
+
+    Returns:
+        A compiled-ready `keras.Model`; `model.compile(optimizer=...)` is all it needs.
+
+    Example:
+
+    >>> model = create_model("macnn", num_classes=200, backbone="vgg19", image_size=448,
+    ...                      weights="imagenet", num_parts=4)
+    """
+    if name not in MODELS:
+        raise ValueError(f"Unknown model {name!r}. Valid models: {', '.join(list_models())}")
+    family = MODELS[name]
+    if second_backbone is not None:
+        if name not in ("bcnn", "dasrbn"):
+            raise ValueError(
+                f"`second_backbone` applies to 'bcnn' and 'dasrbn' only. Received: model={name!r}"
+            )
+        second_weights = weights if weights == "imagenet" else None
+        options["second_backbone"] = create_backbone(
+            second_backbone, weights=second_weights, image_size=image_size, name_prefix="second_"
+        )
+    features = create_backbone(
+        backbone, weights=weights, image_size=image_size, feature_layer=feature_layer
+    )
+    return family(features, num_classes, name=f"{name}_{backbone}", **options)

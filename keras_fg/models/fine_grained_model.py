@@ -1,0 +1,300 @@
+"""The base of every keras_fg model family: a Functional model that knows its own joint loss."""
+
+import keras
+from keras import ops
+
+PHASES = ("joint", "channel_grouping", "classification")
+
+
+@keras.saving.register_keras_serializable(package="keras_fg")
+class FineGrainedModel(keras.Model):
+    """A Functional model whose `compile(optimizer)` alone is enough to train it.
+
+    Every model family (`GAPClassifier`, `BilinearCNN`, `MACNN`, `DASRBN`) builds its graph
+    and passes it here. Its predictions are a dict with at least `"logits"`, `"probabilities"`
+    and `"features"` (the vector the classifier reads, also the re-identification embedding),
+    and for the attention families `"attention_maps"`. The joint objective is
+
+        L = CE_ls(logits, y)                                  classification_loss
+          + part_loss_weight · Σ_i CE_ls(part_logits_i, y)    part_loss (MA-CNN)
+          + channel_grouping_weight · L_cng(attention_maps)   channel_grouping_loss (MA-CNN)
+          + triplet_weight · L_tri(embedding, y)              triplet_loss (re-ID)
+
+    with `CE_ls` the cross-entropy with label smoothing. Each term present in the family is
+    reported as its own metric, next to `loss` and `accuracy`. A `loss=` given to `compile`
+    replaces the joint objective.
+
+    The terms are means over the replica's batch, scaled by `1 / num_replicas_in_sync` as Keras'
+    own losses are, so one step under `tf.distribute.MirroredStrategy` applies the same update
+    as on one device.
+
+    Subclasses call `super().__init__(inputs=..., outputs=..., num_classes=..., **options)`
+    and implement `get_config` with their own constructor arguments.
+
+    Args:
+        num_classes: number of classes (identities for re-identification).
+        class_names: optional list of `num_classes` names, saved with the model.
+        label_smoothing: label smoothing of every cross-entropy term, in [0, 1).
+        triplet_weight: weight of the batch-hard triplet loss on `"features"` (0 disables it).
+        triplet_margin: its margin.
+    """
+
+    def __init__(
+        self,
+        inputs,
+        outputs,
+        num_classes,
+        class_names=None,
+        label_smoothing=0.0,
+        triplet_weight=0.0,
+        triplet_margin=0.3,
+        **kwargs,
+    ):
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(
+                f"`num_classes` must be an integer >= 2. Received: num_classes={num_classes}"
+            )
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(
+                f"`class_names` must have `num_classes`={num_classes} entries. "
+                f"Received: {len(class_names)} names"
+            )
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(
+                f"`label_smoothing` must be in [0, 1). Received: label_smoothing={label_smoothing}"
+            )
+        if triplet_weight < 0:
+            raise ValueError(
+                f"`triplet_weight` must be >= 0. Received: triplet_weight={triplet_weight}"
+            )
+        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+        self.num_classes = num_classes
+        self.class_names = list(class_names) if class_names is not None else None
+        self.label_smoothing = float(label_smoothing)
+        self.triplet_weight = float(triplet_weight)
+        self.triplet_margin = float(triplet_margin)
+        self._phase = "joint"
+        self.accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+        self.loss_term_trackers = {
+            name: keras.metrics.Mean(name=name) for name in self.loss_term_names()
+        }
+
+    # ----------------------------------------------------------------------------------------
+    # The joint objective.
+
+    def loss_term_names(self):
+        """The names of the loss terms this model computes, in reporting order."""
+        names = ["classification_loss"]
+        if self.triplet_weight > 0:
+            names.append("triplet_loss")
+        return names
+
+    def cross_entropy(self, labels, logits):
+        """Mean cross-entropy with label smoothing of integer `labels` against `logits`."""
+        one_hot = ops.one_hot(ops.cast(labels, "int32"), self.num_classes)
+        per_sample = keras.losses.categorical_crossentropy(
+            one_hot,
+            ops.cast(logits, "float32"),
+            from_logits=True,
+            label_smoothing=self.label_smoothing,
+        )
+        return ops.mean(per_sample)
+
+    def compute_loss_terms(self, y, y_pred):
+        """Returns `{name: (weight, value)}` for every term of the joint objective.
+
+        Families extend this; each value is a float32 scalar, the mean over the batch.
+        """
+        terms = {"classification_loss": (1.0, self.cross_entropy(y, y_pred["logits"]))}
+        if self.triplet_weight > 0:
+            from keras_fg.losses import batch_hard_triplet_loss
+
+            value = batch_hard_triplet_loss(
+                y, y_pred.get("embedding", y_pred["features"]), margin=self.triplet_margin
+            )
+            terms["triplet_loss"] = (self.triplet_weight, value)
+        return terms
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        if self.loss is not None:  # The user's own loss replaces the joint objective.
+            return super().compute_loss(x, y, y_pred, sample_weight, training=training)
+        if y is None:
+            raise ValueError(
+                "keras_fg models compute their joint loss from integer class labels; "
+                "the data gave none. Pass (images, labels) to fit/evaluate."
+            )
+        y = ops.reshape(y, (-1,))
+        total = ops.zeros((), "float32")
+        for name, (weight, value) in self.compute_loss_terms(y, y_pred).items():
+            self.loss_term_trackers[name].update_state(value)
+            total = total + weight * value
+        # Like Keras' own Loss objects: divide by the replica count so that summing the
+        # replicas' gradients gives the gradient of the global mean.
+        total = _scale_for_distribution(total)
+        for extra in self.losses:  # Regularisers, add_loss(); Keras scales these itself.
+            total = total + self._aggregate_additional_loss(extra)
+        return total
+
+    @property
+    def metrics(self):
+        metrics = super().metrics
+        if getattr(self, "loss", None) is not None:  # The joint terms are not computed then.
+            unused = {id(tracker) for tracker in self.loss_term_trackers.values()}
+            metrics = [m for m in metrics if id(m) not in unused]
+        return metrics
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        labels = y.get("logits") if isinstance(y, dict) else y
+        if labels is not None:
+            self.accuracy_tracker.update_state(ops.reshape(labels, (-1,)), y_pred["logits"])
+        return super().compute_metrics(x, y, y_pred, sample_weight)
+
+    # ----------------------------------------------------------------------------------------
+    # Training phases (MA-CNN's alternating optimisation).
+
+    @property
+    def phase(self):
+        """The training phase: which variables a training step updates.
+
+        - `"joint"`: every trainable variable (the default).
+        - `"channel_grouping"`: only the channel-grouping (part attention) variables.
+        - `"classification"`: every trainable variable except the channel-grouping ones.
+        """
+        return self._phase
+
+    def set_phase(self, phase):
+        """Switches the training phase; takes effect at the next training step.
+
+        Safe between epochs of one `fit` call (see `keras_fg.models.PhaseSchedule`): the
+        train function is rebuilt, the optimizer keeps its state for every variable.
+        """
+        if phase not in PHASES:
+            raise ValueError(f"Unknown phase. Expected one of {PHASES}. Received: phase={phase!r}")
+        if phase == self._phase:
+            return
+        if phase != "joint" and not self.channel_grouping_variables():
+            raise ValueError(
+                f"Phase {phase!r} needs channel-grouping variables; "
+                f"{type(self).__name__} has none (only MA-CNN has them)."
+            )
+        self._phase = phase
+        if getattr(self, "train_function", None) is not None:
+            self.make_train_function(force=True)
+
+    def channel_grouping_variables(self):
+        """The variables of the part attention; the MA-CNN family overrides this."""
+        return []
+
+    @property
+    def trainable_weights(self):
+        weights = super().trainable_weights
+        optimizer = getattr(self, "optimizer", None)
+        # Until the optimizer is built, every variable is listed, so that it learns them all
+        # and keeps its state for each across phase switches.
+        if getattr(self, "_phase", "joint") == "joint" or optimizer is None or not optimizer.built:
+            return weights
+        grouping = {id(v) for v in self.channel_grouping_variables()}
+        keep_grouping = self._phase == "channel_grouping"
+        return [v for v in weights if (id(v) in grouping) == keep_grouping]
+
+    def backbones(self):
+        """The model's backbones (the headless feature extractors it was built on)."""
+        names = ("backbone", "second_backbone")
+        return [getattr(self, n) for n in names if getattr(self, n, None) is not None]
+
+    def set_backbone_trainable(self, trainable):
+        """Freezes or unfreezes the backbones, keeping BatchNormalization frozen if it was.
+
+        Setting `backbone.trainable = True` directly would also unfreeze its BatchNormalization
+        layers, which then leave inference mode.
+        """
+        for backbone in self.backbones():
+            backbone.trainable = trainable
+            if getattr(self, "freeze_batchnorm", False):
+                freeze_batch_normalization(backbone)
+        if getattr(self, "train_function", None) is not None:
+            self.make_train_function(force=True)
+
+    # ----------------------------------------------------------------------------------------
+
+    def get_config(self):
+        # Functional's graph config is not used: families rebuild the graph from their arguments.
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "num_classes": self.num_classes,
+            "class_names": self.class_names,
+            "label_smoothing": self.label_smoothing,
+            "triplet_weight": self.triplet_weight,
+            "triplet_margin": self.triplet_margin,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        for key in ("backbone", "second_backbone", "part_backbone"):
+            if isinstance(config.get(key), dict):
+                config[key] = keras.saving.deserialize_keras_object(config[key])
+        return cls(**config)
+
+
+def _scale_for_distribution(value):
+    """Divides by the number of replicas under a TensorFlow distribution strategy."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        if replicas > 1:
+            value = value / replicas
+    return value
+
+
+def classification_head(features, num_classes, dropout=0.0, bnneck=False):
+    """The outputs every family ends with, from its feature vector `(B, D)`.
+
+    With `bnneck` (re-identification, Luo et al. "Bag of Tricks", 2019) the triplet loss reads
+    the vector before a BatchNormalization ("embedding") and the classifier, without bias,
+    reads it after ("features", also the embedding used at test time).
+
+    Returns the dict `{"logits", "probabilities", "features"[, "embedding"]}`.
+    """
+    outputs = {}
+    features = keras.layers.Identity(name="features", dtype="float32")(features)
+    head_input = features
+    if bnneck:
+        outputs["embedding"] = features
+        head_input = keras.layers.BatchNormalization(center=False, name="bnneck")(features)
+        features = keras.layers.Identity(name="bnneck_features", dtype="float32")(head_input)
+    if dropout:
+        head_input = keras.layers.Dropout(dropout, name="head_dropout")(head_input)
+    logits = keras.layers.Dense(
+        num_classes, use_bias=not bnneck, name="classifier", dtype="float32"
+    )(head_input)
+    outputs["logits"] = logits
+    outputs["probabilities"] = keras.layers.Softmax(name="probabilities", dtype="float32")(logits)
+    outputs["features"] = features
+    return outputs
+
+
+def image_input(backbone):
+    """The model input: images of the backbone's size, raw pixel values in [0, 255]."""
+    return keras.Input(shape=backbone.input_shape[1:], name="images")
+
+
+def run_backbone(backbone, images, freeze_batchnorm):
+    """Calls the backbone, its BatchNormalization frozen when asked (DESIGN.md §4).
+
+    A frozen (`trainable=False`) BatchNormalization layer runs in inference mode in Keras 3,
+    whatever `training` is; an explicit `backbone(x, training=False)` would not survive, since
+    a Functional model passes its own `training` to every layer it calls.
+    """
+    if freeze_batchnorm:
+        freeze_batch_normalization(backbone)
+    return backbone(images)
+
+
+def freeze_batch_normalization(model):
+    """Sets every BatchNormalization layer of `model` (nested ones too) to `trainable=False`."""
+    for layer in model._flatten_layers(include_self=False):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False

@@ -1,0 +1,258 @@
+"""MA-CNN: channel grouping into part attention, part classifiers and the joint loss."""
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_fg.layers.channel_grouping import ChannelGrouping
+from keras_fg.losses.channel_grouping_loss import distance_loss, diversity_loss
+from keras_fg.models.fine_grained_model import (
+    FineGrainedModel,
+    classification_head,
+    image_input,
+    run_backbone,
+)
+
+
+@keras.saving.register_keras_serializable(package="keras_fg")
+class MACNN(FineGrainedModel):
+    """Multi-attention CNN: P part attention maps from grouped channels, one classifier each.
+
+        {M_i, p_i} = ChannelGrouping(F)                     i = 1..P
+        part_logits_i = W_i p_i + b_i                       one classifier per part
+        logits = W [GAP(F), p_1, ..., p_P] + b              the fused classifier
+        L = CE(logits) + α Σ_i CE(part_logits_i) + β (Σ_i Dis(M_i) + λ Div(M_i))
+
+    Training can alternate, as in the paper, between the `"channel_grouping"` phase (only the
+    part attention learns, from L_cng and the part losses) and the `"classification"` phase
+    (everything else learns): see `set_phase` and `keras_fg.models.PhaseSchedule`. The channel
+    grouping is best initialised by clustering channels on training images first:
+    `initialize_channel_grouping`.
+
+    Args:
+        backbone: a headless feature extractor from `keras_fg.models.create_backbone`.
+        num_classes: number of classes.
+        num_parts: number of parts P.
+        hidden_units: width of the channel-grouping FCs (`ChannelGrouping`).
+        normalization: how part maps are normalised over positions (`ChannelGrouping`).
+        part_loss_weight: α, weight of the summed part cross-entropies.
+        channel_grouping_weight: β, weight of L_cng.
+        diversity_weight: λ, weight of Div inside L_cng.
+        margin: mrg of Div.
+        normalize_coordinates: measure Dis in grid coordinates scaled to [0, 1], so that its
+            size does not grow with the grid (in cells, a uniform 28×28 map has Dis ≈ 131;
+            scaled, ≈ 0.18).
+        dropout: dropout rate before the fused classifier.
+        bnneck: add a BNNeck (re-identification).
+        freeze_batchnorm: run the backbone's BatchNormalization in inference mode.
+        **kwargs: the `FineGrainedModel` options.
+
+    Reference:
+        H. Zheng, J. Fu, T. Mei, J. Luo, "Learning Multi-Attention Convolutional Neural
+        Network for Fine-Grained Image Recognition", ICCV 2017.
+    """
+
+    def __init__(
+        self,
+        backbone,
+        num_classes,
+        num_parts=4,
+        hidden_units=None,
+        normalization="softmax",
+        part_loss_weight=1.0,
+        channel_grouping_weight=1.0,
+        diversity_weight=2.0,
+        margin=0.02,
+        normalize_coordinates=True,
+        dropout=0.0,
+        bnneck=False,
+        freeze_batchnorm=True,
+        **kwargs,
+    ):
+        for name, value in (
+            ("part_loss_weight", part_loss_weight),
+            ("channel_grouping_weight", channel_grouping_weight),
+            ("diversity_weight", diversity_weight),
+        ):
+            if value < 0:
+                raise ValueError(f"`{name}` must be >= 0. Received: {name}={value}")
+        images = image_input(backbone)
+        feature_map = run_backbone(backbone, images, freeze_batchnorm)
+        grouping = ChannelGrouping(
+            num_parts, hidden_units=hidden_units, normalization=normalization,
+            name="channel_grouping",
+        )(feature_map)
+        part_features = grouping["part_features"]  # (B, P, C)
+        channels = feature_map.shape[-1]
+        part_logits = keras.layers.EinsumDense(
+            "bpc,pck->bpk", output_shape=(num_parts, num_classes), bias_axes="pk",
+            name="part_classifiers", dtype="float32",
+        )(part_features)
+        pooled = keras.layers.GlobalAveragePooling2D(name="global_pool", dtype="float32")(
+            feature_map
+        )
+        flat_parts = keras.layers.Reshape((num_parts * channels,), name="flatten_parts")(
+            part_features
+        )
+        fused = keras.layers.Concatenate(name="fuse_parts")([pooled, flat_parts])
+        outputs = classification_head(fused, num_classes, dropout, bnneck)
+        outputs["attention_maps"] = grouping["attention_maps"]
+        outputs["part_logits"] = part_logits
+        super().__init__(inputs=images, outputs=outputs, num_classes=num_classes, **kwargs)
+        self.backbone = backbone
+        self.num_parts = num_parts
+        self.hidden_units = hidden_units
+        self.normalization = normalization
+        self.part_loss_weight = float(part_loss_weight)
+        self.channel_grouping_weight = float(channel_grouping_weight)
+        self.diversity_weight = float(diversity_weight)
+        self.margin = float(margin)
+        self.normalize_coordinates = bool(normalize_coordinates)
+        self.dropout = dropout
+        self.bnneck = bnneck
+        self.freeze_batchnorm = freeze_batchnorm
+
+    def loss_term_names(self):
+        return super().loss_term_names() + ["part_loss", "channel_grouping_loss"]
+
+    def compute_loss_terms(self, y, y_pred):
+        terms = super().compute_loss_terms(y, y_pred)
+        part_logits = y_pred["part_logits"]
+        part_loss = sum(
+            self.cross_entropy(y, part_logits[:, i]) for i in range(self.num_parts)
+        )
+        maps = ops.cast(y_pred["attention_maps"], "float32")
+        grouping_loss = distance_loss(
+            maps, normalize_coordinates=self.normalize_coordinates
+        ) + self.diversity_weight * diversity_loss(
+            maps, margin=self.margin
+        )
+        terms["part_loss"] = (self.part_loss_weight, part_loss)
+        terms["channel_grouping_loss"] = (self.channel_grouping_weight, grouping_loss)
+        return terms
+
+    def channel_grouping_variables(self):
+        return self.get_layer("channel_grouping").trainable_weights
+
+    def initialize_channel_grouping(
+        self, images, max_images=512, epochs=100, learning_rate=1e-2, seed=0, verbose=0
+    ):
+        """MA-CNN's clustering initialisation of the channel grouping.
+
+        For every channel c, the peak (argmax) position of its response on each of N training
+        images gives a vector `[t_x¹, t_y¹, ..., t_xᴺ, t_yᴺ]` (coordinates in [0, 1]).
+        k-means splits the channels into P groups by these vectors, and each part's FCs are
+        then trained (binary cross-entropy, on the backbone features of the same images) to
+        output its group's indicator vector `d_i = 1[c ∈ group i]`.
+
+        Args:
+            images: a NumPy array of images, or a `tf.data.Dataset` of images or
+                `(images, labels)` batches, raw pixels in [0, 255].
+            max_images: at most this many images are used.
+            epochs: epochs of FC pre-training on the cached features.
+            learning_rate: Adam learning rate of the FC pre-training.
+            seed: seed of the k-means initialisation.
+            verbose: verbosity of the pre-training `fit`.
+
+        Returns:
+            A dict: `"groups"` `(P, C)` 0/1 indicator, `"group_sizes"`, and `"loss"`, the
+            final pre-training loss.
+        """
+        grouping_layer = self.get_layer("channel_grouping")
+        feature_model = keras.Model(self.input, grouping_layer.input)
+        features = _predict_up_to(feature_model, images, max_images)
+        groups = cluster_channels(features, self.num_parts, seed=seed)
+
+        feature_input = keras.Input(shape=features.shape[1:])
+        weights = grouping_layer(feature_input)["channel_weights"]
+        pretrain = keras.Model(feature_input, weights)
+        pretrain.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="binary_crossentropy")
+        targets = np.broadcast_to(groups, (len(features),) + groups.shape).astype("float32")
+        history = pretrain.fit(
+            features, targets, epochs=epochs, batch_size=32, verbose=verbose, shuffle=True
+        )
+        return {
+            "groups": groups,
+            "group_sizes": groups.sum(axis=1).astype(int).tolist(),
+            "loss": float(history.history["loss"][-1]),
+        }
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "backbone": keras.saving.serialize_keras_object(self.backbone),
+            "num_parts": self.num_parts,
+            "hidden_units": self.hidden_units,
+            "normalization": self.normalization,
+            "part_loss_weight": self.part_loss_weight,
+            "channel_grouping_weight": self.channel_grouping_weight,
+            "diversity_weight": self.diversity_weight,
+            "margin": self.margin,
+            "normalize_coordinates": self.normalize_coordinates,
+            "dropout": self.dropout,
+            "bnneck": self.bnneck,
+            "freeze_batchnorm": self.freeze_batchnorm,
+        }
+
+
+def cluster_channels(features, num_groups, seed=0, iterations=100):
+    """Groups channels by where they peak: k-means on per-channel peak coordinates.
+
+    Args:
+        features: `(N, H, W, C)` feature maps of N images.
+        num_groups: number of groups P.
+
+    Returns:
+        `(P, C)` float32 0/1 indicator matrix, every channel in exactly one group.
+    """
+    features = np.asarray(features, dtype="float32")
+    n, h, w, c = features.shape
+    if c < num_groups:
+        raise ValueError(f"Cannot split {c} channels into {num_groups} groups.")
+    flat = features.reshape(n, h * w, c)
+    peak = flat.argmax(axis=1)  # (N, C)
+    ys = (peak // w) / max(h - 1, 1)
+    xs = (peak % w) / max(w - 1, 1)
+    points = np.concatenate([xs, ys], axis=0).T  # (C, 2N): one vector per channel
+    centers = _kmeans_plus_plus(points, num_groups, np.random.default_rng(seed))
+    for _ in range(iterations):
+        distances = ((points[:, None, :] - centers[None]) ** 2).sum(-1)
+        assignment = distances.argmin(axis=1)
+        new_centers = centers.copy()
+        for k in range(num_groups):
+            members = points[assignment == k]
+            if len(members):
+                new_centers[k] = members.mean(axis=0)
+            else:  # An empty group takes the channel farthest from its center.
+                new_centers[k] = points[distances.min(axis=1).argmax()]
+        if np.allclose(new_centers, centers):
+            break
+        centers = new_centers
+    groups = np.zeros((num_groups, c), dtype="float32")
+    groups[assignment, np.arange(c)] = 1.0
+    return groups
+
+
+def _kmeans_plus_plus(points, k, rng):
+    centers = [points[rng.integers(len(points))]]
+    for _ in range(1, k):
+        distances = np.min([((points - center) ** 2).sum(-1) for center in centers], axis=0)
+        probabilities = distances / distances.sum() if distances.sum() > 0 else None
+        centers.append(points[rng.choice(len(points), p=probabilities)])
+    return np.stack(centers).astype("float64")
+
+
+def _predict_up_to(model, images, max_images):
+    if isinstance(images, np.ndarray):
+        return model.predict(images[:max_images], verbose=0)
+    batches, count = [], 0
+    for batch in images:
+        if isinstance(batch, (tuple, list)):
+            batch = batch[0]
+        batches.append(model.predict_on_batch(batch))
+        count += len(batches[-1])
+        if count >= max_images:
+            break
+    if not batches:
+        raise ValueError("`images` yielded no images for the channel-grouping initialisation.")
+    return np.concatenate(batches)[:max_images]

@@ -1,0 +1,296 @@
+"""The model families on the tiny backbone: build, train, save, phases, errors."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+
+from keras_fg.models import MACNN, PhaseSchedule, cluster_channels, create_model
+
+FAMILIES = {
+    "gap": {},
+    "bcnn": {"reduction_dim": 16},
+    "bcnn_compact": {"reduction_dim": 16, "projection_dim": 64},
+    "macnn": {"num_parts": 2},
+    "dasrbn": {"stream_dim": 8, "lstm_units": 16, "attention_units": 8},
+}
+
+
+def build(family, num_classes=4, image_size=64, **extra):
+    options = dict(FAMILIES[family], **extra)
+    name = "bcnn" if family.startswith("bcnn") else family
+    return create_model(name, num_classes, backbone="tiny", image_size=image_size, **options)
+
+
+@pytest.fixture(scope="module")
+def bird_batch(cub_dir):
+    """32 real CUB images of 4 species at 64 px, labels 0..3."""
+    folders = sorted((cub_dir / "images").iterdir())[:4]
+    images, labels = [], []
+    for label, folder in enumerate(folders):
+        for path in sorted(folder.glob("*.jpg"))[:8]:
+            image = keras.utils.load_img(path, target_size=(64, 64))
+            images.append(keras.utils.img_to_array(image))
+            labels.append(label)
+    order = np.random.default_rng(0).permutation(len(labels))  # Mix species in every batch.
+    return np.stack(images)[order].astype("float32"), np.array(labels, dtype="int32")[order]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("image_size", [64, 96])
+def test_builds_for_two_image_sizes(family, image_size):
+    model = build(family, image_size=image_size)
+    images = np.random.uniform(0, 255, (2, image_size, image_size, 3)).astype("float32")
+    outputs = model.predict(images, verbose=0)
+    assert outputs["logits"].shape == (2, 4)
+    np.testing.assert_allclose(outputs["probabilities"].sum(axis=1), 1.0, atol=1e-5)
+    if family in ("macnn", "dasrbn"):
+        maps = outputs["attention_maps"]
+        grid = image_size // 8  # The tiny backbone's stride.
+        assert maps.shape[1:3] == (grid, grid)
+        sums = maps.reshape(2, grid * grid, -1).sum(axis=1)
+        np.testing.assert_allclose(sums, 1.0, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_one_epoch_on_real_birds_lowers_the_training_loss(family, bird_batch, tmp_path):
+    images, labels = bird_batch
+    model = build(family)
+    model.compile(optimizer=keras.optimizers.Adam(3e-3))
+    before = model.evaluate(images, labels, verbose=0, return_dict=True)
+    history = model.fit(images, labels, batch_size=8, epochs=1, verbose=0, shuffle=False)
+    after = model.evaluate(images, labels, verbose=0, return_dict=True)
+    assert after["loss"] < before["loss"]
+    # Every loss term of the family is reported on its own.
+    assert "classification_loss" in history.history and "accuracy" in history.history
+    if family == "macnn":
+        assert {"part_loss", "channel_grouping_loss"} <= set(history.history)
+
+    path = tmp_path / f"{family}.keras"
+    model.save(path)
+    reloaded = keras.saving.load_model(path)
+    expected = model.predict(images[:4], verbose=0)
+    actual = reloaded.predict(images[:4], verbose=0)
+    assert set(actual) == set(expected)
+    for key in expected:
+        np.testing.assert_array_equal(actual[key], expected[key])
+    # The reloaded model keeps training with its own joint loss.
+    reloaded.compile(optimizer="adam")
+    reloaded.fit(images[:8], labels[:8], verbose=0)
+
+
+def test_user_loss_replaces_the_joint_objective():
+    model = build("gap")
+    model.compile(
+        optimizer="sgd",
+        loss={"logits": keras.losses.SparseCategoricalCrossentropy(from_logits=True)},
+    )
+    images = np.random.uniform(0, 255, (8, 64, 64, 3)).astype("float32")
+    history = model.fit(images, {"logits": np.arange(8) % 4}, verbose=0)
+    assert "classification_loss" not in history.history
+
+
+def test_label_smoothing_changes_the_loss():
+    images = np.random.uniform(0, 255, (8, 64, 64, 3)).astype("float32")
+    labels = np.arange(8) % 4
+    plain = build("gap")
+    smoothed = build("gap", label_smoothing=0.2)
+    smoothed.set_weights(plain.get_weights())
+    for model in (plain, smoothed):
+        model.compile(optimizer="sgd")
+    logits = plain.predict(images, verbose=0)["logits"]
+    one_hot = np.eye(4)[labels] * 0.8 + 0.2 / 4
+    log_softmax = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    expected = -(one_hot * log_softmax).sum(axis=1).mean()
+    actual = smoothed.evaluate(images, labels, verbose=0, return_dict=True)["loss"]
+    assert actual == pytest.approx(expected, rel=1e-4)
+
+
+def _variables_by_group(model):
+    grouping = {id(v) for v in model.channel_grouping_variables()}
+    every = model.backbone.trainable_weights + [
+        v for layer in model.layers if layer is not model.backbone for v in layer.trainable_weights
+    ]
+    return (
+        [v for v in every if id(v) in grouping],
+        [v for v in every if id(v) not in grouping],
+    )
+
+
+@pytest.mark.parametrize(
+    "phase, grouping_moves, others_move",
+    [("joint", True, True), ("channel_grouping", True, False), ("classification", False, True)],
+)
+def test_training_phases_freeze_what_they_say(phase, grouping_moves, others_move):
+    model = build("macnn")
+    # AdamW decays weights: a phase must keep even the decay off what it freezes.
+    model.compile(optimizer=keras.optimizers.AdamW(1e-2, weight_decay=0.1))
+    images = np.random.uniform(0, 255, (8, 64, 64, 3)).astype("float32")
+    labels = np.arange(8) % 4
+    model.fit(images, labels, epochs=1, verbose=0)  # Builds the optimizer in the joint phase.
+    grouping, others = _variables_by_group(model)
+    assert grouping and others
+    before = [v.numpy().copy() for v in grouping + others]
+    model.set_phase(phase)
+    model.fit(images, labels, epochs=1, verbose=0)
+    after = [v.numpy() for v in grouping + others]
+    moved = [not np.array_equal(b, a) for b, a in zip(before, after)]
+    assert any(moved[: len(grouping)]) == grouping_moves
+    assert all(moved[: len(grouping)]) == grouping_moves
+    assert any(moved[len(grouping) :]) == others_move
+
+
+def test_phase_schedule_switches_between_epochs_without_recompiling():
+    model = build("macnn")
+    model.compile(optimizer="sgd")
+    images = np.random.uniform(0, 255, (8, 64, 64, 3)).astype("float32")
+    seen = []
+    record = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: seen.append(model.phase))
+    schedule = PhaseSchedule(["channel_grouping", "classification"])
+    model.fit(images, np.arange(8) % 4, epochs=3, verbose=0, callbacks=[schedule, record])
+    assert seen == ["channel_grouping", "classification", "channel_grouping"]
+
+
+def test_phase_errors():
+    with pytest.raises(ValueError, match="Unknown phase.*Received: phase='warmup'"):
+        build("macnn").set_phase("warmup")
+    with pytest.raises(ValueError, match="only MA-CNN"):
+        build("gap").set_phase("channel_grouping")
+
+
+def test_channel_clustering_groups_channels_by_peak_position():
+    # Channels 0-2 peak top-left, channels 3-5 bottom-right, on every image.
+    features = np.random.uniform(0, 0.1, (10, 6, 6, 6)).astype("float32")
+    features[:, 0, 0, :3] = 1.0
+    features[:, 5, 5, 3:] = 1.0
+    groups = cluster_channels(features, 2)
+    assert groups.shape == (2, 6)
+    np.testing.assert_array_equal(groups.sum(axis=0), np.ones(6))
+    first = groups[:, 0].argmax()
+    np.testing.assert_array_equal(groups[first], [1, 1, 1, 0, 0, 0])
+
+
+def test_channel_grouping_initialisation_pretrains_the_indicator(bird_batch):
+    images, _ = bird_batch
+    model = build("macnn")
+    result = model.initialize_channel_grouping(images, max_images=16, epochs=60, learning_rate=0.05)
+    assert result["groups"].shape == (2, 64)
+    assert sum(result["group_sizes"]) == 64
+    grouping = model.get_layer("channel_grouping")
+    features = keras.Model(model.input, grouping.input).predict(images[:4], verbose=0)
+    predicted = keras.ops.convert_to_numpy(grouping(features)["channel_weights"])
+    # Each part's channel weights now follow its group's indicator.
+    agreement = ((predicted > 0.5) == result["groups"][None]).mean()
+    assert agreement > 0.9
+
+
+def test_unknown_names_list_the_valid_ones():
+    with pytest.raises(ValueError, match="Unknown model 'resnet'.*bcnn, dasrbn, gap, macnn"):
+        create_model("resnet", 10)
+    with pytest.raises(ValueError, match="mobilenetv2"):
+        create_model("gap", 10, backbone="mobilenet_v9")
+
+
+def test_bad_family_arguments():
+    with pytest.raises(ValueError, match="Received: num_classes=1"):
+        build("gap", num_classes=1)
+    with pytest.raises(ValueError, match="Received: label_smoothing=1.5"):
+        build("gap", label_smoothing=1.5)
+    with pytest.raises(ValueError, match="class_names"):
+        build("gap", class_names=["a", "b"])
+    with pytest.raises(ValueError, match="Received: reduction_dim=0"):
+        build("bcnn", reduction_dim=0)
+    with pytest.raises(ValueError, match="second_backbone"):
+        create_model("gap", 4, backbone="tiny", image_size=64, second_backbone="tiny")
+
+
+def test_two_stream_bilinear_cnn():
+    model = create_model(
+        "bcnn", 4, backbone="tiny", image_size=64, second_backbone="tiny", reduction_dim=8
+    )
+    assert model.output["features"].shape[-1] == 64
+    model.compile(optimizer="sgd")
+    model.fit(np.random.uniform(0, 255, (4, 64, 64, 3)), np.arange(4), verbose=0)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_trains_with_float32_outputs(policy):
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        for family in ("bcnn", "macnn", "dasrbn"):
+            model = build(family)
+            model.compile(optimizer="adam")
+            images = np.random.uniform(0, 255, (8, 64, 64, 3)).astype("float32")
+            history = model.fit(images, np.arange(8) % 4, verbose=0)
+            assert np.isfinite(history.history["loss"][0])
+            outputs = model(images[:2])
+            for key in ("logits", "probabilities", "features"):
+                assert outputs[key].dtype == "float32", (family, key)
+            if "attention_maps" in outputs:
+                assert outputs["attention_maps"].dtype == "float32"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+DISTRIBUTED_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * 2
+    )
+    import keras
+    from keras_fg.models import create_model
+
+    family, options = sys.argv[1], json.loads(sys.argv[2])
+    images = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype("float32")
+    labels = np.arange(8) % 4
+
+    def one_step(initial):
+        model = create_model(family, 4, backbone="tiny", image_size=32, **options)
+        if initial is not None:
+            model.set_weights(initial)
+        start = [w.copy() for w in model.get_weights()]
+        model.compile(optimizer=keras.optimizers.SGD(0.5))
+        model.fit(images, labels, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        return start, model.get_weights()
+
+    start, single = one_step(None)
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    assert strategy.num_replicas_in_sync == 2
+    with strategy.scope():
+        _, mirrored = one_step(start)
+    moved = max(float(np.abs(s - w).max()) for s, w in zip(start, single))
+    error = max(float(np.abs(a - b).max()) for a, b in zip(single, mirrored))
+    print(json.dumps({"moved": moved, "error": error}))
+    """
+)
+
+
+@pytest.mark.parametrize("family", ["gap", "macnn", "dasrbn"])
+def test_mirrored_strategy_step_equals_the_single_device_step(family):
+    options = {
+        "gap": {},
+        "macnn": {"num_parts": 2},
+        "dasrbn": {"stream_dim": 4, "lstm_units": 8, "attention_units": 4},
+    }[family]
+    import json
+
+    result = subprocess.run(
+        [sys.executable, "-c", DISTRIBUTED_SCRIPT, family, json.dumps(options)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["moved"] > 1e-3  # The step did change the weights...
+    assert figures["error"] < 1e-5  # ...by the same amount on two replicas as on one.
