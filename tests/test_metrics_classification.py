@@ -52,7 +52,9 @@ def test_top_k_accuracy_hand_computed():
 def test_top_k_accuracy_matches_a_loop():
     labels, scores = random_problem(np.random.default_rng(0))
     for k in (1, 2, 5):
-        assert top_k_accuracy(labels, scores, k) == pytest.approx(loop_top_k(labels, scores, k), abs=1e-12)
+        assert top_k_accuracy(labels, scores, k) == pytest.approx(
+            loop_top_k(labels, scores, k), abs=1e-12
+        )
 
 
 def test_mean_per_class_accuracy_hand_computed():
@@ -68,7 +70,9 @@ def test_mean_per_class_accuracy_hand_computed():
 def test_mean_per_class_accuracy_and_confusion_matrix_match_loops():
     labels, scores = random_problem(np.random.default_rng(1))
     predictions = np.argmax(scores, axis=1)
-    assert mean_per_class_accuracy(labels, scores) == pytest.approx(loop_mean_per_class(labels, predictions))
+    assert mean_per_class_accuracy(labels, scores) == pytest.approx(
+        loop_mean_per_class(labels, predictions)
+    )
     expected = np.zeros((7, 7), int)
     for y, p in zip(labels, predictions):
         expected[y, p] += 1
@@ -116,20 +120,26 @@ def test_streaming_metric_equals_numpy_over_batches():
     metric = MeanPerClassAccuracy(6)
     for start in range(0, 50, 16):  # batches of 16, 16, 16, 2
         metric.update_state(labels[start : start + 16], scores[start : start + 16])
-    assert float(metric.result()) == pytest.approx(mean_per_class_accuracy(labels, scores), abs=1e-6)
+    assert float(metric.result()) == pytest.approx(
+        mean_per_class_accuracy(labels, scores), abs=1e-6
+    )
 
     # One-hot labels and (B, 1) labels give the same counts.
     metric.reset_state()
     assert float(metric.result()) == 0.0
     metric.update_state(np.eye(6)[labels[:25]], scores[:25])
     metric.update_state(labels[25:, None], scores[25:])
-    assert float(metric.result()) == pytest.approx(mean_per_class_accuracy(labels, scores), abs=1e-6)
+    assert float(metric.result()) == pytest.approx(
+        mean_per_class_accuracy(labels, scores), abs=1e-6
+    )
 
 
 def test_streaming_metric_sample_weight():
     metric = MeanPerClassAccuracy(2)
     # Class 0: weights 1 (right) and 3 (wrong) -> 1/4; class 1: right -> 1.
-    metric.update_state([0, 0, 1], [[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]], sample_weight=[1.0, 3.0, 1.0])
+    metric.update_state(
+        [0, 0, 1], [[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]], sample_weight=[1.0, 3.0, 1.0]
+    )
     assert float(metric.result()) == pytest.approx((1 / 4 + 1) / 2)
 
 
@@ -138,11 +148,17 @@ def test_streaming_metric_in_compile_and_config_round_trip():
     x = rng.normal(size=(40, 5)).astype("float32")
     y = rng.integers(0, 4, 40)
     model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4)])
-    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=[MeanPerClassAccuracy(4)])
+    model.compile(
+        "sgd",
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[MeanPerClassAccuracy(4)],
+    )
     evaluated = model.evaluate(x, y, batch_size=16, verbose=0, return_dict=True)
     expected = mean_per_class_accuracy(y, model.predict(x, verbose=0))
     assert evaluated["mean_per_class_accuracy"] == pytest.approx(expected, abs=1e-6)
 
     restored = MeanPerClassAccuracy.from_config(MeanPerClassAccuracy(4, name="mpca").get_config())
     assert restored.num_classes == 4 and restored.name == "mpca"
-    assert isinstance(keras.metrics.deserialize(keras.metrics.serialize(restored)), MeanPerClassAccuracy)
+    assert isinstance(
+        keras.metrics.deserialize(keras.metrics.serialize(restored)), MeanPerClassAccuracy
+    )

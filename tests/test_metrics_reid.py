@@ -10,7 +10,9 @@ def brute_force_distance(a, b, metric):
     return float(np.linalg.norm(a - b))
 
 
-def brute_force_market1501(distances, query_ids, query_cameras, gallery_ids, gallery_cameras, ranks):
+def brute_force_market1501(
+    distances, query_ids, query_cameras, gallery_ids, gallery_cameras, ranks
+):
     """The Market-1501 protocol written out query by query."""
     first_match, average_precisions, inverse_negative_penalties = [], [], []
     skipped = 0
@@ -18,9 +20,12 @@ def brute_force_market1501(distances, query_ids, query_cameras, gallery_ids, gal
         ranked = [
             g
             for g in np.argsort(distances[q], kind="stable")
-            if gallery_ids[g] != -1 and not (gallery_ids[g] == query_ids[q] and gallery_cameras[g] == query_cameras[q])
+            if gallery_ids[g] != -1
+            and not (gallery_ids[g] == query_ids[q] and gallery_cameras[g] == query_cameras[q])
         ]
-        match_ranks = [position + 1 for position, g in enumerate(ranked) if gallery_ids[g] == query_ids[q]]
+        match_ranks = [
+            position + 1 for position, g in enumerate(ranked) if gallery_ids[g] == query_ids[q]
+        ]
         if not match_ranks:
             skipped += 1
             continue
@@ -49,11 +54,15 @@ def planted_reid_data(rng, num_ids=12, queries_per_id=2, gallery_per_id=6, dim=1
     gallery_cameras = rng.integers(0, 4, len(gallery_ids))
 
     has_gallery = query_ids < num_ids
-    same_camera_twins = query_features[has_gallery] + 1e-3 * rng.normal(size=(has_gallery.sum(), dim))
+    same_camera_twins = query_features[has_gallery] + 1e-3 * rng.normal(
+        size=(has_gallery.sum(), dim)
+    )
     junk = query_features[::3] + 0.05 * rng.normal(size=(len(query_features[::3]), dim))
     gallery_features = np.concatenate([gallery_features, same_camera_twins, junk])
     gallery_ids = np.concatenate([gallery_ids, query_ids[has_gallery], -np.ones(len(junk), int)])
-    gallery_cameras = np.concatenate([gallery_cameras, query_cameras[has_gallery], rng.integers(0, 4, len(junk))])
+    gallery_cameras = np.concatenate(
+        [gallery_cameras, query_cameras[has_gallery], rng.integers(0, 4, len(junk))]
+    )
     return query_features, query_ids, query_cameras, gallery_features, gallery_ids, gallery_cameras
 
 
@@ -61,13 +70,19 @@ def planted_reid_data(rng, num_ids=12, queries_per_id=2, gallery_per_id=6, dim=1
 def test_matches_brute_force_market1501(metric):
     data = planted_reid_data(np.random.default_rng(1))
     query_features, query_ids, query_cameras, gallery_features, gallery_ids, gallery_cameras = data
-    distances = np.array([[brute_force_distance(q, g, metric) for g in gallery_features] for q in query_features])
-    expected = brute_force_market1501(distances, query_ids, query_cameras, gallery_ids, gallery_cameras, (1, 5, 10))
+    distances = np.array(
+        [[brute_force_distance(q, g, metric) for g in gallery_features] for q in query_features]
+    )
+    expected = brute_force_market1501(
+        distances, query_ids, query_cameras, gallery_ids, gallery_cameras, (1, 5, 10)
+    )
 
     results = evaluate_reid(*data, metric=metric)
     for key, value in expected.items():
         np.testing.assert_allclose(results[key], value, rtol=0, atol=1e-12, err_msg=key)
-    assert results["num_skipped_queries"] == 2  # the two queries of the identity with no gallery image
+    assert (
+        results["num_skipped_queries"] == 2
+    )  # the two queries of the identity with no gallery image
     assert results["num_queries"] == len(query_ids)
     # Not a trivial problem: the twins alone would give rank-1 = 1 if they were counted.
     assert 0.3 < results["rank1"] < 1.0 and results["mAP"] < 1.0
@@ -89,12 +104,19 @@ def test_hand_computed_single_query():
     # One query at 0 on a line, Euclidean. Sorted by distance, the gallery reads:
     #   0.5 same id, same camera -> dropped     0.7 junk (id -1) -> dropped
     #   1 other   2 match   3 other   4 match   5 other
-    # Kept ranks of the matches: 2 and 4, so AP = (1/2 + 2/4) / 2 = 0.5, INP = 2/4, first match at 2.
+    # Kept ranks of the matches: 2 and 4, so AP = (1/2 + 2/4) / 2 = 0.5, INP = 2/4, first at 2.
     gallery_features = np.array([[1.0], [2.0], [3.0], [4.0], [5.0], [0.5], [0.7]])
     gallery_ids = np.array([3, 7, 3, 7, 3, 7, -1])
     gallery_cameras = np.array([1, 2, 1, 1, 2, 0, 1])
     results = evaluate_reid(
-        [[0.0]], [7], [0], gallery_features, gallery_ids, gallery_cameras, metric="euclidean", ranks=(1, 2, 3)
+        [[0.0]],
+        [7],
+        [0],
+        gallery_features,
+        gallery_ids,
+        gallery_cameras,
+        metric="euclidean",
+        ranks=(1, 2, 3),
     )
     assert results == {
         "rank1": 0.0,
@@ -115,10 +137,15 @@ def test_same_camera_image_of_the_same_person_is_ignored():
     gallery_cameras = np.arange(20) % 3 + 1  # image 0: id 0, camera 1
     query = gallery_features[:1] + 0.01  # gallery image 0 is the nearest
     same_camera = evaluate_reid(query, [0], [1], gallery_features, gallery_ids, gallery_cameras)
-    without_it = evaluate_reid(query, [0], [1], gallery_features[1:], gallery_ids[1:], gallery_cameras[1:])
+    without_it = evaluate_reid(
+        query, [0], [1], gallery_features[1:], gallery_ids[1:], gallery_cameras[1:]
+    )
     assert same_camera == without_it
     # From another camera the same image is a true match at rank 1.
-    assert evaluate_reid(query, [0], [2], gallery_features, gallery_ids, gallery_cameras)["rank1"] == 1.0
+    assert (
+        evaluate_reid(query, [0], [2], gallery_features, gallery_ids, gallery_cameras)["rank1"]
+        == 1.0
+    )
 
 
 def test_queries_without_a_true_match_are_skipped_and_counted():
@@ -127,11 +154,15 @@ def test_queries_without_a_true_match_are_skipped_and_counted():
     # Query 0 (id 0, camera 5) has two matches; query 1 (id 2, camera 0) has only a same-camera one;
     # query 2 (id 9) has none at all.
     query_features = np.array([[1.0, 0.1, 0, 0], [0, 0, 0, 1.0], [0, 1.0, 0, 0]])
-    results = evaluate_reid(query_features, [0, 2, 9], [5, 0, 0], gallery_features, gallery_ids, gallery_cameras)
+    results = evaluate_reid(
+        query_features, [0, 2, 9], [5, 0, 0], gallery_features, gallery_ids, gallery_cameras
+    )
     assert results["num_valid_queries"] == 1 and results["num_skipped_queries"] == 2
     assert results["rank1"] == 1.0 and results["mAP"] == 1.0  # averaged over the valid query only
     with pytest.raises(ValueError, match="No query has a true match"):
-        evaluate_reid(query_features[1:], [2, 9], [0, 0], gallery_features, gallery_ids, gallery_cameras)
+        evaluate_reid(
+            query_features[1:], [2, 9], [0, 0], gallery_features, gallery_ids, gallery_cameras
+        )
 
 
 def reference_re_ranking(original_dist, query_num, k1, k2, lambda_value):
@@ -153,10 +184,12 @@ def reference_re_ranking(original_dist, query_num, k1, k2, lambda_value):
             candidate_backward = initial_rank[candidate_forward, : half + 1]
             fi_candidate = np.where(candidate_backward == candidate)[0]
             candidate_k_reciprocal_index = candidate_forward[fi_candidate]
-            if len(np.intersect1d(candidate_k_reciprocal_index, k_reciprocal_index)) > 2.0 / 3 * len(
-                candidate_k_reciprocal_index
-            ):
-                k_reciprocal_expansion_index = np.append(k_reciprocal_expansion_index, candidate_k_reciprocal_index)
+            if len(
+                np.intersect1d(candidate_k_reciprocal_index, k_reciprocal_index)
+            ) > 2.0 / 3 * len(candidate_k_reciprocal_index):
+                k_reciprocal_expansion_index = np.append(
+                    k_reciprocal_expansion_index, candidate_k_reciprocal_index
+                )
         k_reciprocal_expansion_index = np.unique(k_reciprocal_expansion_index)
         weight = np.exp(-original_dist[i, k_reciprocal_expansion_index])
         V[i, k_reciprocal_expansion_index] = weight / np.sum(weight)
@@ -178,7 +211,9 @@ def reference_re_ranking(original_dist, query_num, k1, k2, lambda_value):
     return final_dist[:query_num, query_num:]
 
 
-@pytest.mark.parametrize("metric, k1, k2", [("cosine", 20, 6), ("euclidean", 7, 3), ("cosine", 5, 1)])
+@pytest.mark.parametrize(
+    "metric, k1, k2", [("cosine", 20, 6), ("euclidean", 7, 3), ("cosine", 5, 1)]
+)
 def test_re_ranking_matches_the_reference_implementation(metric, k1, k2):
     rng = np.random.default_rng(3)
     query_features, gallery_features = rng.normal(size=(10, 6)), rng.normal(size=(50, 6))
@@ -204,8 +239,16 @@ def test_re_ranking_improves_map_on_planted_clusters():
 def test_re_ranking_refuses_large_inputs():
     features = np.zeros((6, 3))
     with pytest.raises(ValueError, match="max_re_ranking_items"):
-        evaluate_reid(features, np.arange(6), np.zeros(6), features, np.arange(6), np.ones(6),
-                      re_ranking=True, max_re_ranking_items=11)
+        evaluate_reid(
+            features,
+            np.arange(6),
+            np.zeros(6),
+            features,
+            np.arange(6),
+            np.ones(6),
+            re_ranking=True,
+            max_re_ranking_items=11,
+        )
     with pytest.raises(ValueError, match="k1"):
         k_reciprocal_re_ranking(features, features, k1=0)
     with pytest.raises(ValueError, match="lambda_value"):

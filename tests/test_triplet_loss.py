@@ -8,6 +8,7 @@ from keras_fg.losses import BatchHardTripletLoss, batch_hard_triplet_loss
 
 def loop_batch_hard(labels, embeddings, margin, soft, metric):
     """Hermans et al.'s batch-hard loss, anchor by anchor."""
+
     def distance(a, b):
         if metric == "cosine":
             return 1.0 - np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b))
@@ -15,8 +16,16 @@ def loop_batch_hard(labels, embeddings, margin, soft, metric):
 
     losses = []
     for a in range(len(labels)):
-        positives = [distance(embeddings[a], embeddings[p]) for p in range(len(labels)) if labels[p] == labels[a] and p != a]
-        negatives = [distance(embeddings[a], embeddings[n]) for n in range(len(labels)) if labels[n] != labels[a]]
+        positives = [
+            distance(embeddings[a], embeddings[p])
+            for p in range(len(labels))
+            if labels[p] == labels[a] and p != a
+        ]
+        negatives = [
+            distance(embeddings[a], embeddings[n])
+            for n in range(len(labels))
+            if labels[n] != labels[a]
+        ]
         if not positives or not negatives:
             losses.append(0.0)
             continue
@@ -40,7 +49,9 @@ def test_matches_a_loop_over_anchors(soft, metric):
     expected = loop_batch_hard(labels, embeddings.astype(np.float64), 0.3, soft, metric)
     per_anchor = batch_hard_triplet_loss(labels, embeddings, margin=0.3, soft=soft, metric=metric)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(per_anchor), expected, atol=1e-5)
-    assert expected[-1] == 0.0 and expected[:-1].max() > 0  # the lone anchor adds nothing; others do
+    assert (
+        expected[-1] == 0.0 and expected[:-1].max() > 0
+    )  # the lone anchor adds nothing; others do
 
     loss = BatchHardTripletLoss(margin=0.3, soft=soft, metric=metric)
     assert float(loss(labels[:, None], embeddings)) == pytest.approx(expected.mean(), abs=1e-5)
@@ -91,8 +102,13 @@ def test_serialization_round_trip(tmp_path):
     path = tmp_path / "model.keras"
     model.save(path)
     reloaded = keras.saving.load_model(path)
-    assert isinstance(reloaded.loss, BatchHardTripletLoss) and reloaded.loss.get_config() == loss.get_config()
-    assert reloaded.evaluate(embeddings, labels, verbose=0) == pytest.approx(model.evaluate(embeddings, labels, verbose=0))
+    assert (
+        isinstance(reloaded.loss, BatchHardTripletLoss)
+        and reloaded.loss.get_config() == loss.get_config()
+    )
+    assert reloaded.evaluate(embeddings, labels, verbose=0) == pytest.approx(
+        model.evaluate(embeddings, labels, verbose=0)
+    )
 
 
 def test_bad_arguments_give_clear_errors():

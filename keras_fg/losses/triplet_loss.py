@@ -77,8 +77,14 @@ def batch_hard_triplet_loss(labels, embeddings, margin=0.3, soft=False, metric="
     embeddings = ops.cast(ops.convert_to_tensor(embeddings), "float32")
     labels = ops.reshape(ops.cast(ops.convert_to_tensor(labels), "int32"), (-1,))
     if len(embeddings.shape) != 2:
-        raise ValueError(f"`embeddings` must be 2-D (batch, dim). Received shape {embeddings.shape}.")
-    if labels.shape[0] is not None and embeddings.shape[0] is not None and labels.shape[0] != embeddings.shape[0]:
+        raise ValueError(
+            f"`embeddings` must be 2-D (batch, dim). Received shape {embeddings.shape}."
+        )
+    if (
+        labels.shape[0] is not None
+        and embeddings.shape[0] is not None
+        and labels.shape[0] != embeddings.shape[0]
+    ):
         raise ValueError(
             f"`labels` and `embeddings` disagree on the batch size: {labels.shape[0]} labels, "
             f"embeddings of shape {embeddings.shape}."
@@ -152,7 +158,9 @@ class BatchHardTripletLoss(keras.losses.Loss):
         self.metric = metric
 
     def call(self, y_true, y_pred):
-        return batch_hard_triplet_loss(y_true, y_pred, margin=self.margin, soft=self.soft, metric=self.metric)
+        return batch_hard_triplet_loss(
+            y_true, y_pred, margin=self.margin, soft=self.soft, metric=self.metric
+        )
 
     def get_config(self):
         return {

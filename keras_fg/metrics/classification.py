@@ -9,25 +9,37 @@ import numpy as np
 from keras import ops
 
 
+def _is_positive_int(value):
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= 1
+
+
 def _as_labels(labels, name="labels"):
     labels = np.asarray(labels)
     if labels.ndim != 1:
-        raise ValueError(f"`{name}` must be 1-D (one integer class per image). Received shape {labels.shape}.")
+        raise ValueError(
+            f"`{name}` must be 1-D (one integer class per image). Received shape {labels.shape}."
+        )
     if labels.size == 0:
         raise ValueError(f"`{name}` is empty: there is nothing to evaluate.")
     if not np.issubdtype(labels.dtype, np.integer):
         if not np.all(np.equal(np.mod(labels, 1), 0)):
-            raise ValueError(f"`{name}` must hold integer class indices. Received dtype {labels.dtype}.")
+            raise ValueError(
+                f"`{name}` must hold integer class indices. Received dtype {labels.dtype}."
+            )
         labels = labels.astype(np.int64)
     if labels.min() < 0:
-        raise ValueError(f"`{name}` must be non-negative class indices. Received a label {labels.min()}.")
+        raise ValueError(
+            f"`{name}` must be non-negative class indices. Received a label {labels.min()}."
+        )
     return labels
 
 
 def _as_scores(scores, num_images):
     scores = np.asarray(scores)
     if scores.ndim != 2:
-        raise ValueError(f"`scores` must be 2-D (num_images, num_classes). Received shape {scores.shape}.")
+        raise ValueError(
+            f"`scores` must be 2-D (num_images, num_classes). Received shape {scores.shape}."
+        )
     if scores.shape[0] != num_images:
         raise ValueError(
             f"`labels` and `scores` disagree on the number of images: {num_images} labels, "
@@ -89,7 +101,7 @@ def top_k_accuracy(labels, scores, k=1):
     >>> top_k_accuracy([0, 1], [[0.9, 0.1], [0.8, 0.2]], k=1)
     0.5
     """
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+    if not _is_positive_int(k):
         raise ValueError(f"`k` must be a positive integer. Received: k={k}")
     labels = _as_labels(labels)
     scores = _as_scores(scores, len(labels))
@@ -111,7 +123,9 @@ def confusion_matrix(labels, predictions_or_scores, num_classes=None):
     Returns:
         An int64 array `(C, C)`; entry `[i, j]` counts images of class `i` predicted as `j`.
     """
-    labels, predictions, num_classes = _labels_and_predictions(labels, predictions_or_scores, num_classes)
+    labels, predictions, num_classes = _labels_and_predictions(
+        labels, predictions_or_scores, num_classes
+    )
     counts = np.bincount(labels * num_classes + predictions, minlength=num_classes * num_classes)
     return counts.reshape(num_classes, num_classes).astype(np.int64)
 
@@ -160,7 +174,8 @@ def classification_report(labels, scores, class_names=None):
     scores = _as_scores(scores, len(labels))
     if class_names is not None and len(class_names) != scores.shape[1]:
         raise ValueError(
-            f"`class_names` has {len(class_names)} names but the scores have {scores.shape[1]} classes."
+            f"`class_names` has {len(class_names)} names but the scores have "
+            f"{scores.shape[1]} classes."
         )
     per_class = _per_class_accuracy(confusion_matrix(labels, scores))
     if class_names is not None:
@@ -205,8 +220,10 @@ class MeanPerClassAccuracy(keras.metrics.Metric):
     """
 
     def __init__(self, num_classes, name="mean_per_class_accuracy", dtype=None):
-        if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
-            raise ValueError(f"`num_classes` must be a positive integer. Received: num_classes={num_classes}")
+        if not _is_positive_int(num_classes):
+            raise ValueError(
+                f"`num_classes` must be a positive integer. Received: num_classes={num_classes}"
+            )
         super().__init__(name=name, dtype=dtype)
         self.num_classes = int(num_classes)
         self._direction = "up"

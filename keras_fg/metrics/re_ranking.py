@@ -88,7 +88,11 @@ def k_reciprocal_re_ranking(
     if not 0.0 <= lambda_value <= 1.0:
         raise ValueError(f"`lambda_value` must be in [0, 1]. Received: lambda_value={lambda_value}")
     query_features, gallery_features = np.asarray(query_features), np.asarray(gallery_features)
-    if query_features.ndim != 2 or gallery_features.ndim != 2 or query_features.shape[1] != gallery_features.shape[1]:
+    if (
+        query_features.ndim != 2
+        or gallery_features.ndim != 2
+        or query_features.shape[1] != gallery_features.shape[1]
+    ):
         raise ValueError(
             f"Features must be 2-D with the same dimension. Received shapes "
             f"{query_features.shape} and {gallery_features.shape}."
@@ -110,7 +114,7 @@ def k_reciprocal_re_ranking(
     initial_rank = np.empty((num_items, rank_width), dtype=np.int64)
     for start in range(0, num_items, _ROW_BLOCK):
         rows = slice(start, start + _ROW_BLOCK)
-        initial_rank[rows] = np.argsort(distances[rows], axis=1, kind="stable")[:, :rank_width]
+        initial_rank[rows] = np.argsort(distances[rows], axis=1)[:, :rank_width]
 
     forward, is_reciprocal = _reciprocal_neighbours(initial_rank, k1)
     half_forward, half_is_reciprocal = _reciprocal_neighbours(initial_rank, int(np.around(k1 / 2)))

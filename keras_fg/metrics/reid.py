@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from keras_fg.metrics.re_ranking import k_reciprocal_re_ranking
+from keras_fg.metrics.re_ranking import _is_positive_int, k_reciprocal_re_ranking
 
 METRICS = ("cosine", "euclidean")
 
@@ -10,7 +10,9 @@ METRICS = ("cosine", "euclidean")
 def _as_features(features, name):
     features = np.asarray(features)
     if features.ndim != 2:
-        raise ValueError(f"`{name}` must be 2-D (num_images, feature_dim). Received shape {features.shape}.")
+        raise ValueError(
+            f"`{name}` must be 2-D (num_images, feature_dim). Received shape {features.shape}."
+        )
     if features.shape[0] == 0:
         raise ValueError(f"`{name}` is empty: there is nothing to evaluate.")
     # Keep float64 input in float64; everything else is computed in float32.
@@ -21,7 +23,8 @@ def _as_vector(values, name, length):
     values = np.asarray(values)
     if values.ndim != 1 or len(values) != length:
         raise ValueError(
-            f"`{name}` must be 1-D with one entry per image ({length}). Received shape {values.shape}."
+            f"`{name}` must be 1-D with one entry per image ({length}). "
+            f"Received shape {values.shape}."
         )
     return values
 
@@ -63,7 +66,7 @@ def _score_queries(distances, query_ids, query_cameras, gallery_ids, gallery_cam
     Returns (valid, first, average_precision, inverse_negative_penalty) per query, where `first`
     is the 1-based rank of the first true match among the kept gallery images.
     """
-    order = np.argsort(distances, axis=1, kind="stable")  # stable: ties keep gallery order
+    order = np.argsort(distances, axis=1)
     ranked_ids = gallery_ids[order]
     same_id = ranked_ids == query_ids[:, None]
     same_camera = gallery_cameras[order] == query_cameras[:, None]
@@ -105,7 +108,7 @@ def evaluate_reid(
 ):
     """Re-identification accuracy under the Market-1501 protocol: CMC, mAP and mINP.
 
-    For each query the gallery is sorted by distance (stable, so ties keep gallery order), then:
+    For each query the gallery is sorted by distance (exact ties in no particular order), then:
 
     - gallery images with the query's person id **and** camera are dropped (the same person seen
       by the same camera is too easy a match);
@@ -174,38 +177,47 @@ def evaluate_reid(
     gallery_cameras = _as_vector(gallery_cameras, "gallery_cameras", num_gallery)
     _check_metric(metric)
     ranks = tuple(ranks)
-    if not ranks or any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in ranks):
+    if not ranks or not all(_is_positive_int(k) for k in ranks):
         raise ValueError(f"`ranks` must be positive integers. Received: ranks={ranks}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be a positive integer. Received: batch_size={batch_size}")
+    if not _is_positive_int(batch_size):
+        raise ValueError(
+            f"`batch_size` must be a positive integer. Received: batch_size={batch_size}"
+        )
 
     if re_ranking:
         all_distances = k_reciprocal_re_ranking(
-            query_features, gallery_features, metric=metric, k1=k1, k2=k2,
-            lambda_value=lambda_value, max_items=max_re_ranking_items,
+            query_features,
+            gallery_features,
+            metric=metric,
+            k1=k1,
+            k2=k2,
+            lambda_value=lambda_value,
+            max_items=max_re_ranking_items,
         )
 
-    valid, first, average_precision, inverse_negative_penalty = [], [], [], []
+    blocks = []
     for start in range(0, num_queries, batch_size):
         block = slice(start, start + batch_size)
         if re_ranking:
             distances = all_distances[block]
         else:
             distances = pairwise_distances(query_features[block], gallery_features, metric)
-        scores = _score_queries(distances, query_ids[block], query_cameras[block], gallery_ids, gallery_cameras)
-        for collected, values in zip((valid, first, average_precision, inverse_negative_penalty), scores):
-            collected.append(values)
-
-    valid = np.concatenate(valid)
+        blocks.append(
+            _score_queries(
+                distances, query_ids[block], query_cameras[block], gallery_ids, gallery_cameras
+            )
+        )
+    valid, first, average_precision, inverse_negative_penalty = (
+        np.concatenate(parts) for parts in zip(*blocks)
+    )
     if not valid.any():
         raise ValueError(
             "No query has a true match in the gallery (after dropping same-camera images of the "
             "same person and junk images): the metrics are undefined. Check the ids and cameras."
         )
-    first = np.concatenate(first)[valid]
-    results = {f"rank{k}": float(np.mean(first <= k)) for k in ranks}
-    results["mAP"] = float(np.mean(np.concatenate(average_precision)[valid]))
-    results["mINP"] = float(np.mean(np.concatenate(inverse_negative_penalty)[valid]))
+    results = {f"rank{k}": float(np.mean(first[valid] <= k)) for k in ranks}
+    results["mAP"] = float(np.mean(average_precision[valid]))
+    results["mINP"] = float(np.mean(inverse_negative_penalty[valid]))
     results["num_valid_queries"] = int(valid.sum())
     results["num_skipped_queries"] = int(num_queries - valid.sum())
     results["num_queries"] = int(num_queries)
