@@ -1,0 +1,125 @@
+"""Tests for the synthetic fine-grained dataset and the part hit rate."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_fg.data import SyntheticFineGrained, load_dataset, make_pipeline, part_hit_rate
+
+
+def test_same_seed_same_arrays():
+    first = SyntheticFineGrained(num_classes=6, image_size=40, num_train=12, num_test=6, seed=3)
+    second = SyntheticFineGrained(num_classes=6, image_size=40, num_train=12, num_test=6, seed=3)
+    for a, b in zip(
+        first.split("train") + first.split("test"), second.split("train") + second.split("test")
+    ):
+        np.testing.assert_array_equal(a, b)
+    other = SyntheticFineGrained(num_classes=6, image_size=40, num_train=12, num_test=6, seed=4)
+    assert not np.array_equal(first.x_train, other.x_train)
+    assert not np.array_equal(first.x_train, first.x_test[:6].repeat(2, axis=0))
+    assert first.x_train.dtype == np.uint8 and first.x_train.shape == (12, 40, 40, 3)
+    assert first.y_train.dtype == np.int32 and first.boxes_train.shape == (12, 4)
+    assert np.bincount(first.y_train).tolist() == [2] * 6  # balanced
+    # Image i depends on (seed, split, i) only, not on how many images were asked for.
+    larger = SyntheticFineGrained(num_classes=6, image_size=40, num_train=24, num_test=0, seed=3)
+    for i in range(12):
+        j = np.flatnonzero((larger.x_train == first.x_train[i]).all(axis=(1, 2, 3)))
+        assert len(j) == 1 and larger.y_train[j[0]] == first.y_train[i]
+
+
+def test_class_names_and_arguments():
+    data = SyntheticFineGrained(num_classes=10, image_size=32, num_train=0, num_test=0)
+    assert data.class_names[0] == "0_red_upper_left"
+    assert data.class_names[5] == "5_green_upper_right"
+    assert data.class_names[9] == "9_blue_upper_right"
+    assert data.x_train.shape == (0, 32, 32, 3)
+    with pytest.raises(ValueError, match="num_classes=1"):
+        SyntheticFineGrained(num_classes=1)
+    with pytest.raises(ValueError, match="image_size=16"):
+        SyntheticFineGrained(image_size=16)
+    with pytest.raises(ValueError, match="num_train=-1"):
+        SyntheticFineGrained(num_train=-1)
+    with pytest.raises(ValueError, match="Unknown split: 'val'"):
+        data.split("val")
+
+
+def test_boxes_hold_exactly_the_part():
+    """Without noise the part is a flat disc: its pixels span the box exactly."""
+    data = SyntheticFineGrained(
+        num_classes=8, image_size=48, num_train=24, num_test=0, seed=2, noise=0
+    )
+    for image, label, (x, y, w, h) in zip(data.x_train, data.y_train, data.boxes_train.astype(int)):
+        colour = image[y + h // 2, x + w // 2]
+        rows, cols = np.nonzero((image == colour).all(-1))
+        assert (
+            cols.min(),
+            rows.min(),
+            cols.max() - cols.min() + 1,
+            rows.max() - rows.min() + 1,
+        ) == (x, y, w, h)
+        # The class's colour (within the per-image jitter), and a small part of the image.
+        assert np.abs(colour.astype(float) - data.part_colours[label // 4]).max() < 30
+        assert 3 <= w <= 0.2 * 48 and abs(w - h) <= 1
+
+
+def test_parts_are_where_the_class_puts_them():
+    """With noise, the box still holds the class colour; the place on the body differs by class."""
+    data = SyntheticFineGrained(num_classes=4, image_size=64, num_train=40, num_test=0, seed=0)
+    for image, label, (x, y, w, h) in zip(data.x_train, data.y_train, data.boxes_train.astype(int)):
+        inside = image[y + 2 : y + h - 2, x + 2 : x + w - 2].reshape(-1, 3).mean(0)
+        assert np.abs(inside - data.part_colours[0]).max() < 25
+    # Classes 0 and 2 put the part on the left half of the body, 1 and 3 on the right: over ten
+    # random body positions per class, the mean part position shows it.
+    centre_x = data.boxes_train[:, 0] + data.boxes_train[:, 2] / 2
+    means = [centre_x[data.y_train == c].mean() for c in range(4)]
+    assert means[0] < means[1] and means[2] < means[3]
+
+
+def test_write_image_folder_round_trip(tmp_path):
+    data = SyntheticFineGrained(num_classes=4, image_size=32, num_train=8, num_test=4, seed=1)
+    root = data.write_image_folder(tmp_path / "synthetic")
+    train = load_dataset("folder", root, "train")
+    test = load_dataset("folder", root, "test")
+    assert train.class_names == data.class_names and (len(train), len(test)) == (8, 4)
+    images, labels = next(iter(make_pipeline(train, 32, 8, training=False)))
+    for image, label, path in zip(images.numpy(), labels.numpy(), train.paths):
+        index = int(path[-9:-4])
+        assert label == data.y_train[index]
+        distances = np.abs(image - data.x_train.astype(np.float32)).mean(axis=(1, 2, 3))
+        assert distances.argmin() == index and distances[index] < 12  # JPEG, quality 95
+    boxes = dict(line.split(" ", 1) for line in (root / "part_boxes.txt").read_text().splitlines())
+    relative = "test/" + "/".join(test.paths[0].split("/")[-2:])
+    np.testing.assert_array_equal(
+        np.array(boxes[relative].split(), float), data.boxes_test[int(relative[-9:-4])]
+    )
+
+
+def hit_rate_reference(maps, boxes, size):
+    """Upsample each map, find its peak, and test it against the box, one image at a time."""
+    hits = []
+    for attention, (x, y, w, h) in zip(maps, boxes):
+        big = tf.image.resize(attention[..., None], (size, size)).numpy()[..., 0]
+        row, col = np.unravel_index(np.argmax(big), big.shape)
+        hits.append(x <= col < x + w and y <= row < y + h)
+    return np.mean(hits)
+
+
+def test_part_hit_rate():
+    rng = np.random.default_rng(0)
+    boxes = np.array([[8, 8, 8, 8], [40, 4, 10, 12], [18, 42, 8, 8], [0, 0, 64, 64]], float)
+    maps = rng.uniform(size=(4, 8, 8)).astype("float32")
+    assert part_hit_rate(maps, boxes, 64) == pytest.approx(hit_rate_reference(maps, boxes, 64))
+    # A map peaked in the cell holding the box centre is a hit; peaked in the far corner, a miss
+    # (except for the box covering the whole image).
+    peaked = np.zeros((4, 8, 8), "float32")
+    for i, (x, y, w, h) in enumerate(boxes):
+        peaked[i, int((y + h / 2) // 8), int((x + w / 2) // 8)] = 1.0
+    assert part_hit_rate(peaked, boxes, 64) == 1.0
+    far = np.zeros((4, 8, 8), "float32")
+    far[:, 7, 0] = 1.0
+    assert part_hit_rate(far, boxes, 64) == 0.25
+    both = np.stack([far, peaked], axis=-1)
+    assert part_hit_rate(both, boxes, 64) == 1.0
+    np.testing.assert_allclose(part_hit_rate(both, boxes, 64, per_part=True), [0.25, 1.0])
+    with pytest.raises(ValueError, match="4 attention maps but 3 boxes"):
+        part_hit_rate(maps, boxes[:3], 64)
