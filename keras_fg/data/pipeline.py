@@ -185,8 +185,8 @@ def make_pipeline(
 
     if seed is None:
         seed = int(np.random.SeedSequence().entropy % 2**31)
-    shuffle_seed, element_seed, randaugment_seed, mix_seed = (
-        int(s) for s in np.random.SeedSequence(seed).generate_state(4) % 2**31
+    shuffle_seed, element_seed, *layer_seeds = (
+        int(s) for s in np.random.SeedSequence(seed).generate_state(5) % 2**31
     )
     drop_remainder = training if drop_remainder is None else drop_remainder
     one_hot = "mixup" in augments or "cutmix" in augments
@@ -259,13 +259,14 @@ def make_pipeline(
         dataset = dataset.map(lambda x, y: (x, tf.one_hot(y, num_classes, dtype=tf.float32)))
     batch_layers = []
     if training and "randaugment" in augments:
-        randaugment = keras.layers.RandAugment(value_range=(0, 255), seed=randaugment_seed)
+        randaugment = keras.layers.RandAugment(value_range=(0, 255), seed=layer_seeds[0])
         batch_layers.append(
             lambda x, y: (tf.clip_by_value(randaugment(x, training=True), 0.0, 255.0), y)
         )
-    for name, layer_class in (("mixup", keras.layers.MixUp), ("cutmix", keras.layers.CutMix)):
+    mixers = (("mixup", keras.layers.MixUp), ("cutmix", keras.layers.CutMix))
+    for (name, layer_class), layer_seed in zip(mixers, layer_seeds[1:]):
         if training and name in augments:
-            layer = layer_class(seed=mix_seed)
+            layer = layer_class(seed=layer_seed)
             batch_layers.append(lambda x, y, layer=layer: _mix(layer, x, y))
     for apply in batch_layers:
         dataset = dataset.map(apply)  # sequential: the layers' seed generators advance in order
