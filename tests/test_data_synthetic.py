@@ -29,9 +29,9 @@ def test_same_seed_same_arrays():
 
 def test_class_names_and_arguments():
     data = SyntheticFineGrained(num_classes=10, image_size=32, num_train=0, num_test=0)
-    assert data.class_names[0] == "0_red_upper_left"
-    assert data.class_names[5] == "5_green_upper_right"
-    assert data.class_names[9] == "9_blue_upper_right"
+    assert data.class_names[0] == "0_red_front_upper"
+    assert data.class_names[5] == "5_green_rear_upper"
+    assert data.class_names[9] == "9_blue_rear_upper"
     assert data.x_train.shape == (0, 32, 32, 3)
     with pytest.raises(ValueError, match="num_classes=1"):
         SyntheticFineGrained(num_classes=1)
@@ -68,11 +68,11 @@ def test_parts_are_where_the_class_puts_them():
     for image, label, (x, y, w, h) in zip(data.x_train, data.y_train, data.boxes_train.astype(int)):
         inside = image[y + 2 : y + h - 2, x + 2 : x + w - 2].reshape(-1, 3).mean(0)
         assert np.abs(inside - data.part_colours[0]).max() < 25
-    # Classes 0 and 2 put the part on the left half of the body, 1 and 3 on the right: over ten
+    # Classes 0 and 1 put the part on the upper half of the body, 2 and 3 on the lower: over ten
     # random body positions per class, the mean part position shows it.
-    centre_x = data.boxes_train[:, 0] + data.boxes_train[:, 2] / 2
-    means = [centre_x[data.y_train == c].mean() for c in range(4)]
-    assert means[0] < means[1] and means[2] < means[3]
+    centre_y = data.boxes_train[:, 1] + data.boxes_train[:, 3] / 2
+    means = [centre_y[data.y_train == c].mean() for c in range(4)]
+    assert max(means[0], means[1]) < min(means[2], means[3])
 
 
 def test_write_image_folder_round_trip(tmp_path):

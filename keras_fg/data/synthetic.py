@@ -9,11 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
-POSITIONS = {  # where the part sits on the body, in body coordinates (fractions of the semi-axes)
-    "upper_left": (-0.5, -0.45),
-    "upper_right": (0.5, -0.45),
-    "lower_left": (-0.5, 0.45),
-    "lower_right": (0.5, 0.45),
+# Where the part sits on the body, in body coordinates (fractions of the semi-axes, x towards
+# the body's head). Bodies face left or right at random, so a horizontal flip keeps the class.
+POSITIONS = {
+    "front_upper": (0.5, -0.45),
+    "rear_upper": (-0.5, -0.45),
+    "front_lower": (0.5, 0.45),
+    "rear_lower": (-0.5, 0.45),
 }
 HUE_NAMES = [
     (0, "red"),
@@ -31,11 +33,12 @@ HUE_NAMES = [
 class SyntheticFineGrained:
     """Deterministic images of one kind of object whose classes differ only in a small part.
 
-    Every image shows an elliptical "body" (random dull colour, striped texture, position, scale
-    and a tilt of up to ±25°) over a cluttered background (smooth colour waves and random shapes of
+    Every image shows an elliptical "body" (random dull colour, striped texture, position, scale,
+    a tilt of up to ±25°, and a dark head at the end it faces, left or right) over a cluttered background (smooth colour waves and random shapes of
     any colour) with pixel noise. The body carries a small disc, the *part*; the class is given only
     by the part's colour (hues evenly spaced round the colour wheel) and its place on the body (one
-    of four quadrants): class `c` has colour `c // 4` and place `c % 4`. Everything else is shared
+    of four quadrants: front or rear, relative to the head, and upper or lower; a horizontal flip
+    therefore keeps the class): class `c` has colour `c // 4` and place `c % 4`. Everything else is shared
     by all classes, so a model must find and look at the part.
 
     A small CNN (four 3×3 conv layers, 32-128 channels, global max pooling) trained with Adam on the
@@ -60,13 +63,13 @@ class SyntheticFineGrained:
         y_train, y_test: int32 labels `(N,)`, classes balanced and shuffled.
         boxes_train, boxes_test: float32 `(N, 4)` ground-truth part boxes `(x, y, w, h)` in pixels:
             the smallest box holding every pixel of the part.
-        class_names: e.g. "03_red_lower_right".
+        class_names: e.g. "03_red_rear_lower".
 
     Example:
 
     >>> data = SyntheticFineGrained(num_classes=4, image_size=32, num_train=8, num_test=4)
     >>> data.x_train.shape, data.y_train[:4].tolist(), data.class_names[1]
-    ((8, 32, 32, 3), [3, 1, 2, 0], '1_red_upper_right')
+    ((8, 32, 32, 3), [3, 1, 2, 0], '1_red_rear_upper')
     """
 
     def __init__(
@@ -191,8 +194,15 @@ class SyntheticFineGrained:
         body_colour = rng.uniform(60, 150) + rng.uniform(-20, 20, 3)  # greyish, faintly tinted
         image[body] = body_colour * stripes[body][:, None]
 
-        # Part: a disc whose colour and place on the body are the class.
-        place = np.array(list(POSITIONS.values())[label % 4]) * semi_axes
+        # Head: a dark disc at the end the body faces (left or right at random).
+        facing = rng.choice([-1.0, 1.0])
+        head = (u - 0.8 * facing) ** 2 * semi_axes[0] ** 2 + v**2 * semi_axes[1] ** 2 < (
+            0.3 * semi_axes[1]
+        ) ** 2
+        image[head] = body_colour * 0.45
+
+        # Part: a disc whose colour and place on the body (relative to the head) are the class.
+        place = np.array(list(POSITIONS.values())[label % 4]) * semi_axes * [facing, 1.0]
         part_centre = centre + [cos * place[0] - sin * place[1], sin * place[0] + cos * place[1]]
         radius = 0.35 * semi_axes[1]
         part = (x - part_centre[0]) ** 2 + (y - part_centre[1]) ** 2 < radius**2
