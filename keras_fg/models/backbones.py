@@ -43,9 +43,12 @@ class BackboneSpec:
 
 
 def _tiny_convnet(include_top=False, weights=None, input_tensor=None, input_shape=None):
-    """Three 3×3 Conv2D + ReLU layers (16, 32, 64 filters, stride 2 each), no BatchNorm.
+    """Four 3×3 Conv2D + ReLU layers (32, 64, 64, 128 filters), 2×2 max pooling after the
+    first three (stride 8), no BatchNormalization.
 
     A backbone small enough for tests and the embedded demo; it has no pretrained weights.
+    The pooling between convolutions gives its last layer a receptive field wide enough to
+    see where a part sits on its object, which the synthetic dataset's classes depend on.
     """
     if weights is not None:
         raise ValueError(
@@ -54,9 +57,11 @@ def _tiny_convnet(include_top=False, weights=None, input_tensor=None, input_shap
         )
     images = keras.Input(shape=input_shape) if input_tensor is None else input_tensor
     x = images
-    for index, filters in enumerate((16, 32, 64), start=1):
+    for index, filters in enumerate((32, 64, 64, 128), start=1):
+        if index > 1:
+            x = keras.layers.MaxPooling2D(name=f"pool{index - 1}")(x)
         x = keras.layers.Conv2D(
-            filters, 3, strides=2, padding="same", activation="relu", name=f"conv{index}"
+            filters, 3, padding="same", activation="relu", name=f"conv{index}"
         )(x)
     return keras.Model(keras.utils.get_source_inputs(images), x, name="tiny")
 
@@ -95,7 +100,7 @@ BACKBONES = {
         _named_output(_apps.MobileNetV3Large, "conv_1_activation"), "conv_1_activation", "none", 960, 32
     ),
     "efficientnetv2b0": BackboneSpec(_apps.EfficientNetV2B0, "top_activation", "none", 1280, 32),
-    "tiny": BackboneSpec(_tiny_convnet, "conv3", "unit", 64, 8),
+    "tiny": BackboneSpec(_tiny_convnet, "conv4", "unit", 128, 8),
 }
 
 
