@@ -90,8 +90,14 @@ class FineGrainedModel(keras.Model):
         return names
 
     def cross_entropy(self, labels, logits):
-        """Mean cross-entropy with label smoothing of integer `labels` against `logits`."""
-        one_hot = ops.one_hot(ops.cast(labels, "int32"), self.num_classes)
+        """Mean cross-entropy with label smoothing of `labels` against `logits`.
+
+        `labels` are integer class ids `(B,)`, or soft labels `(B, num_classes)` (MixUp, CutMix).
+        """
+        if self._are_soft(labels):
+            one_hot = ops.cast(labels, "float32")
+        else:
+            one_hot = ops.one_hot(ops.cast(ops.reshape(labels, (-1,)), "int32"), self.num_classes)
         per_sample = keras.losses.categorical_crossentropy(
             one_hot,
             ops.cast(logits, "float32"),
@@ -99,6 +105,9 @@ class FineGrainedModel(keras.Model):
             label_smoothing=self.label_smoothing,
         )
         return ops.mean(per_sample)
+
+    def _are_soft(self, labels):
+        return len(labels.shape) == 2 and labels.shape[-1] == self.num_classes
 
     def compute_loss_terms(self, y, y_pred):
         """Returns `{name: (weight, value)}` for every term of the joint objective.
@@ -109,9 +118,10 @@ class FineGrainedModel(keras.Model):
         if self.triplet_weight > 0:
             from keras_fg.losses import batch_hard_triplet_loss
 
-            value = batch_hard_triplet_loss(
+            per_anchor = batch_hard_triplet_loss(
                 y, y_pred.get("embedding", y_pred["features"]), margin=self.triplet_margin
             )
+            value = ops.mean(per_anchor)
             terms["triplet_loss"] = (self.triplet_weight, value)
         return terms
 
@@ -123,7 +133,8 @@ class FineGrainedModel(keras.Model):
                 "keras_fg models compute their joint loss from integer class labels; "
                 "the data gave none. Pass (images, labels) to fit/evaluate."
             )
-        y = ops.reshape(y, (-1,))
+        if not self._are_soft(y):  # Integer ids (B,) or (B, 1).
+            y = ops.reshape(y, (-1,))
         total = ops.zeros((), "float32")
         for name, (weight, value) in self.compute_loss_terms(y, y_pred).items():
             self.loss_term_trackers[name].update_state(value)
@@ -146,6 +157,8 @@ class FineGrainedModel(keras.Model):
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         labels = y.get("logits") if isinstance(y, dict) else y
         if labels is not None:
+            if self._are_soft(labels):
+                labels = ops.argmax(labels, axis=-1)  # Their strongest class.
             self.accuracy_tracker.update_state(ops.reshape(labels, (-1,)), y_pred["logits"])
         return super().compute_metrics(x, y, y_pred, sample_weight)
 
