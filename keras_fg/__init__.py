@@ -6,8 +6,9 @@ Sub-packages:
     keras_fg.models   backbones, the model families and create_model()
     keras_fg.data     datasets (CUB, folders, Cars, Aircraft, Dogs, Market-1501, synthetic)
     keras_fg.metrics  classification metrics, CMC / mAP for re-identification
-    keras_fg.export   SavedModel and TFLite export with parity checks
+    keras_fg.export   SavedModel and TFLite export with parity checks (import it explicitly)
+    keras_fg.viz      attention overlays (import it explicitly)
 """
 
-from keras_fg import layers, losses
+from keras_fg import data, layers, losses, metrics, models
 from keras_fg.version import __version__

@@ -1,0 +1,1 @@
+"""Command-line programs: train.py, export.py and predict.py call into these modules."""

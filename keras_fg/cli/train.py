@@ -1,0 +1,362 @@
+"""train.py: train and evaluate any keras_fg model on any dataset, from one CPU to many machines.
+
+The run directory holds:
+    config.json          the resolved configuration (every flag, after the config file)
+    model.keras          the trained model
+    history.csv          per-epoch metrics (training and validation)
+    tensorboard/         TensorBoard logs, with the attention overlays as images
+    evaluation.json      the final evaluation (top1, top5, mean_per_class_accuracy, ...;
+                         rank1, mAP, ... for re-identification)
+    attention.png        attention overlays of a few test images (attention families)
+    checkpoint/          the last completed epoch (weights, optimizer state), for resuming
+"""
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from keras_fg.cli.train_config import comparable, parse_args
+
+
+class RunError(Exception):
+    """A problem with the user's input, reported as one line."""
+
+
+def main(argv=None):
+    try:
+        args = parse_args(argv)
+        run(args)
+    except (RunError, ValueError, FileNotFoundError, NotADirectoryError) as error:
+        if getattr(error, "_during_training", False):
+            raise
+        fail(error)
+    except Exception as error:
+        # --strict-data: the pipeline stops at the first unreadable file, naming it.
+        message = str(error)
+        if type(error).__name__ == "InvalidArgumentError" and "Unreadable image file" in message:
+            fail(next(line for line in message.splitlines() if "Unreadable image file" in line))
+        raise
+
+
+def fail(message):
+    print(f"train.py: error: {message}".strip(), file=sys.stderr)
+    sys.exit(2)
+
+
+def run(args):
+    """Trains and evaluates as `args` say; returns the evaluation dict."""
+    import keras
+    import tensorflow as tf
+
+    strategy = make_strategy(args.strategy)  # First: multi-worker must start before other TF ops.
+    output = run_directory(args, strategy)
+    config = {k: v for k, v in vars(args).items()}
+    previous = output / "config.json"
+    if output.is_dir() and not previous.exists() and any(
+        entry.name != "workers" for entry in output.iterdir()  # Other workers' folders.
+    ):
+        raise RunError(f"output directory {output} is not empty and holds no keras_fg run")
+    if previous.exists():
+        stored = json.loads(previous.read_text())
+        different = sorted(
+            k for k in set(comparable(stored)) | set(comparable(config))
+            if stored.get(k) != config.get(k)
+        )
+        if different:
+            raise RunError(
+                f"output directory {output} holds a different run (it differs in: "
+                f"{', '.join(different)}); choose another --output"
+            )
+        if (output / "evaluation.json").exists():
+            print(f"{output} holds this run, already complete: {output / 'evaluation.json'}")
+            return json.loads((output / "evaluation.json").read_text())
+    output.mkdir(parents=True, exist_ok=True)
+    write_json(output / "config.json", config)
+
+    keras.utils.set_random_seed(args.seed)
+    if args.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    set_mixed_precision(args.mixed_precision)
+    replicas = strategy.num_replicas_in_sync
+    if args.batch_size % replicas:
+        raise RunError(
+            f"--batch-size {args.batch_size} does not divide across {replicas} replicas; "
+            f"use a multiple of {replicas}"
+        )
+
+    data = load_data(args)
+    print(
+        f"Data: {args.format}, {len(data.train_labels)} training images, "
+        f"{data.num_classes} classes; {data.evaluation_size} evaluation images"
+    )
+
+    from keras_fg.models import create_model
+
+    with strategy.scope():
+        model = create_model(
+            args.model,
+            data.num_classes,
+            backbone=args.backbone,
+            weights=args.weights,
+            image_size=tuple(args.image_size) if len(args.image_size) == 2 else args.image_size[0],
+            class_names=data.class_names,
+            label_smoothing=args.label_smoothing,
+            **family_options(args),
+        )
+        steps_per_epoch = data.steps_per_epoch(args.batch_size)
+        model.compile(optimizer=make_optimizer(args, model, steps_per_epoch))
+        # Every variable gets its optimizer slots now, before any phase or freeze hides some.
+        model.optimizer.build(model.trainable_variables)
+    multi_worker = args.strategy == "multi_worker"
+    if multi_worker:
+        # Keras 3.15's fit() fails under MultiWorkerMirroredStrategy (keras-team/keras#20585):
+        # the epochs run in `fit_epoch_multi_worker`, and the model itself is left without a
+        # strategy so that predict/evaluate stay local (every worker holds the same weights).
+        model._distribute_strategy = None
+
+    checkpoint = output / "checkpoint"
+    start_epoch = 0
+    if (checkpoint / "state.json").exists():
+        start_epoch = json.loads((checkpoint / "state.json").read_text())["epoch"]
+        model.load_weights(checkpoint / "model.weights.h5")
+        print(f"Resuming {output} after epoch {start_epoch}")
+    elif args.model == "macnn" and args.macnn_init == "clustering":
+        started = time.time()
+        result = model.initialize_channel_grouping(
+            data.pipeline(args, training=False, limit=256), max_images=256, seed=args.seed
+        )
+        print(
+            f"Channel grouping initialised by clustering: groups of {result['group_sizes']} "
+            f"channels, pre-training loss {result['loss']:.3f} ({time.time() - started:.0f} s)"
+        )
+
+    callbacks = [
+        keras.callbacks.CSVLogger(str(output / "history.csv"), append=True),
+        keras.callbacks.TensorBoard(str(output / "tensorboard"), write_graph=False),
+    ]
+    phases = [p.strip() for p in args.macnn_phases.split(",") if p.strip()]
+    started = time.time()
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            if args.head_epochs:
+                model.set_backbone_trainable(epoch >= args.head_epochs)
+            if args.model == "macnn":
+                model.set_phase(phases[epoch % len(phases)])
+            batches = data.pipeline(args, training=True, epoch=epoch)
+            if multi_worker:
+                fit_epoch_multi_worker(model, strategy, batches, epoch, callbacks)
+            else:
+                model.fit(
+                    batches,
+                    initial_epoch=epoch,
+                    epochs=epoch + 1,
+                    validation_data=data.validation_pipeline(args),
+                    callbacks=callbacks,
+                    shuffle=False,  # The pipeline shuffles, seeded per epoch.
+                    verbose=args.verbose,
+                )
+            save_checkpoint(model, checkpoint, epoch + 1)
+    except (ValueError, FileNotFoundError) as error:
+        error._during_training = True
+        raise
+    training_seconds = time.time() - started
+
+    atomic_save(model, output / "model.keras")
+    evaluation = data.evaluate(model, args)
+    evaluation["training_seconds"] = round(training_seconds, 1)
+    evaluation["skipped_images"] = data.skipped_images()
+    write_json(output / "evaluation.json", evaluation)
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    write_attention_overlays(model, data, args, output)
+    summary = ", ".join(
+        f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+        for k, v in evaluation.items()
+        if not isinstance(v, (dict, list))
+    )
+    print(f"Evaluation: {summary}")
+    print(f"Skipped unreadable images: {evaluation['skipped_images']}")
+    print(f"Run directory: {output}")
+    return evaluation
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces of the run.
+
+
+def make_strategy(name):
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if name == "auto":
+        return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
+    if name == "one_device":
+        return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":
+        if "TF_CONFIG" not in os.environ:
+            raise RunError("--strategy multi_worker needs the TF_CONFIG environment variable")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "tpu":
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    raise RunError(f"unknown strategy {name!r}")
+
+
+def fit_epoch_multi_worker(model, strategy, dataset, epoch, callbacks):
+    """One epoch of `model.train_step` on every replica of a multi-worker strategy.
+
+    The same step `fit` runs, without the result reduction that fails in Keras 3.15; the
+    metrics are read once at the end of the epoch, aggregated over all workers.
+    """
+    import keras
+    import tensorflow as tf
+
+    callback_list = keras.callbacks.CallbackList(callbacks, model=model)
+    step = tf.function(lambda batch: strategy.run(model.train_step, args=(batch,)))
+    model.reset_metrics()
+    callback_list.on_train_begin()
+    callback_list.on_epoch_begin(epoch)
+    for batch in strategy.experimental_distribute_dataset(dataset):
+        step(batch)
+    logs = {metric.name: float(metric.result()) for metric in model.metrics}
+    callback_list.on_epoch_end(epoch, logs)
+    callback_list.on_train_end(logs)
+    print(f"Epoch {epoch + 1}: " + " - ".join(f"{k}: {v:.4f}" for k, v in logs.items()))
+
+
+def run_directory(args, strategy):
+    """The chief writes to --output; other workers of a multi-worker run to a sub-folder."""
+    output = Path(args.output)
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is not None and resolver.task_type not in (None, "chief") and not (
+        resolver.task_type == "worker" and resolver.task_id == 0
+        and "chief" not in resolver.cluster_spec().as_dict()
+    ):
+        output = output / "workers" / f"{resolver.task_type}-{resolver.task_id}"
+    return output
+
+
+def set_mixed_precision(choice):
+    import keras
+    import tensorflow as tf
+
+    if choice == "off":
+        return
+    if choice == "auto":
+        choice = "float16" if tf.config.list_physical_devices("GPU") else "bfloat16"
+    keras.mixed_precision.set_global_policy(f"mixed_{choice}")
+
+
+def family_options(args):
+    options = {"dropout": args.dropout, "freeze_batchnorm": not args.train_batchnorm}
+    if args.model == "macnn":
+        options.update(num_parts=args.num_parts, channel_grouping_weight=args.channel_grouping_weight)
+    elif args.model == "bcnn":
+        options.update(projection_dim=args.projection_dim, reduction_dim=args.reduction_dim)
+    elif args.model == "dasrbn":
+        options.update(stream_dim=args.stream_dim, lstm_units=args.lstm_units)
+    if args.task == "reid":
+        options.update(
+            bnneck=True, triplet_weight=args.triplet_weight, triplet_margin=args.triplet_margin
+        )
+    return options
+
+
+def make_optimizer(args, model, steps_per_epoch):
+    import keras
+
+    def learning_rate(base):
+        if args.schedule == "constant":
+            return base
+        total = max(1, args.epochs * steps_per_epoch)
+        warmup = min(int(args.warmup_epochs * steps_per_epoch), total - 1)
+        return keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=0.0 if warmup else base,
+            decay_steps=total - warmup,
+            warmup_target=base if warmup else None,
+            warmup_steps=warmup,
+        )
+
+    def optimizer(base):
+        if args.optimizer == "sgd":
+            return keras.optimizers.SGD(
+                learning_rate(base), momentum=args.momentum, nesterov=True,
+                weight_decay=args.weight_decay or None,
+            )
+        return keras.optimizers.AdamW(learning_rate(base), weight_decay=args.weight_decay)
+
+    if args.backbone_lr_multiplier == 1.0:
+        return optimizer(args.learning_rate)
+    backbone_optimizer = optimizer(args.learning_rate * args.backbone_lr_multiplier)
+    mapping = keras.optimizers.OptimizerMap(
+        optimizer(args.learning_rate),
+        {v.path: backbone_optimizer for b in model.backbones() for v in b.trainable_weights},
+    )
+    return keras.optimizers.MultiOptimizer(mapping)
+
+
+def save_checkpoint(model, folder, epoch):
+    """Weights and optimizer state of the last completed epoch, replaced atomically."""
+    folder.mkdir(parents=True, exist_ok=True)
+    temporary = folder / "model.tmp.weights.h5"
+    model.save_weights(temporary)
+    os.replace(temporary, folder / "model.weights.h5")
+    write_json(folder / "state.json", {"epoch": epoch})
+
+
+def atomic_save(model, path):
+    temporary = path.with_name(path.stem + ".tmp.keras")
+    model.save(temporary)
+    os.replace(temporary, path)
+
+
+def write_json(path, value):
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(value, indent=2, default=_json_default) + "\n")
+    os.replace(temporary, path)
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def write_attention_overlays(model, data, args, output, count=8):
+    """attention.png and a TensorBoard image of the attention maps of a few test images."""
+    if "attention_maps" not in model.output:
+        return
+    import tensorflow as tf
+
+    from keras_fg import viz
+
+    images, labels = data.sample_images(args, count)
+    outputs = model.predict(images, verbose=0)
+    figure = viz.attention_grid(
+        images,
+        outputs["attention_maps"],
+        predicted=None if labels is None else outputs["probabilities"].argmax(axis=1),
+        true=labels,
+        class_names=data.class_names,
+        path=output / "attention.png",
+    )
+    with tf.summary.create_file_writer(str(output / "tensorboard" / "attention")).as_default():
+        tf.summary.image("attention_overlays", viz.to_image_array(figure)[None], step=args.epochs)
+
+
+def load_data(args):
+    from keras_fg.cli.train_data import ClassificationData, ReidData
+
+    if args.task == "reid":
+        return ReidData(args)
+    return ClassificationData(args)

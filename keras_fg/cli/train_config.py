@@ -1,0 +1,202 @@
+"""train.py's command line: argument groups, a config file that sets their defaults, checks."""
+
+import argparse
+import json
+from pathlib import Path
+
+from keras_fg.data.datasets import FORMATS
+from keras_fg.models.backbones import list_backbones
+from keras_fg.models.factory import list_models
+
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
+DATA_FORMATS = tuple(FORMATS) + ("synthetic",)
+# Keys that describe where or how a run executes, not what it computes: a run directory
+# may be resumed with different values of these.
+RUNTIME_KEYS = ("config", "output", "strategy", "verbose", "strict_data", "epochs_override")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="train.py",
+        description=(
+            "Train and evaluate a keras_fg model. With no arguments: the default family on the "
+            "built-in synthetic fine-grained dataset."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", metavar="FILE", help="YAML or JSON file setting any flag's default")
+
+    task = parser.add_argument_group("task and data")
+    task.add_argument("--task", choices=("classify", "reid"), default="classify")
+    task.add_argument("--data", metavar="DIR", help="dataset folder (omit for synthetic data)")
+    task.add_argument("--format", choices=DATA_FORMATS, help="dataset layout (default: detected)")
+    task.add_argument("--annotation", choices=("variant", "family", "manufacturer"), default="variant",
+                      help="FGVC-Aircraft label level")
+    task.add_argument("--validation-fraction", type=float, default=None,
+                      help="folder format: hold out this fraction of each class when there is no split")
+    task.add_argument("--strict-data", action="store_true",
+                      help="stop at the first unreadable image (default: skip and count it)")
+    task.add_argument("--synthetic-classes", type=int, default=10)
+    task.add_argument("--synthetic-train", type=int, default=2000, help="synthetic training images")
+    task.add_argument("--synthetic-test", type=int, default=500, help="synthetic test images")
+    task.add_argument("--max-train-images", type=int, default=None,
+                      help="use at most this many training images (quick runs)")
+    task.add_argument("--max-test-images", type=int, default=None)
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", choices=list_models(), default="macnn")
+    model.add_argument("--backbone", choices=list_backbones(),
+                       help="default: tiny for synthetic data, mobilenetv2 otherwise")
+    model.add_argument("--weights", default=None,
+                       help='backbone weights: "imagenet" or a local .weights.h5 file (default: random)')
+    model.add_argument("--image-size", type=int, nargs="+", metavar="PIXELS",
+                       help="side, or height width (default: 64 synthetic, 224 classify, 256 128 reid)")
+    model.add_argument("--num-parts", type=int, default=4, help="macnn: parts")
+    model.add_argument("--projection-dim", type=int, default=None, help="bcnn: compact bilinear size")
+    model.add_argument("--reduction-dim", type=int, default=256, help="bcnn: 1x1 conv channels")
+    model.add_argument("--stream-dim", type=int, default=32, help="dasrbn: channels of each stream")
+    model.add_argument("--lstm-units", type=int, default=256, help="dasrbn: spatial LSTM units")
+    model.add_argument("--dropout", type=float, default=0.0)
+    model.add_argument("--train-batchnorm", action="store_true",
+                       help="let the backbone's BatchNormalization learn (default: frozen)")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int, default=12)
+    optim.add_argument("--batch-size", type=int, default=32, help="global batch size")
+    optim.add_argument("--learning-rate", type=float, default=3e-3)
+    optim.add_argument("--optimizer", choices=("sgd", "adamw"), default="adamw")
+    optim.add_argument("--momentum", type=float, default=0.9, help="sgd momentum (Nesterov)")
+    optim.add_argument("--weight-decay", type=float, default=1e-4)
+    optim.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
+    optim.add_argument("--warmup-epochs", type=float, default=1.0)
+    optim.add_argument("--head-epochs", type=int, default=0,
+                       help="train only the head (backbone frozen) for the first N epochs")
+    optim.add_argument("--backbone-lr-multiplier", type=float, default=1.0,
+                       help="the backbone learns at learning-rate times this")
+    optim.add_argument("--label-smoothing", type=float, default=0.0)
+    optim.add_argument("--augment", nargs="*", default=[],
+                       choices=("randaugment", "mixup", "cutmix", "random_erasing"))
+    optim.add_argument("--eval-resize", choices=("resize", "center_crop"), default="resize",
+                       help="evaluation transform: the whole image resized, or a centre crop")
+    optim.add_argument("--macnn-init", choices=("clustering", "none"), default="clustering",
+                       help="macnn: initialise the channel grouping by clustering channels")
+    optim.add_argument("--macnn-phases", default="joint",
+                       help='macnn: comma-separated phases repeated over epochs, e.g. '
+                            '"channel_grouping,classification" (default: joint)')
+    optim.add_argument("--channel-grouping-weight", type=float, default=1.0)
+
+    reid = parser.add_argument_group("re-identification (--task reid)")
+    reid.add_argument("--num-identities", type=int, default=8, help="P of P x K sampling")
+    reid.add_argument("--num-instances", type=int, default=4, help="K of P x K sampling")
+    reid.add_argument("--triplet-weight", type=float, default=1.0)
+    reid.add_argument("--triplet-margin", type=float, default=0.3)
+    reid.add_argument("--reid-metric", choices=("cosine", "euclidean"), default="cosine")
+    reid.add_argument("--re-ranking", action="store_true", help="k-reciprocal re-ranking")
+    reid.add_argument("--flip-test", action="store_true",
+                      help="average each embedding with its horizontal flip's")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--output", metavar="DIR", default="runs/latest", help="run directory")
+    run.add_argument("--strategy", choices=STRATEGIES, default="auto")
+    run.add_argument("--mixed-precision", nargs="?", const="auto", default="off",
+                     choices=("off", "auto", "float16", "bfloat16"),
+                     help="mixed precision (auto: float16 on GPU, bfloat16 elsewhere)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--no-determinism", dest="deterministic", action="store_false",
+                     help="allow non-deterministic kernels (faster on some GPUs)")
+    run.add_argument("--verbose", type=int, default=2, choices=(0, 1, 2))
+    return parser
+
+
+def load_config_file(path):
+    """Flag defaults from a YAML or JSON file; keys may use dashes or underscores."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    text = path.read_text()
+    if path.suffix.lower() == ".json":
+        values = json.loads(text)
+    else:
+        import yaml
+
+        values = yaml.safe_load(text)
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a mapping of flag names to values")
+    return {key.replace("-", "_"): value for key, value in values.items()}
+
+
+def parse_args(argv=None):
+    """Parses the command line; a `--config` file sets defaults that flags override."""
+    parser = build_parser()
+    first, _ = parser.parse_known_args(argv)
+    if first.config:
+        values = load_config_file(first.config)
+        known = {action.dest for action in parser._actions}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown key(s) in {first.config}: {', '.join(unknown)}")
+        parser.set_defaults(**values)
+    args = parser.parse_args(argv)
+    return resolve(args)
+
+
+def resolve(args):
+    """Fills the defaults that depend on other flags and checks combinations."""
+    if args.format is None:
+        args.format = "synthetic" if args.data is None else detect_format(args.data)
+    if args.format == "synthetic" and args.data is not None:
+        raise ValueError("--format synthetic takes no --data")
+    if args.format != "synthetic" and args.data is None:
+        raise ValueError(f"--format {args.format} needs --data DIR")
+    if args.task == "reid" and args.format not in ("market1501",):
+        raise ValueError(f"--task reid needs --format market1501. Received: --format {args.format}")
+    if args.backbone is None:
+        args.backbone = "tiny" if args.format == "synthetic" else "mobilenetv2"
+    if args.image_size is None:
+        if args.format == "synthetic":
+            args.image_size = [64]
+        else:
+            args.image_size = [256, 128] if args.task == "reid" else [224]
+    if len(args.image_size) not in (1, 2):
+        raise ValueError(f"--image-size takes one or two numbers. Received: {args.image_size}")
+    args.image_size = [int(v) for v in args.image_size]
+    for name in ("epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1. Received: {getattr(args, name)}")
+    if args.learning_rate <= 0:
+        raise ValueError(f"--learning-rate must be > 0. Received: {args.learning_rate}")
+    if args.head_epochs >= args.epochs and args.head_epochs > 0:
+        raise ValueError("--head-epochs must be smaller than --epochs")
+    if args.task == "reid":
+        args.batch_size = args.num_identities * args.num_instances
+    phases = [p.strip() for p in args.macnn_phases.split(",") if p.strip()]
+    valid = ("joint", "channel_grouping", "classification")
+    if not phases or any(p not in valid for p in phases):
+        raise ValueError(f"--macnn-phases takes phases from {valid}. Received: {args.macnn_phases!r}")
+    if args.model != "macnn" and phases != ["joint"]:
+        raise ValueError("--macnn-phases applies to --model macnn only")
+    args.weights = None if args.weights in (None, "", "none", "None") else args.weights
+    return args
+
+
+def detect_format(root):
+    """Guesses a dataset's layout from the files at its root."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset folder not found: {root}")
+    if (root / "images.txt").is_file() and (root / "train_test_split.txt").is_file():
+        return "cub"
+    if (root / "bounding_box_train").is_dir():
+        return "market1501"
+    if (root / "data" / "images_variant_test.txt").is_file():
+        return "aircraft"
+    if (root / "devkit").is_dir() or (root / "cars_train").is_dir():
+        return "cars"
+    if (root / "Images").is_dir() and (root / "train_list.mat").exists():
+        return "dogs"
+    return "folder"
+
+
+def comparable(config):
+    """The part of a resolved configuration that decides what a run computes."""
+    return {k: v for k, v in config.items() if k not in RUNTIME_KEYS}

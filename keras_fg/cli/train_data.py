@@ -1,0 +1,233 @@
+"""The data side of train.py: which images train and evaluate, and how a run is scored."""
+
+import numpy as np
+
+from keras_fg.data import (
+    ImageRecords,
+    PKSampler,
+    SkipCounter,
+    SyntheticFineGrained,
+    load_dataset,
+    make_pipeline,
+    part_hit_rate,
+)
+
+EVALUATION_SPLITS = {"cub": "test", "cars": "test", "dogs": "test", "aircraft": "test"}
+
+
+def _epoch_seed(seed, epoch):
+    # One seed per (run seed, epoch): a resumed run sees the same batches as an uninterrupted one.
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0] % 2**31)
+
+
+def _limit(source, count, seed):
+    """At most `count` items of an ImageRecords or (images, labels) source, drawn at random."""
+    size = len(source) if isinstance(source, ImageRecords) else len(source[1])
+    if count is None or count >= size:
+        return source
+    keep = np.sort(np.random.default_rng(seed).permutation(size)[:count])
+    if isinstance(source, ImageRecords):
+        return source.subset(keep)
+    return tuple(part[keep] for part in source)
+
+
+class ClassificationData:
+    """Training and evaluation images of a classification run."""
+
+    def __init__(self, args):
+        self.counter = SkipCounter()
+        self.boxes = None
+        if args.format == "synthetic":
+            synthetic = SyntheticFineGrained(
+                num_classes=args.synthetic_classes,
+                image_size=args.image_size[0],
+                num_train=args.synthetic_train,
+                num_test=args.synthetic_test,
+                seed=args.seed,
+            )
+            self.train = (synthetic.x_train, synthetic.y_train)
+            self.test = (synthetic.x_test, synthetic.y_test)
+            self.boxes = synthetic.boxes_test
+            self.class_names = synthetic.class_names
+        else:
+            options = {}
+            if args.format == "aircraft":
+                options["annotation"] = args.annotation
+            if args.format == "folder" and args.validation_fraction:
+                options.update(validation_fraction=args.validation_fraction, seed=args.seed)
+            self.train = load_dataset(args.format, args.data, "train", **options)
+            self.test = self._evaluation_records(args, options)
+            self.class_names = self.train.class_names
+        self.train = _limit(self.train, args.max_train_images, args.seed)
+        if args.max_test_images is not None:
+            self.test = _limit(self.test, args.max_test_images, args.seed)
+            self.boxes = None
+        self._validation = None
+
+    @staticmethod
+    def _evaluation_records(args, options):
+        if args.format in EVALUATION_SPLITS:
+            return load_dataset(args.format, args.data, EVALUATION_SPLITS[args.format], **options)
+        errors = []
+        for split in ("test", "val"):
+            try:
+                return load_dataset(args.format, args.data, split, **options)
+            except (ValueError, FileNotFoundError) as error:
+                errors.append(str(error))
+        raise FileNotFoundError(
+            f"no evaluation images in {args.data}: give it a test/ or val/ folder, or pass "
+            f"--validation-fraction ({'; '.join(errors)})"
+        )
+
+    @property
+    def num_classes(self):
+        return len(self.class_names)
+
+    @property
+    def train_labels(self):
+        return self.train.labels if isinstance(self.train, ImageRecords) else self.train[1]
+
+    @property
+    def evaluation_size(self):
+        return len(self.test) if isinstance(self.test, ImageRecords) else len(self.test[1])
+
+    def steps_per_epoch(self, batch_size):
+        return max(1, len(self.train_labels) // batch_size)
+
+    def _pipeline(self, source, args, training, seed, batch_size=None):
+        return make_pipeline(
+            source,
+            tuple(args.image_size) if len(args.image_size) == 2 else args.image_size[0],
+            batch_size or args.batch_size,
+            training=training,
+            seed=seed,
+            augment=args.augment or None,
+            resize_mode=args.eval_resize,
+            strict=args.strict_data,
+            skip_counter=self.counter,
+            num_classes=self.num_classes,
+        )
+
+    def pipeline(self, args, training, epoch=0, limit=None):
+        """Training batches of one epoch (training=True), or training images as evaluated."""
+        source = _limit(self.train, limit, args.seed) if limit else self.train
+        return self._pipeline(source, args, training, _epoch_seed(args.seed, epoch))
+
+    def validation_pipeline(self, args):
+        if self._validation is None:
+            self._validation = self._pipeline(self.test, args, False, args.seed)
+        return self._validation
+
+    def sample_images(self, args, count):
+        images, labels = next(iter(self._pipeline(_limit(self.test, count, 0), args, False, 0, count)))
+        labels = labels.numpy()
+        return images.numpy(), labels.argmax(-1) if labels.ndim == 2 else labels
+
+    def evaluate(self, model, args):
+        from keras_fg.metrics import classification_report
+
+        probabilities, labels, maps = [], [], []
+        for images, batch_labels in self.validation_pipeline(args):
+            outputs = model.predict_on_batch(images)
+            probabilities.append(np.asarray(outputs["probabilities"]))
+            batch_labels = batch_labels.numpy()
+            labels.append(batch_labels.argmax(-1) if batch_labels.ndim == 2 else batch_labels)
+            if "attention_maps" in outputs and self.boxes is not None:
+                maps.append(np.asarray(outputs["attention_maps"]))
+        report = classification_report(np.concatenate(labels), np.concatenate(probabilities),
+                                       class_names=self.class_names)
+        if maps and self.counter.count == 0:
+            # Synthetic data: how often each attention peak falls inside the true part.
+            report["part_hit_rate"] = float(
+                part_hit_rate(np.concatenate(maps), self.boxes, args.image_size[0])
+            )
+        return report
+
+    def skipped_images(self):
+        return self.counter.count
+
+
+class ReidData:
+    """Market-1501-layout training identities, queries and gallery of a re-ID run."""
+
+    def __init__(self, args):
+        self.counter = SkipCounter()
+        self.train = _limit(load_dataset("market1501", args.data, "train"), args.max_train_images,
+                            args.seed)
+        self.query = load_dataset("market1501", args.data, "query")
+        self.gallery = load_dataset("market1501", args.data, "gallery")
+        self.class_names = self.train.class_names
+        self.sampler = PKSampler(self.train.labels, args.num_identities, args.num_instances,
+                                 seed=args.seed)
+
+    @property
+    def num_classes(self):
+        return len(self.class_names)
+
+    @property
+    def train_labels(self):
+        return self.train.labels
+
+    @property
+    def evaluation_size(self):
+        return len(self.query) + len(self.gallery)
+
+    def steps_per_epoch(self, batch_size):
+        return max(1, len(self.sampler.epoch_batches(0)))
+
+    def pipeline(self, args, training, epoch=0, limit=None):
+        size = tuple(args.image_size)
+        if not training:
+            source = _limit(self.train, limit, args.seed) if limit else self.train
+            return make_pipeline(source, size, args.batch_size, training=False,
+                                 strict=args.strict_data, skip_counter=self.counter)
+        self.sampler.epoch = epoch
+        return make_pipeline(
+            self.train, size, args.batch_size, training=True, seed=_epoch_seed(args.seed, epoch),
+            sampler=self.sampler, augment=["random_erasing"] + list(args.augment or []),
+            strict=args.strict_data, skip_counter=self.counter,
+        )
+
+    def validation_pipeline(self, args):
+        return None
+
+    def embed(self, model, records, args):
+        """Embeddings of `records` in file order, and the indices that could be read."""
+        indexed = ImageRecords(records.paths, np.arange(len(records)),
+                               [str(i) for i in range(len(records))])
+        pipeline = make_pipeline(indexed, tuple(args.image_size), args.batch_size, training=False,
+                                 strict=args.strict_data, skip_counter=self.counter)
+        features, indices = [], []
+        for images, batch_indices in pipeline:
+            embedding = np.asarray(model.predict_on_batch(images)["features"])
+            if args.flip_test:
+                flipped = np.asarray(model.predict_on_batch(images[:, :, ::-1])["features"])
+                embedding = (embedding + flipped) / 2
+            features.append(embedding)
+            indices.append(batch_indices.numpy())
+        return np.concatenate(features), np.concatenate(indices)
+
+    def evaluate(self, model, args):
+        from keras_fg.metrics import evaluate_reid
+
+        query, query_index = self.embed(model, self.query, args)
+        gallery, gallery_index = self.embed(model, self.gallery, args)
+        result = evaluate_reid(
+            query, self.query.labels[query_index], self.query.cameras[query_index],
+            gallery, self.gallery.labels[gallery_index], self.gallery.cameras[gallery_index],
+            metric=args.reid_metric, re_ranking=args.re_ranking,
+        )
+        result["num_query_images"] = len(query)
+        result["num_gallery_images"] = len(gallery)
+        return result
+
+    def sample_images(self, args, count):
+        records = self.query.subset(np.arange(min(count, len(self.query))))
+        images, _ = next(iter(make_pipeline(
+            ImageRecords(records.paths, np.zeros(len(records)), ["0"]), tuple(args.image_size),
+            count, training=False, skip_counter=self.counter,
+        )))
+        return images.numpy(), None
+
+    def skipped_images(self):
+        return self.counter.count

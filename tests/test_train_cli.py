@@ -1,0 +1,217 @@
+"""train.py end to end: run directory, real data, corrupt images, resume, multi-worker, bad input."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = [
+    "--synthetic-train", "96", "--synthetic-test", "32", "--synthetic-classes", "4",
+    "--epochs", "1", "--batch-size", "16", "--verbose", "0", "--macnn-init", "none",
+]
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def train(*args, timeout=300, check=True):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT,
+    )
+    if check:
+        assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def one_line_error(result):
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("train.py: error:")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def test_synthetic_run_writes_a_complete_run_directory(tmp_path):
+    out = tmp_path / "run"
+    result = train(*QUICK, "--model", "macnn", "--num-parts", "2", "--output", out)
+    for name in ("config.json", "model.keras", "history.csv", "evaluation.json", "attention.png"):
+        assert (out / name).is_file(), name
+    assert any((out / "tensorboard").rglob("events.out.tfevents*"))
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    for key in ("top1", "top5", "mean_per_class_accuracy"):
+        assert 0.0 <= evaluation[key] <= 1.0
+    assert evaluation["skipped_images"] == 0
+    assert "part_hit_rate" in evaluation
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"] == "macnn" and config["backbone"] == "tiny"
+    assert "Evaluation: top1=" in result.stdout
+    # The same command again finds the run complete and does not train again.
+    again = train(*QUICK, "--model", "macnn", "--num-parts", "2", "--output", out)
+    assert "already complete" in again.stdout
+
+
+def test_config_file_sets_defaults_that_flags_override(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("model: gap\nepochs: 1\nlearning-rate: 0.01\n")
+    out = tmp_path / "run"
+    train(*QUICK, "--config", config, "--learning-rate", "0.02", "--output", out)
+    resolved = json.loads((out / "config.json").read_text())
+    assert resolved["model"] == "gap"
+    assert resolved["learning_rate"] == 0.02
+
+
+def test_real_birds_in_cub_format(cub_dir, tmp_path):
+    out = tmp_path / "cub"
+    train(
+        "--data", cub_dir, "--model", "bcnn", "--backbone", "tiny", "--image-size", "64",
+        "--reduction-dim", "8", "--max-train-images", "64", "--max-test-images", "32",
+        "--epochs", "1", "--batch-size", "16", "--verbose", "0", "--output", out,
+    )
+    config = json.loads((out / "config.json").read_text())
+    assert config["format"] == "cub"  # Detected from the folder.
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert evaluation["num_images"] == 32
+
+
+def _folder_with_a_corrupt_image(root, real_jpegs):
+    for split in ("train", "test"):
+        for index, path in enumerate(real_jpegs[:8]):
+            target = root / split / f"class_{index % 2}" / f"{index}.jpg"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, target)
+    broken = root / "train" / "class_0" / "broken.jpg"
+    broken.write_bytes(Path(real_jpegs[0]).read_bytes()[:200])  # A truncated JPEG.
+    return broken
+
+
+def test_corrupt_image_is_skipped_and_counted_or_stops_a_strict_run(real_jpegs, tmp_path):
+    broken = _folder_with_a_corrupt_image(tmp_path / "data", real_jpegs)
+    common = ["--data", tmp_path / "data", "--model", "gap", "--backbone", "tiny",
+              "--image-size", "32", "--epochs", "1", "--batch-size", "4", "--verbose", "0"]
+    result = train(*common, "--output", tmp_path / "lenient")
+    evaluation = json.loads((tmp_path / "lenient" / "evaluation.json").read_text())
+    assert evaluation["skipped_images"] >= 1
+    assert "Skipped unreadable images: " in result.stdout
+
+    strict = train(*common, "--strict-data", "--output", tmp_path / "strict", check=False)
+    assert str(broken) in one_line_error(strict)
+
+
+def test_bad_input_gives_one_line_errors(tmp_path):
+    missing = one_line_error(train("--data", tmp_path / "nowhere", "--output", tmp_path / "a",
+                                   check=False))
+    assert "nowhere" in missing
+    (tmp_path / "folder" / "train" / "a").mkdir(parents=True)
+    mismatch = one_line_error(train("--data", tmp_path / "folder", "--format", "cub",
+                                    "--output", tmp_path / "b", check=False))
+    assert "images.txt" in mismatch or "CUB" in mismatch
+
+    unknown = train("--model", "resnet", check=False)
+    assert unknown.returncode == 2 and "invalid choice: 'resnet'" in unknown.stderr
+    assert "gap" in unknown.stderr
+
+    out = tmp_path / "run"
+    train(*QUICK, "--model", "gap", "--output", out)
+    different = one_line_error(train(*QUICK, "--model", "gap", "--seed", "7", "--output", out,
+                                     check=False))
+    assert "holds a different run" in different and "seed" in different
+
+
+def test_batch_size_must_divide_across_replicas(tmp_path):
+    script = (
+        "import sys, tensorflow as tf\n"
+        "cpu = tf.config.list_physical_devices('CPU')[0]\n"
+        "tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)\n"
+        "from keras_fg.cli.train import main\n"
+        "main(sys.argv[1:])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, *QUICK, "--strategy", "mirrored", "--batch-size", "15",
+         "--output", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=300, env=ENV,
+    )
+    assert "does not divide across 2 replicas" in one_line_error(result)
+
+
+def test_interrupted_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
+    args = [*QUICK, "--model", "gap", "--epochs", "4", "--synthetic-train", "480"]
+    train(*args, "--output", tmp_path / "straight")
+    expected = json.loads((tmp_path / "straight" / "evaluation.json").read_text())
+
+    out = tmp_path / "resumed"
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args, "--output", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, cwd=ROOT,
+    )
+    state = out / "checkpoint" / "state.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if state.exists() and json.loads(state.read_text())["epoch"] >= 1:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be interrupted"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "evaluation.json").exists()
+    interrupted_at = json.loads(state.read_text())["epoch"]
+    assert 1 <= interrupted_at < 4
+
+    result = train(*args, "--output", out)
+    assert f"Resuming {out} after epoch {interrupted_at}" in result.stdout
+    resumed = json.loads((out / "evaluation.json").read_text())
+    for key in ("top1", "top5", "mean_per_class_accuracy"):
+        assert resumed[key] == pytest.approx(expected[key], abs=1e-6), key
+    history = (out / "history.csv").read_text().strip().splitlines()
+    assert len(history) >= 1 + 4  # Header, then every epoch at least once.
+
+
+def _free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_two_workers_on_loopback_finish_with_identical_weights(tmp_path):
+    import keras
+
+    import keras_fg  # noqa: F401  (registers the model classes for loading)
+
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    out = tmp_path / "run"
+    processes = []
+    for index in range(2):
+        env = dict(ENV, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
+        processes.append(subprocess.Popen(
+            [sys.executable, str(ROOT / "train.py"), *QUICK, "--model", "gap", "--epochs", "2",
+             "--strategy", "multi_worker", "--output", str(out)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+        ))
+    for process in processes:
+        try:
+            _, stderr = process.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for p in processes:
+                p.kill()
+            raise
+        assert process.returncode == 0, stderr[-4000:]
+    chief = keras.saving.load_model(out / "model.keras")
+    worker = keras.saving.load_model(out / "workers" / "worker-1" / "model.keras")
+    start = keras_fg.models.create_model("gap", 4, backbone="tiny", image_size=64)
+    moved = False
+    for a, b, s in zip(chief.get_weights(), worker.get_weights(), start.get_weights()):
+        np.testing.assert_array_equal(a, b)
+        moved = moved or not np.array_equal(a, s)
+    assert moved
