@@ -61,7 +61,7 @@ def build_parser():
                        help="let the backbone's BatchNormalization learn (default: frozen)")
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=int, default=12)
+    optim.add_argument("--epochs", type=int, help="default: 30 on synthetic data, 12 otherwise")
     optim.add_argument("--batch-size", type=int, default=32, help="global batch size")
     optim.add_argument("--learning-rate", type=float, default=3e-3)
     optim.add_argument("--optimizer", choices=("sgd", "adamw"), default="adamw")
@@ -157,6 +157,8 @@ def resolve(args):
             args.image_size = [64]
         else:
             args.image_size = [256, 128] if args.task == "reid" else [224]
+    if args.epochs is None:
+        args.epochs = 30 if args.format == "synthetic" else 12
     if len(args.image_size) not in (1, 2):
         raise ValueError(f"--image-size takes one or two numbers. Received: {args.image_size}")
     args.image_size = [int(v) for v in args.image_size]

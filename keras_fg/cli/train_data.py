@@ -181,12 +181,15 @@ class ReidData:
             source = _limit(self.train, limit, args.seed) if limit else self.train
             return make_pipeline(source, size, args.batch_size, training=False,
                                  strict=args.strict_data, skip_counter=self.counter)
+        import tensorflow as tf
+
         self.sampler.epoch = epoch
+        batches = len(self.sampler.epoch_batches(epoch))
         return make_pipeline(
             self.train, size, args.batch_size, training=True, seed=_epoch_seed(args.seed, epoch),
             sampler=self.sampler, augment=["random_erasing"] + list(args.augment or []),
             strict=args.strict_data, skip_counter=self.counter,
-        )
+        ).apply(tf.data.experimental.assert_cardinality(batches))  # Lets fit show its progress.
 
     def validation_pipeline(self, args):
         return None
