@@ -1,0 +1,108 @@
+import keras
+import numpy as np
+import pytest
+
+from keras_fg.models import (
+    FeatureHead,
+    create_backbone,
+    create_model,
+    extract_features,
+    split_at_backbone,
+    train_head,
+)
+from keras_fg.models.bilinear_cnn import BilinearCNN
+
+FAMILIES = {
+    "gap": {},
+    "bcnn": {"reduction_dim": 8, "projection_dim": 32},
+    "macnn": {"num_parts": 2, "hidden_units": 8},
+    "dasrbn": {"stream_dim": 4, "lstm_units": 8, "attention_units": 4},
+}
+
+
+def images(n=4, size=32, seed=0):
+    return np.random.default_rng(seed).uniform(0, 255, (n, size, size, 3)).astype("float32")
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_head_on_backbone_features_equals_the_model(family):
+    model = create_model(family, 5, backbone="tiny", image_size=32, **FAMILIES[family])
+    backbone, head = split_at_backbone(model)
+    x = images()
+    features = extract_features(model, x, batch_size=3)
+    assert features.shape == (4, 4, 4, 128)
+    np.testing.assert_allclose(features, backbone.predict(x, verbose=0), rtol=1e-5, atol=1e-5)
+    whole = model.predict(x, verbose=0)
+    split = head.predict(features, verbose=0)
+    assert sorted(split) == sorted(whole)
+    for key in whole:
+        np.testing.assert_allclose(split[key], whole[key], rtol=1e-4, atol=1e-5)
+    # The head shares the model's layers: no backbone variable, every head variable.
+    backbone_ids = {id(v) for v in backbone.weights}
+    assert not backbone_ids & {id(v) for v in head.weights}
+    assert len(head.weights) + len(backbone.weights) == len(model.weights)
+
+
+def test_extract_features_flips_and_reads_labelled_batches():
+    import tensorflow as tf
+
+    model = create_model("gap", 3, backbone="tiny", image_size=32)
+    x = images(5)
+    data = tf.data.Dataset.from_tensor_slices((x, np.arange(5))).batch(2)
+    features, labels = extract_features(model, data, flip=True, dtype="float16")
+    assert features.dtype == np.float16 and labels.tolist() == [0, 1, 2, 3, 4]
+    expected = model.backbone.predict(x[:, :, ::-1], verbose=0)
+    np.testing.assert_allclose(features, expected, rtol=1e-2, atol=1e-2)
+
+
+def test_train_head_learns_with_the_joint_loss_and_leaves_the_backbone():
+    keras.utils.set_random_seed(0)
+    model = create_model("macnn", 2, backbone="tiny", image_size=32, num_parts=2, hidden_units=8)
+    backbone_before = [v.numpy().copy() for v in model.backbone.weights]
+    x = images(16, seed=1)
+    x[8:, :16] = 255.0  # Class 1: a bright top half.
+    y = np.array([0] * 8 + [1] * 8)
+    features = extract_features(model, x)
+    untrained = model.predict(x, verbose=0)["logits"]
+    optimizer = keras.optimizers.Adam(1e-2)
+    history = train_head(model, features, y, epochs=20, batch_size=8, optimizer=optimizer)
+    for term in ("loss", "accuracy", "classification_loss", "part_loss", "channel_grouping_loss"):
+        assert term in history.history
+    assert history.history["classification_loss"][-1] < history.history["classification_loss"][0]
+    assert history.history["accuracy"][-1] == 1.0
+    # The full model now predicts with the trained head.
+    trained = model.predict(x, verbose=0)["logits"]
+    assert not np.allclose(trained, untrained)
+    assert (trained.argmax(-1) == y).mean() == 1.0
+    for before, after in zip(backbone_before, model.backbone.weights):
+        np.testing.assert_array_equal(before, after.numpy())
+
+
+def test_feature_head_loss_is_the_models_joint_loss():
+    model = create_model("gap", 3, backbone="tiny", image_size=32, label_smoothing=0.1)
+    model.compile(optimizer="sgd")
+    x, y = images(6), np.array([0, 1, 2, 0, 1, 2])
+    head = FeatureHead(model)
+    head.compile(optimizer="sgd")
+    expected = model.evaluate(x, y, verbose=0, return_dict=True)
+    got = head.evaluate(extract_features(model, x), y, verbose=0, return_dict=True)
+    np.testing.assert_allclose(got["loss"], expected["loss"], rtol=1e-5)
+    np.testing.assert_allclose(got["accuracy"], expected["accuracy"])
+
+
+def test_bad_inputs_raise_clear_errors():
+    two_streams = BilinearCNN(
+        create_backbone("tiny", image_size=32),
+        3,
+        second_backbone=create_backbone("tiny", image_size=32, name_prefix="second_"),
+        reduction_dim=4,
+    )
+    with pytest.raises(ValueError, match="exactly one backbone"):
+        split_at_backbone(two_streams)
+    model = create_model("gap", 3, backbone="tiny", image_size=32)
+    with pytest.raises(ValueError, match="Received: 4 features and 3 labels"):
+        train_head(model, np.zeros((4, 4, 4, 128)), [0, 1, 2])
+    with pytest.raises(ValueError, match="epochs=0"):
+        train_head(model, np.zeros((3, 4, 4, 128)), [0, 1, 2], epochs=0)
+    with pytest.raises(ValueError, match="yielded no images"):
+        extract_features(model, np.zeros((0, 32, 32, 3), "float32"))
