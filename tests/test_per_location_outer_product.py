@@ -8,7 +8,7 @@ import tensorflow as tf
 from keras_fg.layers import PerLocationOuterProduct
 
 
-def numpy_reference(a, b, signed_sqrt=True, l2_normalize=True, eps=1e-8):
+def numpy_reference(a, b, signed_sqrt=True, l2_normalize=True, eps=1e-7):
     batch, height, width, _ = a.shape
     out = []
     for n in range(batch):
@@ -20,7 +20,7 @@ def numpy_reference(a, b, signed_sqrt=True, l2_normalize=True, eps=1e-8):
                 if signed_sqrt:
                     z = np.sign(z) * (np.sqrt(np.abs(z) + eps) - np.sqrt(eps))
                 if l2_normalize:
-                    z = z / max(np.linalg.norm(z), eps)
+                    z = z / max(np.linalg.norm(z), np.sqrt(eps))
                 cells.append(z)
             rows.append(cells)
         out.append(rows)

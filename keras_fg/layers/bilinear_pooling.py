@@ -25,9 +25,12 @@ class BilinearPooling(keras.layers.Layer):
     `sign(z) · sqrt(|z|)` exactly wherever `|z| ≥ ε`, is linear with slope
     `1/sqrt(ε)` on `|z| < ε` (there it differs from the exact value by at most
     `sqrt(ε)/4`), and so has a finite gradient at `z = 0`, where the gradient
-    of `sqrt` is infinite. The L2 step is `y · rsqrt(max(Σ y², ε²))`, whose
-    gradient is finite at `y = 0` too. Both use keras.ops only, with no custom
-    gradient, and convert to TFLite builtin ops.
+    of `sqrt` is infinite. The L2 step is `y · rsqrt(max(Σ y², ε))` (a floor
+    of `sqrt(ε)` on the norm), whose gradient is finite at `y = 0` too. Both use
+    keras.ops only, with no custom gradient, and convert to TFLite builtin ops.
+    Both floors are `ε` itself, never `ε²`: a float16 TFLite export stores the
+    constants in float16, where `1e-7` survives (its smallest value is 6e-8)
+    but `1e-14` becomes 0, and `0 · rsqrt(0)` would be NaN.
 
     With `projection_dim=d` the layer returns a compact bilinear feature
     of size `d` instead of `Ca·Cb`, by Random Maclaurin projection
@@ -67,10 +70,10 @@ class BilinearPooling(keras.layers.Layer):
     Args:
         signed_sqrt: Whether to apply the signed square root.
         l2_normalize: Whether to L2-normalise each output vector.
-        epsilon: Small positive float. Floor of the L2 norm, and the threshold
-            `|z| < epsilon` below which the signed square root is linear (its
-            largest slope is `1/sqrt(epsilon)`). The default `1e-8` is the
-            threshold of the B-CNN authors' signed square root.
+        epsilon: Small positive float: the threshold `|z| < epsilon` below
+            which the signed square root is linear (its largest slope is
+            `1/sqrt(epsilon)`), and the floor of the squared L2 norm. Keep it
+            at least 6e-8, the smallest float16 value, for float16 exports.
         projection_dim: `None` for the full `Ca·Cb` bilinear feature, or a
             positive int `d` for the compact Random Maclaurin feature of size
             `d`.
@@ -107,7 +110,7 @@ class BilinearPooling(keras.layers.Layer):
         self,
         signed_sqrt=True,
         l2_normalize=True,
-        epsilon=1e-8,
+        epsilon=1e-7,
         projection_dim=None,
         seed=None,
         **kwargs,
@@ -226,7 +229,7 @@ class BilinearPooling(keras.layers.Layer):
             z = z / ops.sqrt(ops.maximum(ops.abs(z), self.epsilon))
         if self.l2_normalize:
             squared_norm = ops.sum(ops.square(z), axis=-1, keepdims=True)
-            z = z * ops.rsqrt(ops.maximum(squared_norm, self.epsilon**2))
+            z = z * ops.rsqrt(ops.maximum(squared_norm, self.epsilon))
         return z
 
     def compute_output_shape(self, input_shape):

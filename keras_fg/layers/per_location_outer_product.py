@@ -14,15 +14,18 @@ class PerLocationOuterProduct(keras.layers.Layer):
 
         z_hw = vec(a_hw ⊗ b_hw)                 (Ca·Cb,), index i·Cb + j
         y_hw = sign(z_hw) · (sqrt(|z_hw| + ε) − sqrt(ε))   if signed_sqrt
-        out_hw = y_hw / max(‖y_hw‖₂, ε)         if l2_normalize
+        out_hw = y_hw · rsqrt(max(‖y_hw‖₂², ε))   if l2_normalize
 
-    The shifted square root equals sign·sqrt at z = 0 up to sqrt(ε) and keeps the gradient
-    finite there. Computed in float32 under mixed precision.
+    The shifted square root is exact at z = 0, within sqrt(ε) elsewhere, and keeps the gradient
+    finite at 0. The norm's floor is ε itself, never ε²: a float16 TFLite export stores
+    constants in float16, where 1e-7 survives but 1e-14 becomes 0 (and 0 · rsqrt(0) is NaN).
+    Computed in float32 under mixed precision.
 
     Args:
         signed_sqrt: apply the signed square root to each product.
         l2_normalize: L2-normalise each location's vector.
-        epsilon: the small constant of both steps, > 0.
+        epsilon: the small constant of both steps, > 0; at least 6e-8 (the smallest float16
+            value) for float16 exports.
 
     Call arguments:
         inputs: a list `[a, b]` of `(B, H, W, Ca)` and `(B, H, W, Cb)` tensors on the same
@@ -43,7 +46,7 @@ class PerLocationOuterProduct(keras.layers.Layer):
         Networks for Fine-Grained Visual Recognition", arXiv:1709.05769, 2017.
     """
 
-    def __init__(self, signed_sqrt=True, l2_normalize=True, epsilon=1e-8, **kwargs):
+    def __init__(self, signed_sqrt=True, l2_normalize=True, epsilon=1e-7, **kwargs):
         if epsilon <= 0:
             raise ValueError(f"`epsilon` must be > 0. Received: epsilon={epsilon}")
         super().__init__(**kwargs)
@@ -93,8 +96,8 @@ class PerLocationOuterProduct(keras.layers.Layer):
             eps = self.epsilon
             z = ops.sign(z) * (ops.sqrt(ops.abs(z) + eps) - eps**0.5)
         if self.l2_normalize:
-            norm = ops.sqrt(ops.sum(ops.square(z), axis=-1, keepdims=True))
-            z = z / ops.maximum(norm, self.epsilon)
+            squared_norm = ops.sum(ops.square(z), axis=-1, keepdims=True)
+            z = z * ops.rsqrt(ops.maximum(squared_norm, self.epsilon))
         return z
 
     def compute_output_shape(self, input_shape):
