@@ -15,6 +15,16 @@ DATA_FORMATS = tuple(FORMATS) + ("synthetic",)
 RUNTIME_KEYS = ("config", "output", "strategy", "verbose", "strict_data", "epochs_override")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless its help already says it, or it has none."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="train.py",
@@ -22,12 +32,13 @@ def build_parser():
             "Train and evaluate a keras_fg model. With no arguments: the default family on the "
             "built-in synthetic fine-grained dataset."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--config", metavar="FILE", help="YAML or JSON file setting any flag's default")
 
     task = parser.add_argument_group("task and data")
-    task.add_argument("--task", choices=("classify", "reid"), default="classify")
+    task.add_argument("--task", choices=("classify", "reid"), default="classify",
+                      help="classification, or person re-identification")
     task.add_argument("--data", metavar="DIR", help="dataset folder (omit for synthetic data)")
     task.add_argument("--format", choices=DATA_FORMATS, help="dataset layout (default: detected)")
     task.add_argument("--annotation", choices=("variant", "family", "manufacturer"), default="variant",
@@ -36,15 +47,16 @@ def build_parser():
                       help="folder format: hold out this fraction of each class when there is no split")
     task.add_argument("--strict-data", action="store_true",
                       help="stop at the first unreadable image (default: skip and count it)")
-    task.add_argument("--synthetic-classes", type=int, default=10)
+    task.add_argument("--synthetic-classes", type=int, default=10, help="synthetic classes")
     task.add_argument("--synthetic-train", type=int, default=2000, help="synthetic training images")
     task.add_argument("--synthetic-test", type=int, default=500, help="synthetic test images")
     task.add_argument("--max-train-images", type=int, default=None,
                       help="use at most this many training images (quick runs)")
-    task.add_argument("--max-test-images", type=int, default=None)
+    task.add_argument("--max-test-images", type=int, default=None,
+                      help="evaluate on at most this many images (quick runs)")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--model", choices=list_models(), default="macnn")
+    model.add_argument("--model", choices=list_models(), default="macnn", help="model family")
     model.add_argument("--backbone", choices=list_backbones(),
                        help="default: tiny for synthetic data, mobilenetv2 otherwise")
     model.add_argument("--weights", default=None,
@@ -56,7 +68,7 @@ def build_parser():
     model.add_argument("--reduction-dim", type=int, default=256, help="bcnn: 1x1 conv channels")
     model.add_argument("--stream-dim", type=int, default=32, help="dasrbn: channels of each stream")
     model.add_argument("--lstm-units", type=int, default=256, help="dasrbn: spatial LSTM units")
-    model.add_argument("--dropout", type=float, default=0.0)
+    model.add_argument("--dropout", type=float, default=0.0, help="dropout before the classifier")
     model.add_argument("--train-batchnorm", action="store_true",
                        help="let the backbone's BatchNormalization learn (default: frozen)")
 
@@ -73,9 +85,10 @@ def build_parser():
                        help="train only the head (backbone frozen) for the first N epochs")
     optim.add_argument("--backbone-lr-multiplier", type=float, default=1.0,
                        help="the backbone learns at learning-rate times this")
-    optim.add_argument("--label-smoothing", type=float, default=0.0)
+    optim.add_argument("--label-smoothing", type=float, default=0.0, help="of every cross-entropy")
     optim.add_argument("--augment", nargs="*", default=[],
-                       choices=("randaugment", "mixup", "cutmix", "random_erasing"))
+                       choices=("randaugment", "mixup", "cutmix", "random_erasing"),
+                       help="training augmentations")
     optim.add_argument("--eval-resize", choices=("resize", "center_crop"), default="resize",
                        help="evaluation transform: the whole image resized, or a centre crop")
     optim.add_argument("--macnn-init", choices=("clustering", "none"), default="clustering",
@@ -83,7 +96,8 @@ def build_parser():
     optim.add_argument("--macnn-phases", default="joint",
                        help='macnn: comma-separated phases repeated over epochs, e.g. '
                             '"channel_grouping,classification" (default: joint)')
-    optim.add_argument("--channel-grouping-weight", type=float, default=1.0)
+    optim.add_argument("--channel-grouping-weight", type=float, default=1.0,
+                       help="macnn: weight of the channel-grouping loss")
 
     reid = parser.add_argument_group("re-identification (--task reid)")
     reid.add_argument("--num-identities", type=int, default=8, help="P of P x K sampling")
