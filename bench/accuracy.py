@@ -1,0 +1,277 @@
+"""Accuracy of every family on the shared CUB subset (50 species), and the frozen floor.
+
+The recipe (the same for every family; DESIGN.md §4 explains why):
+
+1. Backbone features of the training images, and of their horizontal flips, are computed
+   once (MobileNetV2, shared weights, BatchNormalization in inference mode, the whole
+   227-px image resized to `--image-size`).
+2. Phase one: the family's head — every layer after the backbone — is trained on those
+   cached features with the family's own joint loss (`keras_fg.models.train_head`):
+   AdamW, learning rate 1e-3 with cosine decay to 0, weight decay 1e-4, batch 64,
+   `--head-epochs` epochs. MA-CNN's channel grouping is first initialised by clustering
+   channel peaks (MA-CNN §3.2) on 512 cached feature maps.
+3. Phase two (`--fine-tune-epochs N`, optional): every layer trains, BatchNormalization
+   frozen, on augmented images (random crop + flip), AdamW 1e-5 for the backbone
+   and the head alike, constant rate.
+
+The floor is a logistic regression on the globally pooled frozen features (Keras,
+full-batch Adam on the softmax cross-entropy + L2 with scikit-learn's default C = 1).
+Evaluation: test images resized whole, top-1 and mean per-class accuracy; `*_flip_tta`
+averages the logits of each test image and its flip.
+
+    python bench/accuracy.py                               # all families, 224 px
+    python bench/accuracy.py --image-size 448 --families gap bcnn_compact
+    python bench/accuracy.py --quick                       # GAP + compact B-CNN, few epochs
+
+Writes bench/results/accuracy_<size>.json (accuracy_quick.json with --quick).
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common import CUB_ROOT, MOBILENET_WEIGHTS, RESULTS, peak_rss_mb, require_shared, write_json
+
+# Family name in the results -> (create_model name, options). Each one-backbone form.
+FAMILIES = {
+    "gap": ("gap", {}),
+    "bcnn": ("bcnn", {"reduction_dim": 256}),
+    # 128² = 16,384 outer-product terms projected to 4,096: the projection costs 2·128·4,096
+    # multiply-adds per location, which on 2 cores is the head's whole training time.
+    "bcnn_compact": ("bcnn", {"reduction_dim": 128, "projection_dim": 4096}),
+    "macnn": ("macnn", {"num_parts": 4}),
+    "dasrbn": ("dasrbn", {"stream_dim": 32, "lstm_units": 256}),
+}
+
+
+def load_features(image_size, cache_dir, limit=None):
+    """Cached backbone features: train, train flipped, test, test flipped, and labels."""
+    import keras
+
+    from keras_fg.data import load_dataset, make_pipeline
+    from keras_fg.models import create_model, extract_features
+
+    tag = f"cub_mobilenetv2_{image_size}" + (f"_limit{limit}" if limit else "")
+    path = cache_dir / f"{tag}.npz"
+    if path.exists():
+        with np.load(path) as cached:
+            arrays = {k: cached[k] for k in cached.files if not k.startswith("seconds_")}
+            seconds = {k[8:]: float(cached[k]) for k in cached.files if k.startswith("seconds_")}
+        return arrays, {"extraction_seconds": seconds, "from_cache": str(path)}
+    model = create_model("gap", 50, weights=str(MOBILENET_WEIGHTS), image_size=image_size)
+    dtype = "float16" if image_size > 300 else "float32"
+    arrays, seconds = {}, {}
+    for split in ("train", "test"):
+        records = load_dataset("cub", CUB_ROOT, split)
+        if limit:
+            records = records.subset(np.arange(0, len(records), max(1, len(records) // limit)))
+        data = make_pipeline(records, image_size, 32, training=False)
+        for flip in (False, True):
+            name = split + ("_flip" if flip else "")
+            start = time.perf_counter()
+            arrays[name], arrays[f"{split}_labels"] = extract_features(
+                model, data, flip=flip, dtype=dtype
+            )
+            seconds[name] = time.perf_counter() - start
+            print(f"features {name}: {arrays[name].shape} in {seconds[name]:.0f} s", flush=True)
+    del model
+    keras.backend.clear_session()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays, **{f"seconds_{k}": v for k, v in seconds.items()})
+    return arrays, {"extraction_seconds": seconds}
+
+
+def logistic_regression(train_x, train_y, test_x, num_classes, c=1.0, steps=500, seed=0):
+    """Softmax regression minimising C·Σ CE + ½‖W‖² (scikit-learn's objective), full batch."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    l2 = 1.0 / (2.0 * c * len(train_x))  # The objective above divided by C·N.
+    model = keras.Sequential(
+        [
+            keras.Input(train_x.shape[1:]),
+            keras.layers.Dense(num_classes, kernel_regularizer=keras.regularizers.L2(l2)),
+        ]
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    model.fit(train_x, train_y, batch_size=len(train_x), epochs=steps, verbose=0)
+    return model.predict(test_x, batch_size=512, verbose=0)
+
+
+def report(labels, logits):
+    from keras_fg.metrics import classification_report
+
+    result = classification_report(labels, logits)
+    return {k: result[k] for k in ("top1", "top5", "mean_per_class_accuracy")}
+
+
+def initialise_channel_grouping(model, features, seed=0, epochs=100):
+    """MA-CNN's clustering initialisation (`MACNN.initialize_channel_grouping`), on cached maps."""
+    import keras
+
+    from keras_fg.models import cluster_channels
+
+    layer = model.get_layer("channel_grouping")
+    groups = cluster_channels(features, model.num_parts, seed=seed)
+    inputs = keras.Input(features.shape[1:])
+    pretrain = keras.Model(inputs, layer(inputs)["channel_weights"])
+    pretrain.compile(optimizer=keras.optimizers.Adam(1e-2), loss="binary_crossentropy")
+    targets = np.broadcast_to(groups, (len(features),) + groups.shape).astype("float32")
+    pretrain.fit(features.astype("float32"), targets, epochs=epochs, batch_size=32, verbose=0)
+    return groups.sum(axis=1).astype(int).tolist()
+
+
+def fine_tune(model, image_size, epochs, learning_rate, seed=0):
+    """Phase two: all layers (BatchNormalization frozen) on augmented images."""
+    import keras
+
+    from keras_fg.data import load_dataset, make_pipeline
+
+    train = load_dataset("cub", CUB_ROOT, "train")
+    model.set_backbone_trainable(True)
+    model.compile(optimizer=keras.optimizers.AdamW(learning_rate, weight_decay=1e-4))
+    data = make_pipeline(train, image_size, 32, training=True, seed=seed)
+    start = time.perf_counter()
+    model.fit(data, epochs=epochs, verbose=2)
+    return time.perf_counter() - start
+
+
+def evaluate_images(model, image_size):
+    from keras_fg.data import load_dataset, make_pipeline
+
+    test = load_dataset("cub", CUB_ROOT, "test")
+    data = make_pipeline(test, image_size, 32, training=False)
+    logits = model.predict(data, verbose=0)["logits"]
+    return report(test.labels, logits)
+
+
+def run_family(family, features, args, extraction_seconds):
+    import keras
+
+    from keras_fg.models import create_model, split_at_backbone, train_head
+
+    keras.utils.set_random_seed(args.seed)
+    model_name, options = FAMILIES[family]
+    model = create_model(
+        model_name, 50, weights=str(MOBILENET_WEIGHTS), image_size=args.image_size, **options
+    )
+    head = split_at_backbone(model)[1]
+    x = np.concatenate([features["train"], features["train_flip"]])
+    y = np.concatenate([features["train_labels"]] * 2)
+    start = time.perf_counter()
+    extra = {}
+    if model_name == "macnn":
+        rng = np.random.default_rng(args.seed)
+        sample = features["train"][rng.permutation(len(features["train"]))[:512]]
+        extra["channel_group_sizes"] = initialise_channel_grouping(model, sample, args.seed)
+    history = train_head(
+        model, x, y, epochs=args.head_epochs, batch_size=64, seed=args.seed, verbose=0
+    )
+    head_seconds = time.perf_counter() - start
+    logits = head.predict(features["test"], batch_size=64, verbose=0)["logits"]
+    logits_flip = head.predict(features["test_flip"], batch_size=64, verbose=0)["logits"]
+    labels = features["test_labels"]
+    result = {
+        "model": model_name,
+        "options": options,
+        "head_parameters": int(sum(np.prod(w.shape) for w in head.trainable_weights)),
+        "head_phase": report(labels, logits),
+        "head_phase_flip_tta": report(labels, (logits + logits_flip) / 2),
+        "head_train_loss_last": float(history.history["loss"][-1]),
+        "head_train_accuracy_last": float(history.history["accuracy"][-1]),
+        "head_seconds": head_seconds,
+        # Training wall time: the training features (with flips) + head training.
+        "train_seconds": head_seconds + extraction_seconds,
+        **extra,
+    }
+    print(f"{family}: head {result['head_phase']} in {head_seconds:.0f} s", flush=True)
+    if args.fine_tune_epochs:
+        seconds = fine_tune(model, args.image_size, args.fine_tune_epochs, args.fine_tune_lr)
+        result["fine_tuned"] = evaluate_images(model, args.image_size)
+        result["fine_tune_seconds"] = seconds
+        result["train_seconds"] += seconds
+        print(f"{family}: fine-tuned {result['fine_tuned']} in {seconds:.0f} s", flush=True)
+    result["peak_rss_mb"] = peak_rss_mb()
+    del model, head
+    keras.backend.clear_session()
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--head-epochs", type=int, default=30)
+    parser.add_argument("--fine-tune-epochs", type=int, default=0)
+    parser.add_argument("--fine-tune-lr", type=float, default=1e-5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache-dir", default="/tmp/keras_fg_bench_cache")
+    parser.add_argument("--quick", action="store_true", help="GAP + compact B-CNN, 10 epochs")
+    parser.add_argument("--output", default=None, help="results name (default from the size)")
+    args = parser.parse_args()
+    if args.quick:
+        args.families = ["gap", "bcnn_compact"]
+        args.head_epochs = min(args.head_epochs, 10)
+        args.fine_tune_epochs = 0
+    require_shared(CUB_ROOT, MOBILENET_WEIGHTS)
+
+    command = "python bench/accuracy.py " + " ".join(sys.argv[1:])
+    features, feature_info = load_features(args.image_size, Path(args.cache_dir))
+    seconds = feature_info.get("extraction_seconds", {})
+    train_extraction = seconds.get("train", 0.0) + seconds.get("train_flip", 0.0)
+    pooled = {k: features[k].astype("float32").mean(axis=(1, 2)) for k in ("train", "test")}
+    start = time.perf_counter()
+    floor_logits = logistic_regression(pooled["train"], features["train_labels"], pooled["test"], 50)
+    floor = {
+        **report(features["test_labels"], floor_logits),
+        "seconds": time.perf_counter() - start,
+        "method": "softmax regression on frozen GAP features, C=1, no flips",
+    }
+    print(f"floor: {floor}", flush=True)
+    name = args.output or ("accuracy_quick" if args.quick else f"accuracy_{args.image_size}")
+    previous = RESULTS / f"{name}.json"
+    # Families run one by one (and may be rerun alone); each result is written as it comes.
+    results = json.loads(previous.read_text())["families"] if previous.exists() else {}
+    for family in args.families:
+        results[family] = run_family(family, features, args, train_extraction)
+        results[family].update(command=command, recipe=recipe(args))
+        write_json(name, payload(args, command, feature_info, floor, results))
+
+
+def recipe(args):
+    return {
+        "features": "train images + horizontal flips, whole image resized, computed once",
+        "head_phase": f"train_head: AdamW 1e-3 cosine to 0, wd 1e-4, batch 64, "
+        f"{args.head_epochs} epochs",
+        "fine_tune_phase": (
+            f"{args.fine_tune_epochs} epochs, all layers (BN frozen), AdamW "
+            f"{args.fine_tune_lr}, random crop + flip"
+            if args.fine_tune_epochs
+            else "none"
+        ),
+        "seed": args.seed,
+    }
+
+
+def payload(args, command, feature_info, floor, results):
+    return {
+        "benchmark": "accuracy",
+        "command": command,
+        "dataset": "CUB-200-2011 subset, 50 classes, 1,500 train / 1,449 test",
+        "backbone": "mobilenetv2 (shared weights), BatchNormalization frozen",
+        "image_size": args.image_size,
+        "feature_extraction": feature_info,
+        "floor_logistic_regression": floor,
+        "families": results,  # Each with its own command and recipe.
+    }
+
+
+if __name__ == "__main__":
+    main()

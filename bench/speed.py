@@ -1,0 +1,188 @@
+"""Training and inference speed, one-image latency and peak memory of every family.
+
+Each configuration (family, image size, batch size) runs in its own subprocess, so that its
+peak resident memory (`ru_maxrss`) is its own. In it: a MobileNetV2 model (shared weights,
+BatchNormalization frozen, every other layer trainable, AdamW), random [0, 255] images,
+one warm-up step, then `--steps` timed training steps (`train_on_batch`) and inference
+batches (`predict_on_batch`); the figures are medians over the steps. One-image latency is
+the median of `model(x, training=False)` calls on a batch of one. The tf.data pipeline is
+timed on the shared CUB JPEGs (decode, resize, random crop, flip, batch 32) over one
+epoch, in its own subprocess too.
+
+    python bench/speed.py            # the 5 families at 224 px / batch 32, and the scaling grid
+    python bench/speed.py --quick    # GAP and compact B-CNN at 224 / 32, fewer steps
+
+Writes bench/results/speed.json (speed_quick.json with --quick).
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+from common import CUB_ROOT, MOBILENET_WEIGHTS, ROOT, peak_rss_mb, require_shared, write_json
+
+FAMILIES = {
+    "gap": ("gap", {}),
+    "bcnn": ("bcnn", {"reduction_dim": 256}),
+    "bcnn_compact": ("bcnn", {"reduction_dim": 256, "projection_dim": 8192}),
+    "macnn": ("macnn", {"num_parts": 4}),
+    "dasrbn": ("dasrbn", {"stream_dim": 32, "lstm_units": 256}),
+}
+# (family, image size, batch size): every family at the reference setting, then the growth.
+FULL_GRID = [(f, 224, 32) for f in FAMILIES] + [
+    ("gap", 448, 32),
+    ("bcnn", 448, 32),
+    ("gap", 224, 8),
+    ("gap", 224, 64),
+    ("bcnn", 224, 8),
+    ("bcnn", 224, 64),
+]
+QUICK_GRID = [("gap", 224, 32), ("bcnn_compact", 224, 32)]
+
+
+def run_model_worker(family, image_size, batch_size, steps, latency_runs):
+    import keras
+    import numpy as np
+
+    from keras_fg.models import create_model
+
+    model_name, options = FAMILIES[family]
+    keras.utils.set_random_seed(0)
+    model = create_model(
+        model_name, 50, weights=str(MOBILENET_WEIGHTS), image_size=image_size, **options
+    )
+    model.set_backbone_trainable(True)
+    model.compile(optimizer=keras.optimizers.AdamW(1e-5))
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (batch_size, image_size, image_size, 3)).astype("float32")
+    y = rng.integers(0, 50, batch_size).astype("int32")
+    rss_after_build = peak_rss_mb()
+
+    def timed(function, runs):
+        function()  # Warm-up: tracing and the first allocation.
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            function()
+            times.append(time.perf_counter() - start)
+        return times
+
+    train_times = timed(lambda: model.train_on_batch(x, y), steps)
+    rss_after_training = peak_rss_mb()
+    predict_times = timed(lambda: model.predict_on_batch(x), steps)
+    one = keras.ops.convert_to_tensor(x[:1])
+    call = lambda: keras.ops.convert_to_numpy(model(one, training=False)["logits"])  # noqa: E731
+    latency_times = timed(call, latency_runs)
+    predict_one_times = timed(lambda: model.predict(x[:1], verbose=0), max(3, latency_runs // 4))
+    return {
+        "family": family,
+        "model": model_name,
+        "options": options,
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "parameters": int(model.count_params()),
+        "train_images_per_s": batch_size / statistics.median(train_times),
+        "inference_images_per_s": batch_size / statistics.median(predict_times),
+        "latency_one_image_ms": 1000 * statistics.median(latency_times),
+        "latency_one_image_predict_ms": 1000 * statistics.median(predict_one_times),
+        "train_step_s": train_times,
+        "predict_batch_s": predict_times,
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_after_build_mb": rss_after_build,
+        "peak_rss_after_training_mb": rss_after_training,
+    }
+
+
+def run_pipeline_worker(image_size, batch_size, epochs):
+    from keras_fg.data import load_dataset, make_pipeline
+
+    records = load_dataset("cub", CUB_ROOT, "train")
+    rates = []
+    for epoch in range(epochs + 1):
+        data = make_pipeline(records, image_size, batch_size, training=True, seed=epoch)
+        start, count = time.perf_counter(), 0
+        for images, _ in data:
+            count += int(images.shape[0])
+        if epoch:  # The first epoch warms up (file cache, tracing).
+            rates.append(count / (time.perf_counter() - start))
+    return {
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "images_per_epoch": count,
+        "images_per_s": statistics.median(rates),
+        "images_per_s_runs": rates,
+        "peak_rss_mb": peak_rss_mb(),
+        "what": "make_pipeline(CUB train, training=True): decode JPEG, resize, random crop, "
+        "flip, batch; AUTOTUNE parallelism",
+    }
+
+
+def in_subprocess(*worker_args):
+    command = [sys.executable, __file__, "--worker", json.dumps(worker_args)]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode:
+        tail = done.stderr.strip().splitlines()[-5:]
+        print(f"  failed: {worker_args}: {' | '.join(tail)}", flush=True)
+        return {"error": "\n".join(tail), "args": worker_args}
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["subprocess_seconds"] = time.perf_counter() - start
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per figure")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        kind, *rest = json.loads(args.worker)
+        worker = run_model_worker if kind == "model" else run_pipeline_worker
+        print(json.dumps(worker(*rest)))
+        return
+    require_shared(CUB_ROOT, MOBILENET_WEIGHTS)
+    grid = QUICK_GRID if args.quick else FULL_GRID
+    steps = args.steps or (3 if args.quick else 5)
+    latency_runs = 10 if args.quick else 30
+    models = []
+    for family, size, batch in grid:
+        print(f"{family} {size} px batch {batch} ...", flush=True)
+        result = in_subprocess("model", family, size, batch, steps, latency_runs)
+        models.append(result)
+        if "error" not in result:
+            print(
+                f"  train {result['train_images_per_s']:.1f} img/s, "
+                f"inference {result['inference_images_per_s']:.1f} img/s, "
+                f"latency {result['latency_one_image_ms']:.1f} ms, "
+                f"peak RSS {result['peak_rss_mb']:.0f} MiB",
+                flush=True,
+            )
+    print("pipeline ...", flush=True)
+    pipeline = in_subprocess("pipeline", 224, 32, 1 if args.quick else 3)
+    if "error" not in pipeline:
+        print(f"  {pipeline['images_per_s']:.0f} img/s", flush=True)
+    write_json(
+        "speed_quick" if args.quick else "speed",
+        {
+            "benchmark": "speed",
+            "command": "python bench/speed.py" + (" --quick" if args.quick else ""),
+            "settings": {
+                "backbone": "mobilenetv2, shared weights, BatchNormalization frozen",
+                "training": "all other layers trainable, AdamW, train_on_batch on random images",
+                "timed_steps": steps,
+                "latency_runs": latency_runs,
+                "statistic": "median over steps",
+                "jit_compile": "Keras default (auto: off on this CPU)",
+            },
+            "models": models,
+            "pipeline": pipeline,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
