@@ -258,7 +258,8 @@ def set_mixed_precision(choice):
 def family_options(args):
     options = {"dropout": args.dropout, "freeze_batchnorm": not args.train_batchnorm}
     if args.model == "macnn":
-        options.update(num_parts=args.num_parts, channel_grouping_weight=args.channel_grouping_weight)
+        options.update(num_parts=args.num_parts, channel_grouping_weight=args.channel_grouping_weight,
+                       part_crop_size=args.part_crop_size)
     elif args.model == "bcnn":
         options.update(projection_dim=args.projection_dim, reduction_dim=args.reduction_dim)
     elif args.model == "dasrbn":

@@ -64,6 +64,8 @@ def build_parser():
     model.add_argument("--image-size", type=int, nargs="+", metavar="PIXELS",
                        help="side, or height width (default: 64 synthetic, 224 classify, 256 128 reid)")
     model.add_argument("--num-parts", type=int, default=4, help="macnn: parts")
+    model.add_argument("--part-crop-size", type=int, default=None,
+                       help="macnn: also classify each part's crop at this size (full MA-CNN)")
     model.add_argument("--projection-dim", type=int, default=None, help="bcnn: compact bilinear size")
     model.add_argument("--reduction-dim", type=int, default=256, help="bcnn: 1x1 conv channels")
     model.add_argument("--stream-dim", type=int, default=32, help="dasrbn: channels of each stream")

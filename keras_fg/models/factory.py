@@ -27,6 +27,7 @@ def create_model(
     image_size=224,
     feature_layer=None,
     second_backbone=None,
+    part_crop_size=None,
     **options,
 ):
     """Builds a model family on a backbone.
@@ -42,6 +43,9 @@ def create_model(
         second_backbone: for `"bcnn"` and `"dasrbn"`, the name of a second stream's backbone
             (same `weights` argument rules; randomly initialised unless `weights` is
             `"imagenet"`).
+        part_crop_size: for `"macnn"`, the side of the part crops (full MA-CNN: each part is
+            cropped around its peak and classified by a part backbone of the same kind,
+            sharing `weights`); `None` leaves the crops out.
         **options: the family's own arguments (e.g. `num_parts=4` for `"macnn"`,
             `projection_dim=8192` for `"bcnn"`) and the `FineGrainedModel` ones
             (`class_names`, `label_smoothing`, `triplet_weight`, ...).
@@ -65,6 +69,15 @@ def create_model(
         second_weights = weights if weights == "imagenet" else None
         options["second_backbone"] = create_backbone(
             second_backbone, weights=second_weights, image_size=image_size, name_prefix="second_"
+        )
+    if part_crop_size is not None:
+        if name != "macnn":
+            raise ValueError(
+                f"`part_crop_size` applies to 'macnn' only. Received: model={name!r}"
+            )
+        options["part_backbone"] = create_backbone(
+            backbone, weights=weights, image_size=part_crop_size, feature_layer=feature_layer,
+            name_prefix="part_",
         )
     features = create_backbone(
         backbone, weights=weights, image_size=image_size, feature_layer=feature_layer

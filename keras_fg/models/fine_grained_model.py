@@ -212,7 +212,7 @@ class FineGrainedModel(keras.Model):
 
     def backbones(self):
         """The model's backbones (the headless feature extractors it was built on)."""
-        names = ("backbone", "second_backbone")
+        names = ("backbone", "second_backbone", "part_backbone")
         return [getattr(self, n) for n in names if getattr(self, n, None) is not None]
 
     def set_backbone_trainable(self, trainable):

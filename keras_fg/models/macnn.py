@@ -5,10 +5,12 @@ import numpy as np
 from keras import ops
 
 from keras_fg.layers.channel_grouping import ChannelGrouping
+from keras_fg.layers.part_crop import PartCrop
 from keras_fg.losses.channel_grouping_loss import distance_loss, diversity_loss
 from keras_fg.models.fine_grained_model import (
     FineGrainedModel,
     classification_head,
+    freeze_batch_normalization,
     image_input,
     run_backbone,
 )
@@ -22,6 +24,13 @@ class MACNN(FineGrainedModel):
         part_logits_i = W_i p_i + b_i                       one classifier per part
         logits = W [GAP(F), p_1, ..., p_P] + b              the fused classifier
         L = CE(logits) + α Σ_i CE(part_logits_i) + β (Σ_i Dis(M_i) + λ Div(M_i))
+
+    With a `part_backbone` (full MA-CNN), each part is also cropped from the image around its
+    map's peak (`PartCrop`: a box of `box_fraction` of the image side, resized by interpolation
+    matrices, so it still converts to TFLite builtins), the crops go through the part backbone
+    (one network shared by the parts), and their pooled features join the fused classifier:
+
+        c_i = GAP(part_backbone(crop_i(X)))       logits = W [GAP(F), p_1..p_P, c_1..c_P] + b
 
     Training can alternate, as in the paper, between the `"channel_grouping"` phase (only the
     part attention learns, from L_cng and the part losses) and the `"classification"` phase
@@ -39,6 +48,10 @@ class MACNN(FineGrainedModel):
         channel_grouping_weight: β, weight of L_cng.
         diversity_weight: λ, weight of Div inside L_cng.
         margin: mrg of Div.
+        part_backbone: a backbone for the part crops (its input size is the crop size), or
+            `None` to leave the crops out.
+        box_fraction: the crop box's side as a fraction of the image side (the release:
+            128 px of 448).
         normalize_coordinates: measure Dis in grid coordinates scaled to [0, 1], so that its
             size does not grow with the grid (in cells, a uniform 28×28 map has Dis ≈ 131;
             scaled, ≈ 0.18).
@@ -64,6 +77,8 @@ class MACNN(FineGrainedModel):
         diversity_weight=2.0,
         margin=0.02,
         normalize_coordinates=True,
+        part_backbone=None,
+        box_fraction=128 / 448,
         dropout=0.0,
         bnneck=False,
         freeze_batchnorm=True,
@@ -94,7 +109,13 @@ class MACNN(FineGrainedModel):
         flat_parts = keras.layers.Reshape((num_parts * channels,), name="flatten_parts")(
             part_features
         )
-        fused = keras.layers.Concatenate(name="fuse_parts")([pooled, flat_parts])
+        fused_inputs = [pooled, flat_parts]
+        if part_backbone is not None:
+            fused_inputs.append(
+                _part_crop_features(images, grouping["attention_maps"], part_backbone,
+                                    box_fraction, num_parts, freeze_batchnorm)
+            )
+        fused = keras.layers.Concatenate(name="fuse_parts")(fused_inputs)
         outputs = classification_head(fused, num_classes, dropout, bnneck)
         outputs["attention_maps"] = grouping["attention_maps"]
         outputs["part_logits"] = part_logits
@@ -108,6 +129,8 @@ class MACNN(FineGrainedModel):
         self.diversity_weight = float(diversity_weight)
         self.margin = float(margin)
         self.normalize_coordinates = bool(normalize_coordinates)
+        self.part_backbone = part_backbone
+        self.box_fraction = float(box_fraction)
         self.dropout = dropout
         self.bnneck = bnneck
         self.freeze_batchnorm = freeze_batchnorm
@@ -189,10 +212,30 @@ class MACNN(FineGrainedModel):
             "diversity_weight": self.diversity_weight,
             "margin": self.margin,
             "normalize_coordinates": self.normalize_coordinates,
+            "part_backbone": (
+                None
+                if self.part_backbone is None
+                else keras.saving.serialize_keras_object(self.part_backbone)
+            ),
+            "box_fraction": self.box_fraction,
             "dropout": self.dropout,
             "bnneck": self.bnneck,
             "freeze_batchnorm": self.freeze_batchnorm,
         }
+
+
+def _part_crop_features(images, maps, part_backbone, box_fraction, num_parts, freeze_batchnorm):
+    """`(B, P·C')`: the pooled part-backbone features of each part's crop."""
+    crop_size = tuple(part_backbone.input_shape[1:3])
+    crops = PartCrop(crop_size, box_fraction=box_fraction, name="part_crop")([images, maps])
+    if freeze_batchnorm:
+        freeze_batch_normalization(part_backbone)
+    # One network shared by the parts, applied to each part's crop.
+    features = keras.layers.TimeDistributed(part_backbone, name="part_networks")(crops)
+    pooled = keras.layers.TimeDistributed(
+        keras.layers.GlobalAveragePooling2D(dtype="float32"), name="part_pool"
+    )(features)
+    return keras.layers.Reshape((num_parts * pooled.shape[-1],), name="flatten_crops")(pooled)
 
 
 def cluster_channels(features, num_groups, seed=0, iterations=100):
