@@ -1,0 +1,281 @@
+"""One call that writes every export of a model, its parity report, and nothing half-written."""
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from keras_fg.export.errors import ExportInputError
+from keras_fg.export.parity import CHECKS, check_parity
+from keras_fg.export.preprocess import RESIZE_RULE, load_images, synthetic_images
+from keras_fg.export.saved_model import export_saved_model
+from keras_fg.export.tflite import INT8_OPS, export_tflite
+
+FORMATS = ("saved_model", "tflite_fp32", "tflite_fp16", "tflite_dynamic", "tflite_int8")
+MAX_IMAGES = 200  # Evaluation and calibration images read from a folder, at most.
+SYNTHETIC_IMAGES = 32
+REPORT = "report.json"
+
+
+def export_model(
+    model,
+    output_dir,
+    formats=FORMATS,
+    calibration_data=None,
+    evaluation_data=None,
+    version=1,
+    model_name=None,
+    top_k=5,
+    model_file=None,
+    max_images=MAX_IMAGES,
+):
+    """Exports `model` to every requested format, checks each against Keras, writes a report.
+
+    Layout of `output_dir`:
+
+        saved_model/<model_name>/<version>/     the SavedModel (TF Serving's layout)
+        <model_name>_<fp32|fp16|dynamic|int8>.tflite
+        report.json                             sizes, latencies, parity, op sets
+
+    Everything is written into a temporary directory inside `output_dir` and renamed into
+    place at the end, so a failed export leaves nothing behind and TF Serving, which watches
+    `saved_model/<model_name>/`, never sees a half-written version. Earlier versions stay;
+    the `.tflite` files and `report.json` are replaced by this version's.
+
+    Parity is measured on the images of `evaluation_data` (at most `max_images`, spread over
+    the folder); without it, on synthetic images (stated in the report). Full-integer int8
+    is calibrated on `calibration_data`, else on the evaluation images; with neither folder
+    it is skipped, with the reason in the report, since calibrating on synthetic images would
+    give a model of unknown accuracy.
+
+    Args:
+        model: a keras_fg model.
+        output_dir: the export directory (created if needed).
+        formats: any of `FORMATS`.
+        calibration_data: a folder of training images (any nesting) for int8 calibration.
+        evaluation_data: a folder of real images (any nesting) for the parity checks.
+        version: the SavedModel version, an integer >= 1.
+        model_name: the name in paths; default `model.name`.
+        top_k: the SavedModel's top-k outputs.
+        model_file: the `.keras` file the model came from, recorded in the report.
+        max_images: at most this many images are read from each folder.
+
+    Returns:
+        The report (also written to `output_dir/report.json`).
+
+    Raises:
+        ExportInputError: an unknown format, a bad name, version or folder, or a
+            `output_dir` that already holds this version of the model.
+        ExportError: a conversion failed or produced an op that is not a TFLite builtin.
+
+    Example:
+
+    >>> report = export_model(model, "exports", evaluation_data="data/birds/test")
+    >>> [(e["format"], e["check"]["passed"]) for e in report["exports"]]
+    """
+    formats = parse_formats(formats)
+    name = model_name or model.name
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise ExportInputError(f"Model name {name!r} must be letters, digits, '_', '.', '-'.")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ExportInputError(f"Version must be an integer >= 1. Received: version={version!r}")
+    if not isinstance(getattr(model, "output", None), dict) or "probabilities" not in model.output:
+        raise ExportInputError(
+            "The model must output a dict with 'probabilities' (a keras_fg model)."
+        )
+    output = Path(output_dir)
+    if output.exists() and not output.is_dir():
+        raise ExportInputError(f"Output {output} exists and is not a directory.")
+    _refuse_existing_version(output, name, version)
+
+    size = tuple(model.input_shape[1:3])
+    if evaluation_data is not None:
+        evaluation = _read_folder(evaluation_data, size, max_images, "Evaluation")
+    else:
+        evaluation = {
+            **synthetic_images(size, SYNTHETIC_IMAGES),
+            "source": "synthetic",
+            "note": "no evaluation folder given: parity measured on synthetic images "
+            "(smooth random colour fields), not on real ones",
+        }
+    calibration = None
+    if calibration_data is not None:
+        calibration = _read_folder(calibration_data, size, max_images, "Calibration")
+    elif evaluation_data is not None:
+        calibration = {**evaluation, "note": "no calibration folder given: the evaluation images"}
+
+    created = not output.exists()
+    output.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=output))
+    try:
+        entries = [
+            _export_one(model, fmt, staging, name, version, top_k, evaluation, calibration)
+            for fmt in formats
+        ]
+        report = {
+            "model": {
+                "file": None if model_file is None else os.path.abspath(model_file),
+                "name": name,
+                "class": type(model).__name__,
+                "num_classes": int(model.output["probabilities"].shape[-1]),
+                "class_names": getattr(model, "class_names", None),
+                "input_shape": list(model.input_shape[1:]),
+                "outputs": sorted(model.output),
+            },
+            "version": version,
+            "top_k": top_k,
+            "preprocessing": RESIZE_RULE,
+            "evaluation_data": _describe(evaluation),
+            "calibration_data": None if calibration is None else _describe(calibration),
+            "checks": {variant: {"metric": m, "bound": b} for variant, (m, b) in CHECKS.items()},
+            "exports": entries,
+            "passed": all(e["check"]["passed"] for e in entries if "check" in e),
+        }
+        with open(staging / REPORT, "w") as file:
+            json.dump(report, file, indent=2)
+        # The SavedModel version last: its appearance tells TF Serving the export is complete.
+        written = [e["file"] for e in entries if e.get("file") and e["format"] != "saved_model"]
+        written += [REPORT] + [e["file"] for e in entries if e["format"] == "saved_model"]
+        for relative in written:
+            (output / relative).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / relative, output / relative)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            shutil.rmtree(output, ignore_errors=True)
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
+    return report
+
+
+def parse_formats(formats):
+    """A tuple of format names from a sequence or a comma-separated string; unknown ones raise."""
+    if isinstance(formats, str):
+        formats = [f.strip() for f in formats.split(",") if f.strip()]
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        problem = f"Unknown export format {unknown[0]!r}" if unknown else "No export format given"
+        raise ExportInputError(f"{problem}; valid formats: {', '.join(FORMATS)}")
+    return tuple(dict.fromkeys(formats))
+
+
+def format_table(report):
+    """The report as a console table, one row per exported file."""
+    evaluation = report["evaluation_data"]
+    lines = [
+        f"{report['model']['name']} version {report['version']}: parity on "
+        f"{evaluation['images']} {evaluation['source']} images"
+        + (f" from {evaluation['path']}" if evaluation.get("path") else " (no --evaluation-data)"),
+        f"{'file':<40} {'size':>10} {'latency':>10} {'max|dp|':>10} {'top-1':>7}  check",
+    ]
+    for entry in report["exports"]:
+        if "skipped" in entry:
+            lines.append(f"{entry['format']:<40} skipped: {entry['skipped']}")
+            continue
+        check = entry["check"]
+        if check["metric"] == "max_abs_diff":
+            rule = f"max|dp| <= {check['bound']:g}"
+            shortfall = _number(check["shortfall"], "{:.2e}")
+        else:
+            rule = f"top-1 >= {100 * check['bound']:g}%"
+            points = None if check["shortfall"] is None else 100 * check["shortfall"]
+            shortfall = _number(points, "{:.1f} points")
+        if check["passed"]:
+            verdict = "PASS"
+        elif entry.get("error"):
+            verdict = f"FAIL ({entry['error']})"
+        elif check["value"] is None:
+            verdict = "FAIL (non-finite probabilities)"
+        else:
+            verdict = f"FAIL (short by {shortfall})"
+        lines.append(
+            f"{entry['file']:<40} {_size(entry['size_bytes']):>10} "
+            f"{_number(entry['latency_ms'], '{:.2f}ms'):>10} "
+            f"{_number(entry['max_abs_diff'], '{:.2e}'):>10} "
+            f"{_number(entry['top1_agreement'], '{:.1%}'):>7}  "
+            f"{verdict} [{rule}]"
+        )
+    return "\n".join(lines)
+
+
+def _number(value, template):
+    return "n/a" if value is None else template.format(value)
+
+
+def _export_one(model, fmt, staging, name, version, top_k, evaluation, calibration):
+    entry = {"format": fmt}
+    if fmt == "saved_model":
+        relative = f"saved_model/{name}/{version}"
+        entry["signatures"] = export_saved_model(model, staging / relative, top_k=top_k)
+    else:
+        quantization = fmt.split("_", 1)[1]
+        if quantization == "int8" and calibration is None:
+            return {
+                **entry,
+                "file": None,
+                "skipped": "full-integer int8 needs calibration images: "
+                "pass --calibration-data (or --evaluation-data)",
+            }
+        relative = f"{name}_{quantization}.tflite"
+        entry["ops"] = export_tflite(
+            model,
+            staging / relative,
+            quantization,
+            representative_images=None if calibration is None else calibration["images"],
+        )
+        if quantization == "int8":
+            entry["float_ops"] = sorted(set(entry["ops"]) - INT8_OPS - {"QUANTIZE", "DEQUANTIZE"})
+    entry["file"] = relative
+    parity = check_parity(model, staging / relative, evaluation["encoded"], variant=fmt)
+    entry.update({key: value for key, value in parity.items() if key != "variant"})
+    return entry
+
+
+def _refuse_existing_version(output, name, version):
+    if (output / "saved_model" / name / str(version)).exists():
+        raise ExportInputError(
+            f"Output directory {output} already holds version {version} of {name!r} "
+            f"({output / 'saved_model' / name / str(version)}); "
+            "choose another --version or --output."
+        )
+    report = output / REPORT
+    if report.is_file():
+        try:
+            with open(report) as file:
+                previous = json.load(file)
+            same = previous["model"]["name"] == name and previous["version"] == version
+        except (ValueError, KeyError, TypeError):
+            same = False
+        if same:
+            raise ExportInputError(
+                f"Output directory {output} already holds version {version} of {name!r} "
+                f"({report}); choose another --version or --output."
+            )
+
+
+def _read_folder(directory, size, max_images, role):
+    if not os.path.isdir(directory):
+        raise ExportInputError(f"{role} data folder not found: {directory}")
+    images = load_images(directory, size, max_images)
+    if not len(images["images"]):
+        raise ExportInputError(f"{role} data folder {directory} holds no readable images.")
+    return {**images, "source": "folder", "path": os.path.abspath(directory)}
+
+
+def _describe(images):
+    description = {"source": images["source"], "images": len(images["images"])}
+    for key in ("path", "note"):
+        if images.get(key):
+            description[key] = images[key]
+    if images.get("skipped"):
+        description["unreadable_files"] = images["skipped"]
+    return description
+
+
+def _size(size_bytes):
+    for unit in ("B", "KB", "MB"):
+        if size_bytes < 1024 or unit == "MB":
+            return f"{size_bytes:.0f} {unit}" if unit == "B" else f"{size_bytes:.1f} {unit}"
+        size_bytes /= 1024

@@ -1,0 +1,534 @@
+"""Export: the resize rule, SavedModel for TF Serving, TFLite builtins-only, parity, CLI, report."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from ai_edge_litert.interpreter import Interpreter
+from keras import ops
+
+from keras_fg.export import (
+    CHECKS,
+    ExportError,
+    check_parity,
+    decode_and_resize,
+    export_model,
+    export_saved_model,
+    export_tflite,
+    run_tflite,
+    tflite_ops,
+)
+from keras_fg.export.exporter import format_table
+from keras_fg.export.parity import evaluate_check
+from keras_fg.export.tflite import INT8_OPS
+from keras_fg.models import create_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 32
+FAMILIES = {
+    "gap": {},
+    "bcnn": {"reduction_dim": 8},
+    "macnn": {"num_parts": 2},
+    "dasrbn": {"stream_dim": 4, "lstm_units": 8, "attention_units": 8},
+}
+ATTENTION_FAMILIES = ("macnn", "dasrbn")
+BUILTINS_ONLY = "ops that are not TFLite builtins"
+
+
+def build(family, num_classes=3, **options):
+    keras.utils.set_random_seed(0)
+    return create_model(
+        family, num_classes, backbone="tiny", image_size=SIZE, **FAMILIES[family], **options
+    )
+
+
+def run_python(code, *args, timeout=120):
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+    )
+
+
+def run_cli(*args):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "export.py"), *map(str, args)],
+        capture_output=True, text=True, timeout=180, cwd=ROOT,
+    )
+
+
+def error_lines(stderr):
+    return [line for line in stderr.splitlines() if line.startswith("export.py: error:")]
+
+
+@pytest.fixture(scope="module")
+def jpeg_dir(request, tmp_path_factory):
+    """8 real CUB JPEGs (../shared), else synthetic ones made with encode_jpeg, and a black one."""
+    folder = tmp_path_factory.mktemp("jpegs")
+    try:
+        sources = [Path(p).read_bytes() for p in request.getfixturevalue("real_jpegs")]
+    except pytest.skip.Exception:
+        rng = np.random.default_rng(0)
+        pixels = rng.integers(0, 256, (8, 48, 40, 3)).astype("uint8")
+        sources = [tf.io.encode_jpeg(image).numpy() for image in pixels]
+    # A black frame too: all-zero features are where normalisations divide by ~0.
+    sources.append(tf.io.encode_jpeg(tf.zeros((40, 48, 3), tf.uint8)).numpy())
+    for index, data in enumerate(sources):
+        (folder / f"class_{index % 2}").mkdir(exist_ok=True)
+        (folder / f"class_{index % 2}" / f"{index}.jpg").write_bytes(data)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def jpeg_bytes(jpeg_dir):
+    return [path.read_bytes() for path in sorted(jpeg_dir.glob("*/*.jpg"))]
+
+
+@pytest.fixture(scope="module")
+def labelled_images(request):
+    """64 images of 4 classes at SIZE px: real CUB species, else coloured synthetic images."""
+    try:
+        cub = request.getfixturevalue("cub_dir")
+        folders = sorted((cub / "images").iterdir())[:4]
+        encoded = [p.read_bytes() for f in folders for p in sorted(f.glob("*.jpg"))[:16]]
+    except pytest.skip.Exception:
+        rng = np.random.default_rng(0)
+        colours = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200], [200, 200, 40]])
+        noise = rng.normal(0, 30, (64, SIZE, SIZE, 3))
+        pixels = np.clip(colours.repeat(16, axis=0)[:, None, None] + noise, 0, 255)
+        encoded = [tf.io.encode_jpeg(image.astype("uint8")).numpy() for image in pixels]
+    images = np.stack([decode_and_resize(data, SIZE).numpy() for data in encoded])
+    return images, np.repeat(np.arange(4), 16).astype("int32")
+
+
+# ---------------------------------------------------------------------------------------------
+# The resize rule.
+
+
+def _triangle_weights(n_in, n_out):
+    """Antialiased bilinear resampling of the whole axis: a triangle as wide as the scale."""
+    scale = n_in / n_out
+    width = max(scale, 1.0)
+    centres = (np.arange(n_out) + 0.5) * scale - 0.5
+    weights = np.maximum(0.0, 1.0 - np.abs(np.arange(n_in)[None] - centres[:, None]) / width)
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("size", [(4, 6), (8, 12), (16, 24)])
+def test_decode_and_resize_is_antialiased_bilinear_of_the_whole_image(size):
+    pixels = np.random.default_rng(1).integers(0, 256, (8, 12, 3)).astype("uint8")
+    image = decode_and_resize(tf.io.encode_png(pixels), size).numpy()
+    expected = np.einsum(
+        "ij,kl,jlc->ikc", _triangle_weights(8, size[0]), _triangle_weights(12, size[1]), pixels
+    )
+    assert image.dtype == np.float32 and image.shape == (*size, 3)
+    np.testing.assert_allclose(image, expected, atol=1e-3)
+
+
+def test_decode_and_resize_matches_the_evaluation_pipeline(jpeg_dir):
+    from keras_fg.data import ImageRecords, make_pipeline
+
+    paths = sorted(str(p) for p in jpeg_dir.glob("*/*.jpg"))
+    records = ImageRecords(paths, [0] * len(paths), ["bird"])
+    pipeline_images, _ = next(iter(make_pipeline(records, (SIZE, 24), len(paths), training=False)))
+    ours = np.stack([decode_and_resize(tf.io.read_file(p), (SIZE, 24)).numpy() for p in paths])
+    np.testing.assert_array_equal(ours, pipeline_images.numpy())
+
+
+def test_decode_and_resize_rejects_bytes_that_are_not_an_image():
+    with pytest.raises(tf.errors.InvalidArgumentError, match="(?i)unknown image file format"):
+        decode_and_resize(b"not an image", SIZE)
+
+
+# ---------------------------------------------------------------------------------------------
+# SavedModel for TF Serving.
+
+SERVE_WITHOUT_KERAS_FG = """
+    import json, sys
+    import numpy as np
+    import tensorflow as tf
+
+    out = {}
+    images = [open(p, "rb").read() for p in json.loads(sys.argv[2])]
+    for directory in json.loads(sys.argv[1]):
+        served = tf.saved_model.load(directory)
+        serve = served.signatures["serving_default"]
+        first = serve(image_bytes=tf.constant(images))
+        try:
+            serve(image_bytes=tf.constant([b"these bytes are not an image"]))
+            bad = None
+        except tf.errors.InvalidArgumentError as error:
+            bad = error.message
+        again = serve(image_bytes=tf.constant(images))
+        out[directory] = {
+            "signatures": sorted(served.signatures),
+            "inputs": {k: [s.name, s.dtype.name, s.shape.as_list()]
+                       for k, s in serve.structured_input_signature[1].items()},
+            "outputs": {k: v.numpy().tolist() if v.dtype != tf.string
+                        else [[s.decode() for s in row] for row in v.numpy()]
+                        for k, v in first.items()},
+            "bad_request": bad,
+            "served_again": bool(np.array_equal(again["probabilities"].numpy(),
+                                                first["probabilities"].numpy())),
+        }
+    out["keras_fg_imported"] = any(m.split(".")[0] == "keras_fg" for m in sys.modules)
+    print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, jpeg_dir):
+    """Each family exported as a SavedModel, then served in a process without keras_fg."""
+    folder = tmp_path_factory.mktemp("saved_models")
+    paths = sorted(str(p) for p in jpeg_dir.glob("*/*.jpg"))
+    models, directories = {}, {}
+    for family in FAMILIES:
+        class_names = ["albatross", "ani", "auklet"] if family == "gap" else None
+        models[family] = build(family, class_names=class_names)
+        directories[family] = str(folder / family / "1")
+        export_saved_model(models[family], directories[family], top_k=2)
+    result = run_python(
+        SERVE_WITHOUT_KERAS_FG, json.dumps(list(directories.values())), json.dumps(paths)
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    outputs = json.loads(result.stdout.strip().splitlines()[-1])
+    return models, directories, outputs, paths
+
+
+def test_saved_model_loads_without_keras_fg(served):
+    assert served[2]["keras_fg_imported"] is False
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_saved_model_serves_encoded_images_like_keras(served, family):
+    models, directories, outputs, paths = served
+    result = outputs[directories[family]]
+    model = models[family]
+    images = np.stack([decode_and_resize(tf.io.read_file(p), SIZE).numpy() for p in paths])
+    expected = model.predict(images, verbose=0)
+
+    assert {"serving_default", "predict_images"} <= set(result["signatures"])
+    assert result["inputs"] == {"image_bytes": ["image_bytes", "string", [None]]}
+    probabilities = np.array(result["outputs"]["probabilities"])
+    np.testing.assert_allclose(probabilities, expected["probabilities"], atol=1e-5)
+    np.testing.assert_allclose(result["outputs"]["features"], expected["features"], atol=1e-4)
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :2]
+    np.testing.assert_array_equal(result["outputs"]["top_k_indices"], order)
+    np.testing.assert_allclose(
+        result["outputs"]["top_k_scores"], np.take_along_axis(probabilities, order, 1), atol=1e-7
+    )
+    names = np.array(model.class_names or ["0", "1", "2"])
+    assert result["outputs"]["top_k_class_names"] == names[order].tolist()
+    if family in ATTENTION_FAMILIES:
+        np.testing.assert_allclose(
+            result["outputs"]["attention_maps"], expected["attention_maps"], atol=1e-5
+        )
+    else:
+        assert "attention_maps" not in result["outputs"]
+    # A request of bad bytes fails alone; the next request is served as before.
+    assert "Unknown image file format" in result["bad_request"]
+    assert result["served_again"]
+
+
+def test_saved_model_cli_lists_the_signatures(served):
+    directory = served[1]["dasrbn"]
+    cli = Path(sys.executable).with_name("saved_model_cli")
+    result = subprocess.run(
+        [str(cli), "show", "--dir", directory, "--all"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    for expected in ("signature_def['serving_default']", "signature_def['predict_images']",
+                     "image_bytes", "top_k_class_names", "attention_maps"):
+        assert expected in result.stdout
+
+
+def test_saved_model_predict_images_signature_checks_in_parity(served, jpeg_bytes):
+    models, directories, _, _ = served
+    images = np.stack([decode_and_resize(data, SIZE).numpy() for data in jpeg_bytes])
+    result = check_parity(models["macnn"], directories["macnn"], images, latency_runs=2)
+    assert result["variant"] == "saved_model" and result["check"]["passed"]
+    assert result["max_abs_diff"] < 1e-5 and result["top1_agreement"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# TFLite.
+
+
+@pytest.mark.parametrize("quantization", ["fp32", "fp16", "dynamic"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tflite_uses_builtins_only_and_matches_keras(family, quantization, jpeg_bytes, tmp_path):
+    # The black frame among the images makes all-zero features: float16 constants must keep
+    # the normalisations' epsilon above 0 there, or 0 * rsqrt(0) is NaN.
+    model = build(family)
+    path = tmp_path / f"{family}_{quantization}.tflite"
+    ops_used = export_tflite(model, path, quantization)
+    assert ops_used == tflite_ops(path)
+    assert not [op for op in ops_used if op.startswith("Flex") or op == "CUSTOM"]
+    assert "CONV_2D" in ops_used and "SOFTMAX" in ops_used
+
+    runner = Interpreter(model_path=str(path)).get_signature_runner("serving_default")
+    assert list(runner.get_input_details()) == ["images"]
+    assert runner.get_input_details()["images"]["shape"].tolist() == [1, SIZE, SIZE, 3]
+    expected_outputs = {"probabilities", "features"} | (
+        {"attention_maps"} if family in ATTENTION_FAMILIES else set()
+    )
+    assert set(runner.get_output_details()) == expected_outputs
+
+    result = check_parity(model, path, jpeg_bytes, latency_runs=2)
+    metric, bound = CHECKS[f"tflite_{quantization}"]
+    assert result["check"]["passed"], result
+    assert result[metric] <= bound if metric == "max_abs_diff" else result[metric] >= bound
+    if quantization == "fp32":
+        assert result["top1_agreement"] == 1.0
+        images = np.stack([decode_and_resize(data, SIZE).numpy() for data in jpeg_bytes])
+        expected = model.predict(images, verbose=0)
+        outputs = run_tflite(path, images)
+        for name in expected_outputs:
+            np.testing.assert_allclose(outputs[name], expected[name], atol=1e-4)
+
+
+def test_tflite_int8_of_a_trained_model_keeps_its_decisions(labelled_images, tmp_path):
+    images, labels = labelled_images
+    model = build("dasrbn", num_classes=4)
+    model.compile(optimizer=keras.optimizers.Adam(3e-3))
+    model.fit(images, labels, epochs=30, batch_size=16, verbose=0)
+    path = tmp_path / "dasrbn_int8.tflite"
+    ops_used = export_tflite(model, path, "int8", representative_images=images)
+
+    assert {"QUANTIZE", "DEQUANTIZE", "CONV_2D"} <= set(ops_used)
+    interpreter = Interpreter(model_path=str(path))
+    details = {t["index"]: t for t in interpreter.get_tensor_details()}
+    layers = interpreter._get_ops_details()
+    convolutions = [op for op in layers if op["op_name"] == "CONV_2D"]
+    conv_weights = [details[op["inputs"][1]]["dtype"] for op in convolutions]
+    assert conv_weights and all(dtype == np.int8 for dtype in conv_weights)
+    # The heads' math (signed square roots, normalisation, softmaxes, LSTM gates) stays float.
+    head_math = {"SQRT", "RSQRT", "DIV", "L2_NORMALIZATION", "LOGISTIC", "TANH", "MUL", "SOFTMAX"}
+    head_ops = [op for op in layers if op["op_name"] in head_math]
+    assert {"SQRT", "L2_NORMALIZATION", "LOGISTIC", "TANH", "SOFTMAX"} <= {
+        op["op_name"] for op in head_ops
+    }
+    assert not head_math & INT8_OPS
+    assert all(details[i]["dtype"] == np.float32 for op in head_ops for i in op["inputs"])
+
+    result = check_parity(model, path, images, latency_runs=2)
+    assert result["check"]["metric"] == "top1_agreement"
+    assert result["top1_agreement"] >= 0.98, result
+    assert result["check"] == {"metric": "top1_agreement", "bound": 0.98,
+                               "value": result["top1_agreement"], "passed": True, "shortfall": 0.0}
+
+
+@keras.saving.register_keras_serializable(package="keras_fg_tests")
+class DivideByNorm(keras.layers.Layer):
+    """x / max(||x||, eps): a division whose divisor is 0 for an all-zero (ReLU) input."""
+
+    def call(self, x):
+        return x / ops.maximum(ops.sqrt(ops.sum(ops.square(x), axis=-1, keepdims=True)), 1e-6)
+
+
+def test_int8_division_stays_float_else_a_black_frame_crashes_it(jpeg_bytes, tmp_path, monkeypatch):
+    import keras_fg.export.tflite as tflite
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((SIZE, SIZE, 3), name="images")
+    hidden = keras.layers.Conv2D(8, 3, activation="relu")(inputs)
+    features = DivideByNorm()(keras.layers.GlobalAveragePooling2D()(hidden))
+    probabilities = keras.layers.Dense(3, activation="softmax")(features)
+    model = keras.Model(inputs, {"probabilities": probabilities, "features": features})
+    images = np.stack([decode_and_resize(data, SIZE).numpy() for data in jpeg_bytes])
+    path = tmp_path / "model_int8.tflite"
+    assert "DIV" in export_tflite(model, path, "int8", representative_images=images)
+    assert check_parity(model, path, images, latency_runs=1)["top1_agreement"] is not None
+
+    # Quantized, the DIV meets a divisor of zero at the black frame and fails at run time.
+    monkeypatch.setattr(tflite, "INT8_OPS", tflite.INT8_OPS | {"DIV"})
+    export_tflite(model, path, "int8", representative_images=images)
+    result = check_parity(model, path, images, latency_runs=1)
+    assert "fails at run time" in result["error"] and "DIV" in result["error"]
+    assert result["check"]["passed"] is False and result["top1_agreement"] is None
+    report = {
+        "model": {"name": "m"},
+        "version": 1,
+        "evaluation_data": {"source": "synthetic", "images": 9},
+        "exports": [{"format": "tflite_int8", "file": "m_int8.tflite", **result}],
+    }
+    row = format_table(report).splitlines()[-1]
+    assert row.startswith("m_int8.tflite") and "FAIL (fails at run time" in row
+
+
+@pytest.mark.parametrize(
+    "variant,diff,agreement,passed,shortfall",
+    [
+        ("tflite_fp32", 5e-5, 1.0, True, 0.0),
+        ("tflite_fp32", 3e-4, 1.0, False, 2e-4),
+        ("tflite_fp16", None, 0.5, False, None),
+        ("tflite_int8", 0.3, 0.98, True, 0.0),
+        ("tflite_int8", 0.01, 0.935, False, 0.045),
+    ],
+)
+def test_checks_report_pass_and_shortfall(variant, diff, agreement, passed, shortfall):
+    check = evaluate_check(variant, diff, agreement)
+    assert check["passed"] is passed
+    if shortfall is None:
+        assert check["shortfall"] is None
+    else:
+        assert check["shortfall"] == pytest.approx(shortfall)
+
+
+@keras.saving.register_keras_serializable(package="keras_fg_tests")
+class PeakIndex(keras.layers.Layer):
+    """argmax over classes, as a float: `keras.ops.argmax` on floats emits tf.BitwiseAnd."""
+
+    def call(self, probabilities):
+        return ops.cast(ops.argmax(probabilities, axis=-1), "float32")[:, None]
+
+
+def _model_with_a_non_builtin_op():
+    images = keras.Input((SIZE, SIZE, 3), name="images")
+    pooled = keras.layers.GlobalAveragePooling2D()(images)
+    probabilities = keras.layers.Dense(3, activation="softmax")(pooled)
+    outputs = {"probabilities": probabilities, "features": PeakIndex()(probabilities)}
+    return keras.Model(images, outputs)
+
+
+def test_a_non_builtin_op_fails_the_export_and_nothing_is_left_behind(tmp_path):
+    model = _model_with_a_non_builtin_op()
+    with pytest.raises(ExportError, match="fp32.*BitwiseAnd"):
+        export_tflite(model, tmp_path / "peak.tflite")
+    assert not (tmp_path / "peak.tflite").exists()
+
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("kept")
+    for output in (existing, tmp_path / "new"):
+        with pytest.raises(ExportError, match="BitwiseAnd"):
+            export_model(model, output, formats="saved_model,tflite_fp32", model_name="peak")
+    assert sorted(os.listdir(existing)) == ["notes.txt"]  # No SavedModel, no staging folder.
+    assert not (tmp_path / "new").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# export_model, report and command line.
+
+REPORT_KEYS = {"model", "version", "top_k", "preprocessing", "evaluation_data",
+               "calibration_data", "checks", "exports", "passed"}
+ENTRY_KEYS = {"format", "file", "size_bytes", "latency_ms", "max_abs_diff",
+              "features_max_abs_diff", "top1_agreement", "images", "check"}
+
+
+def test_without_images_parity_is_synthetic_and_int8_is_skipped(tmp_path):
+    report = export_model(build("gap"), tmp_path / "out", formats=["tflite_fp32", "tflite_int8"])
+    assert report["evaluation_data"]["source"] == "synthetic"
+    assert "synthetic" in report["evaluation_data"]["note"]
+    fp32, int8 = report["exports"]
+    assert fp32["check"]["passed"] and fp32["images"] == report["evaluation_data"]["images"]
+    assert int8["file"] is None and "--calibration-data" in int8["skipped"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["gap_tiny_fp32.tflite", "report.json"]
+
+
+@pytest.fixture(scope="module")
+def cli_export(tmp_path_factory, jpeg_dir):
+    """One full export from the command line: every format, real evaluation images."""
+    folder = tmp_path_factory.mktemp("cli")
+    model_file = folder / "birds.keras"
+    build("macnn", class_names=["albatross", "ani", "auklet"]).save(model_file)
+    output = folder / "exports"
+    result = run_cli(model_file, "--output", output, "--evaluation-data", jpeg_dir,
+                     "--calibration-data", jpeg_dir, "--model-name", "birds", "--top-k", "2")
+    return model_file, output, result
+
+
+def test_cli_writes_the_serving_layout_and_the_report(cli_export, jpeg_dir):
+    model_file, output, result = cli_export
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (output / "saved_model" / "birds" / "1" / "saved_model.pb").is_file()
+    files = sorted(os.listdir(output))
+    assert files == ["birds_dynamic.tflite", "birds_fp16.tflite", "birds_fp32.tflite",
+                     "birds_int8.tflite", "report.json", "saved_model"]
+
+    report = json.loads((output / "report.json").read_text())
+    assert set(report) == REPORT_KEYS
+    assert report["model"]["name"] == "birds" and report["model"]["class"] == "MACNN"
+    assert report["model"]["file"] == str(model_file)
+    assert report["version"] == 1 and report["top_k"] == 2
+    assert "antialias=True" in report["preprocessing"]
+    assert report["evaluation_data"] == {"source": "folder", "images": 9, "path": str(jpeg_dir)}
+    assert report["calibration_data"]["images"] == 9
+    assert [e["format"] for e in report["exports"]] == [
+        "saved_model", "tflite_fp32", "tflite_fp16", "tflite_dynamic", "tflite_int8"]
+    for entry in report["exports"]:
+        assert ENTRY_KEYS <= set(entry)
+        path = output / entry["file"]
+        assert path.exists()
+        if entry["format"] != "saved_model":
+            assert entry["size_bytes"] == path.stat().st_size
+            assert entry["ops"] and not [op for op in entry["ops"] if op.startswith("Flex")]
+        assert entry["latency_ms"] > 0 and entry["images"] == 9
+        metric, bound = CHECKS[entry["format"]]
+        assert entry["check"]["metric"] == metric and entry["check"]["bound"] == bound
+        assert entry["check"]["value"] == entry[metric]
+        assert entry["check"]["passed"] == (entry["check"]["shortfall"] == 0.0)
+    by_format = {e["format"]: e for e in report["exports"]}
+    assert by_format["saved_model"]["signatures"] == ["serving_default", "predict_images"]
+    assert by_format["saved_model"]["max_abs_diff"] < 1e-5
+    assert by_format["tflite_fp32"]["max_abs_diff"] < 1e-5
+    assert report["passed"] == all(e["check"]["passed"] for e in report["exports"])
+    # The console table: one row per file with its verdict.
+    for entry in report["exports"]:
+        row = next(line for line in result.stdout.splitlines() if line.startswith(entry["file"]))
+        assert ("PASS" if entry["check"]["passed"] else "FAIL") in row
+    assert not list(output.glob(".export-*"))
+
+
+def test_cli_refuses_a_version_the_directory_already_holds(cli_export):
+    model_file, output, first = cli_export
+    assert first.returncode == 0
+    before = {p: p.stat().st_mtime_ns for p in output.rglob("*")}
+    result = run_cli(model_file, "--output", output, "--model-name", "birds",
+                     "--formats", "saved_model")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    (message,) = error_lines(result.stderr)
+    assert "already holds version 1 of 'birds'" in message and str(output) in message
+    assert {p: p.stat().st_mtime_ns for p in output.rglob("*")} == before
+
+
+def test_cli_reports_a_corrupt_model_file_in_one_line(tmp_path):
+    corrupt = tmp_path / "broken.keras"
+    corrupt.write_bytes(b"PK\x03\x04 this is not a keras archive")
+    result = run_cli(corrupt, "--output", tmp_path / "out")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    (message,) = error_lines(result.stderr)
+    assert f"Cannot load model file {corrupt}" in message
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["missing.keras", "--output", "{tmp}/out"], "Model file not found: missing.keras"),
+        (["{model}", "--output", "{tmp}/out", "--formats", "saved_model,tflite_int4"],
+         "Unknown export format 'tflite_int4'; valid formats: saved_model, tflite_fp32"),
+        (["{model}", "--output", "{tmp}/out", "--evaluation-data", "{tmp}/nowhere"],
+         "Evaluation data folder not found: {tmp}/nowhere"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path, capsys):
+    from keras_fg.export.cli import main
+
+    model_file = tmp_path / "gap.keras"
+    build("gap").save(model_file)
+    fill = lambda text: text.format(tmp=tmp_path, model=model_file)  # noqa: E731
+    assert main([fill(a) for a in args]) == 2
+    stderr = capsys.readouterr().err
+    (line,) = error_lines(stderr)
+    assert fill(message) in line
+    assert stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists()
