@@ -295,3 +295,29 @@ def test_mirrored_strategy_step_equals_the_single_device_step(family):
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["moved"] > 1e-3  # The step did change the weights...
     assert figures["error"] < 1e-5  # ...by the same amount on two replicas as on one.
+
+
+def test_full_macnn_classifies_part_crops_and_converts_to_tflite_builtins(tmp_path):
+    from ai_edge_litert.interpreter import Interpreter
+
+    model = create_model(
+        "macnn", 4, backbone="tiny", image_size=64, num_parts=2, part_crop_size=32
+    )
+    # Global pooled (128) + two attention-pooled parts (2 × 128) + two crops (2 × 128).
+    assert model.output["features"].shape == (None, 640)
+    images = np.random.uniform(0, 255, (8, 64, 64, 3)).astype("float32")
+    model.compile(optimizer="adam")
+    model.fit(images, np.arange(8) % 4, verbose=0)
+    model.save(tmp_path / "full.keras")
+    reloaded = keras.saving.load_model(tmp_path / "full.keras")
+    expected = model.predict(images, verbose=0)["probabilities"]
+    np.testing.assert_array_equal(reloaded.predict(images, verbose=0)["probabilities"], expected)
+
+    from keras_fg.export import export_tflite
+
+    ops = export_tflite(model, tmp_path / "full.tflite", "fp32")  # Builtin ops only, or raises.
+    assert "BATCH_MATMUL" in ops or "FULLY_CONNECTED" in ops
+    runner = Interpreter(model_path=str(tmp_path / "full.tflite")).get_signature_runner()
+    for image, probabilities in zip(images[:3], expected[:3]):
+        output = runner(images=image[None])["probabilities"]
+        np.testing.assert_allclose(output[0], probabilities, atol=1e-4)
