@@ -293,6 +293,17 @@ def test_tflite_uses_builtins_only_and_matches_keras(family, quantization, jpeg_
             np.testing.assert_allclose(outputs[name], expected[name], atol=1e-4)
 
 
+def test_full_macnn_with_part_crops_converts_to_builtins(jpeg_bytes, tmp_path):
+    keras.utils.set_random_seed(0)
+    model = create_model("macnn", 3, backbone="tiny", image_size=SIZE, num_parts=2,
+                         part_crop_size=16)
+    path = tmp_path / "macnn_crops_fp32.tflite"
+    ops_used = export_tflite(model, path)
+    assert not [op for op in ops_used if op.startswith("Flex") or op == "CUSTOM"]
+    result = check_parity(model, path, jpeg_bytes, latency_runs=1)
+    assert result["check"]["passed"] and result["max_abs_diff"] < 1e-5, result
+
+
 def test_tflite_int8_of_a_trained_model_keeps_its_decisions(labelled_images, tmp_path):
     images, labels = labelled_images
     model = build("dasrbn", num_classes=4)
