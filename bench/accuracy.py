@@ -149,7 +149,9 @@ def evaluate_images(model, image_size):
     test = load_dataset("cub", CUB_ROOT, "test")
     data = make_pipeline(test, image_size, 32, training=False)
     logits = model.predict(data, verbose=0)["logits"]
-    return report(test.labels, logits)
+    flipped = data.map(lambda images, labels: (images[:, :, ::-1], labels))
+    logits_flip = model.predict(flipped, verbose=0)["logits"]
+    return report(test.labels, logits), report(test.labels, (logits + logits_flip) / 2)
 
 
 def run_family(family, features, args, extraction_seconds):
@@ -194,7 +196,9 @@ def run_family(family, features, args, extraction_seconds):
     print(f"{family}: head {result['head_phase']} in {head_seconds:.0f} s", flush=True)
     if args.fine_tune_epochs:
         seconds = fine_tune(model, args.image_size, args.fine_tune_epochs, args.fine_tune_lr)
-        result["fine_tuned"] = evaluate_images(model, args.image_size)
+        result["fine_tuned"], result["fine_tuned_flip_tta"] = evaluate_images(
+            model, args.image_size
+        )
         result["fine_tune_seconds"] = seconds
         result["train_seconds"] += seconds
         print(f"{family}: fine-tuned {result['fine_tuned']} in {seconds:.0f} s", flush=True)

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-from common import CUB_ROOT, MOBILENET_WEIGHTS, ROOT, peak_rss_mb, require_shared, write_json
+from common import CUB_ROOT, MOBILENET_WEIGHTS, RESULTS, ROOT, peak_rss_mb, require_shared, write_json
 
 FAMILIES = {
     "gap": ("gap", {}),
@@ -137,6 +137,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per figure")
+    parser.add_argument(
+        "--configs", nargs="+", help="family:size:batch triples to (re)run, merged into the JSON"
+    )
+    parser.add_argument("--skip-pipeline", action="store_true")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -146,9 +150,15 @@ def main():
         return
     require_shared(CUB_ROOT, MOBILENET_WEIGHTS)
     grid = QUICK_GRID if args.quick else FULL_GRID
+    if args.configs:
+        grid = [(f, int(s), int(b)) for f, s, b in (c.split(":") for c in args.configs)]
     steps = args.steps or (3 if args.quick else 5)
     latency_runs = 10 if args.quick else 30
-    models = []
+    name = "speed_quick" if args.quick else "speed"
+    previous = RESULTS / f"{name}.json"
+    previous = json.loads(previous.read_text()) if previous.exists() else {}
+    key = lambda r: (r.get("family"), r.get("image_size"), r.get("batch_size"))  # noqa: E731
+    models = [r for r in previous.get("models", []) if "family" in r and key(r) not in grid]
     for family, size, batch in grid:
         print(f"{family} {size} px batch {batch} ...", flush=True)
         result = in_subprocess("model", family, size, batch, steps, latency_runs)
@@ -161,27 +171,31 @@ def main():
                 f"peak RSS {result['peak_rss_mb']:.0f} MiB",
                 flush=True,
             )
-    print("pipeline ...", flush=True)
-    pipeline = in_subprocess("pipeline", 224, 32, 1 if args.quick else 3)
-    if "error" not in pipeline:
-        print(f"  {pipeline['images_per_s']:.0f} img/s", flush=True)
-    write_json(
-        "speed_quick" if args.quick else "speed",
-        {
-            "benchmark": "speed",
-            "command": "python bench/speed.py" + (" --quick" if args.quick else ""),
-            "settings": {
-                "backbone": "mobilenetv2, shared weights, BatchNormalization frozen",
-                "training": "all other layers trainable, AdamW, train_on_batch on random images",
-                "timed_steps": steps,
-                "latency_runs": latency_runs,
-                "statistic": "median over steps",
-                "jit_compile": "Keras default (auto: off on this CPU)",
-            },
-            "models": models,
-            "pipeline": pipeline,
+        models.sort(key=lambda r: (r["image_size"], r["batch_size"], list(FAMILIES).index(r["family"])) if "family" in r else (0, 0, 0))
+        write_json(name, payload(args, steps, latency_runs, models, previous.get("pipeline")))
+    if not args.skip_pipeline:
+        print("pipeline ...", flush=True)
+        pipeline = in_subprocess("pipeline", 224, 32, 1 if args.quick else 3)
+        if "error" not in pipeline:
+            print(f"  {pipeline['images_per_s']:.0f} img/s", flush=True)
+        write_json(name, payload(args, steps, latency_runs, models, pipeline))
+
+
+def payload(args, steps, latency_runs, models, pipeline):
+    return {
+        "benchmark": "speed",
+        "command": "python bench/speed.py" + (" --quick" if args.quick else ""),
+        "settings": {
+            "backbone": "mobilenetv2, shared weights, BatchNormalization frozen",
+            "training": "all other layers trainable, AdamW, train_on_batch on random images",
+            "timed_steps": steps,
+            "latency_runs": latency_runs,
+            "statistic": "median over steps",
+            "jit_compile": "Keras default (auto: off on this CPU)",
         },
-    )
+        "models": models,
+        "pipeline": pipeline,
+    }
 
 
 if __name__ == "__main__":
