@@ -8,6 +8,7 @@ from keras_fg.models.fine_grained_model import (
     classification_head,
     image_input,
     run_backbone,
+    second_stream,
 )
 
 
@@ -63,11 +64,7 @@ class BilinearCNN(FineGrainedModel):
         if second_backbone is None:
             stream_b = stream_a
         else:
-            stream_b = run_backbone(second_backbone, images, freeze_batchnorm)
-            if tuple(stream_b.shape[1:3]) != tuple(stream_a.shape[1:3]):
-                stream_b = keras.layers.Resizing(
-                    *stream_a.shape[1:3], interpolation="bilinear", name="align_stream_b"
-                )(stream_b)
+            stream_b = second_stream(second_backbone, images, stream_a, freeze_batchnorm)
         if reduction_dim is not None:
             reduce = keras.layers.Conv2D(reduction_dim, 1, activation="relu", name="reduce_a")
             reduced_a = reduce(stream_a)
@@ -93,15 +90,6 @@ class BilinearCNN(FineGrainedModel):
     def get_config(self):
         return {
             **super().get_config(),
-            "backbone": keras.saving.serialize_keras_object(self.backbone),
-            "second_backbone": (
-                None
-                if self.second_backbone is None
-                else keras.saving.serialize_keras_object(self.second_backbone)
-            ),
             "reduction_dim": self.reduction_dim,
             "projection_dim": self.projection_dim,
-            "dropout": self.dropout,
-            "bnneck": self.bnneck,
-            "freeze_batchnorm": self.freeze_batchnorm,
         }

@@ -9,6 +9,7 @@ from keras_fg.models.fine_grained_model import (
     classification_head,
     image_input,
     run_backbone,
+    second_stream,
 )
 
 
@@ -64,11 +65,7 @@ class DASRBN(FineGrainedModel):
         feature_a = run_backbone(backbone, images, freeze_batchnorm)
         feature_b = feature_a
         if second_backbone is not None:
-            feature_b = run_backbone(second_backbone, images, freeze_batchnorm)
-            if tuple(feature_b.shape[1:3]) != tuple(feature_a.shape[1:3]):
-                feature_b = keras.layers.Resizing(
-                    *feature_a.shape[1:3], interpolation="bilinear", name="align_stream_b"
-                )(feature_b)
+            feature_b = second_stream(second_backbone, images, feature_a, freeze_batchnorm)
         stream_a = keras.layers.Conv2D(stream_dim, 1, activation="relu", name="stream_a")(
             feature_a
         )
@@ -101,17 +98,8 @@ class DASRBN(FineGrainedModel):
     def get_config(self):
         return {
             **super().get_config(),
-            "backbone": keras.saving.serialize_keras_object(self.backbone),
-            "second_backbone": (
-                None
-                if self.second_backbone is None
-                else keras.saving.serialize_keras_object(self.second_backbone)
-            ),
             "stream_dim": self.stream_dim,
             "lstm_units": self.lstm_units,
             "attention_units": self.attention_units,
             "global_features": self.global_features,
-            "dropout": self.dropout,
-            "bnneck": self.bnneck,
-            "freeze_batchnorm": self.freeze_batchnorm,
         }

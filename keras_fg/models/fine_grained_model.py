@@ -4,6 +4,8 @@ import keras
 from keras import ops
 
 PHASES = ("joint", "channel_grouping", "classification")
+# The constructor arguments that hold a backbone model (serialised as nested models).
+BACKBONE_ARGUMENTS = ("backbone", "second_backbone", "part_backbone")
 
 
 @keras.saving.register_keras_serializable(package="keras_fg")
@@ -212,8 +214,7 @@ class FineGrainedModel(keras.Model):
 
     def backbones(self):
         """The model's backbones (the headless feature extractors it was built on)."""
-        names = ("backbone", "second_backbone", "part_backbone")
-        return [getattr(self, n) for n in names if getattr(self, n, None) is not None]
+        return [getattr(self, n) for n in BACKBONE_ARGUMENTS if getattr(self, n, None) is not None]
 
     def set_backbone_trainable(self, trainable):
         """Freezes or unfreezes the backbones, keeping BatchNormalization frozen if it was.
@@ -231,8 +232,9 @@ class FineGrainedModel(keras.Model):
     # ----------------------------------------------------------------------------------------
 
     def get_config(self):
-        # Functional's graph config is not used: families rebuild the graph from their arguments.
-        return {
+        # Functional's graph config is not used: families rebuild the graph from their
+        # arguments. The ones every family shares are collected here; each family adds its own.
+        config = {
             "name": self.name,
             "trainable": self.trainable,
             "num_classes": self.num_classes,
@@ -241,11 +243,19 @@ class FineGrainedModel(keras.Model):
             "triplet_weight": self.triplet_weight,
             "triplet_margin": self.triplet_margin,
         }
+        for name in BACKBONE_ARGUMENTS:
+            if hasattr(self, name):
+                value = getattr(self, name)
+                config[name] = None if value is None else keras.saving.serialize_keras_object(value)
+        for name in ("dropout", "bnneck", "freeze_batchnorm"):
+            if hasattr(self, name):
+                config[name] = getattr(self, name)
+        return config
 
     @classmethod
     def from_config(cls, config):
         config = dict(config)
-        for key in ("backbone", "second_backbone", "part_backbone"):
+        for key in BACKBONE_ARGUMENTS:
             if isinstance(config.get(key), dict):
                 config[key] = keras.saving.deserialize_keras_object(config[key])
         return cls(**config)
@@ -304,6 +314,16 @@ def run_backbone(backbone, images, freeze_batchnorm):
     if freeze_batchnorm:
         freeze_batch_normalization(backbone)
     return backbone(images)
+
+
+def second_stream(second_backbone, images, first_stream, freeze_batchnorm):
+    """The second stream's feature map, resized to the first stream's grid when they differ."""
+    features = run_backbone(second_backbone, images, freeze_batchnorm)
+    if tuple(features.shape[1:3]) != tuple(first_stream.shape[1:3]):
+        features = keras.layers.Resizing(
+            *first_stream.shape[1:3], interpolation="bilinear", name="align_stream_b"
+        )(features)
+    return features
 
 
 def freeze_batch_normalization(model):

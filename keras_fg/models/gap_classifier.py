@@ -45,12 +45,3 @@ class GAPClassifier(FineGrainedModel):
         self.dropout = dropout
         self.bnneck = bnneck
         self.freeze_batchnorm = freeze_batchnorm
-
-    def get_config(self):
-        return {
-            **super().get_config(),
-            "backbone": keras.saving.serialize_keras_object(self.backbone),
-            "dropout": self.dropout,
-            "bnneck": self.bnneck,
-            "freeze_batchnorm": self.freeze_batchnorm,
-        }

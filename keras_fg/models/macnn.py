@@ -203,7 +203,6 @@ class MACNN(FineGrainedModel):
     def get_config(self):
         return {
             **super().get_config(),
-            "backbone": keras.saving.serialize_keras_object(self.backbone),
             "num_parts": self.num_parts,
             "hidden_units": self.hidden_units,
             "normalization": self.normalization,
@@ -212,18 +211,8 @@ class MACNN(FineGrainedModel):
             "diversity_weight": self.diversity_weight,
             "margin": self.margin,
             "normalize_coordinates": self.normalize_coordinates,
-            "part_backbone": (
-                None
-                if self.part_backbone is None
-                else keras.saving.serialize_keras_object(self.part_backbone)
-            ),
             "box_fraction": self.box_fraction,
-            "dropout": self.dropout,
-            "bnneck": self.bnneck,
-            "freeze_batchnorm": self.freeze_batchnorm,
         }
-
-
 def _part_crop_features(images, maps, part_backbone, box_fraction, num_parts, freeze_batchnorm):
     """`(B, P·C')`: the pooled part-backbone features of each part's crop."""
     crop_size = tuple(part_backbone.input_shape[1:3])
