@@ -6,6 +6,7 @@ import keras
 import tensorflow as tf
 
 from keras_fg.layers import BilinearPooling
+from litert_helpers import export_builtins_only
 
 
 def bilinear_reference(a, b, signed_sqrt=True, l2_normalize=True, epsilon=1e-8):
@@ -243,22 +244,9 @@ def test_compact_inner_products_approximate_full_ones():
 
 @pytest.mark.parametrize("projection_dim", [None, 8])
 def test_tflite_builtins_match_keras(tmp_path, projection_dim):
-    from ai_edge_litert.interpreter import Interpreter
-
     inputs = keras.Input((8, 8, 3))
     features = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)
     model = keras.Model(inputs, BilinearPooling(projection_dim=projection_dim, seed=0)(features))
-    path = str(tmp_path / "model.tflite")
-    model.export(
-        path,
-        format="litert",
-        verbose=False,
-        target_spec={"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS]},
-    )
-    interpreter = Interpreter(model_path=path)
+    run = export_builtins_only(model, tmp_path / "model.tflite")
     x = np.random.rand(1, 8, 8, 3).astype("float32")
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
-    interpreter.invoke()
-    output = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
-    np.testing.assert_allclose(output, model.predict(x, verbose=0), atol=1e-4)
+    np.testing.assert_allclose(run(x), model.predict(x, verbose=0), atol=1e-4)

@@ -7,6 +7,7 @@ import keras
 import tensorflow as tf
 
 from keras_fg.layers import ChannelGrouping
+from litert_helpers import export_builtins_only
 
 
 def sigmoid(x):
@@ -194,23 +195,12 @@ def test_mixed_float16_gives_float32_maps():
 
 @pytest.mark.parametrize("normalization", ["softmax", "sum"])
 def test_tflite_builtins_match_keras(tmp_path, normalization):
-    from ai_edge_litert.interpreter import Interpreter
-
     inputs = keras.Input((8, 8, 3))
     features = keras.layers.Conv2D(6, 3, padding="same")(inputs)
     model = keras.Model(inputs, ChannelGrouping(2, normalization=normalization)(features))
-    path = str(tmp_path / "model.tflite")
-    model.export(
-        path,
-        format="litert",
-        verbose=False,
-        target_spec={"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS]},
-    )
-    interpreter = Interpreter(model_path=path)
-    runner = interpreter.get_signature_runner()
-    (input_name,) = interpreter.get_signature_list()["serving_default"]["inputs"]
+    run = export_builtins_only(model, tmp_path / "model.tflite")
     x = np.random.rand(1, 8, 8, 3).astype("float32")
-    actual = runner(**{input_name: x})
+    actual = run(x)
     expected = model.predict(x, verbose=0)
     assert set(actual) == set(expected)
     for key in expected:

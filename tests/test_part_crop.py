@@ -6,6 +6,7 @@ import keras
 import tensorflow as tf
 
 from keras_fg.layers import PartCrop
+from litert_helpers import export_builtins_only
 
 
 def boxes_reference(maps, image_size, box_fraction):
@@ -192,24 +193,12 @@ def test_bad_inputs():
 
 
 def test_tflite_builtins_match_keras(tmp_path):
-    from ai_edge_litert.interpreter import Interpreter
-
     keras.utils.set_random_seed(2)
     images = keras.Input((32, 32, 3))
     maps = keras.layers.Conv2D(3, 1)(keras.layers.AveragePooling2D(4)(images))
     model = keras.Model(images, PartCrop((12, 10), 0.5)([images, maps]))
-    path = str(tmp_path / "part_crop.tflite")
-    model.export(
-        path,
-        format="litert",
-        verbose=False,
-        target_spec={"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS]},
-    )
-    interpreter = Interpreter(model_path=path)
-    interpreter.allocate_tensors()
+    run = export_builtins_only(model, tmp_path / "part_crop.tflite")
     x = np.random.default_rng(3).uniform(size=(1, 32, 32, 3)).astype("float32")
-    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
-    interpreter.invoke()
-    output = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    output = run(x)
     assert output.shape == (1, 3, 12, 10, 3)
     np.testing.assert_allclose(output, model.predict(x, verbose=0), atol=1e-4)
