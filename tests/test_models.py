@@ -321,3 +321,19 @@ def test_full_macnn_classifies_part_crops_and_converts_to_tflite_builtins(tmp_pa
     for image, probabilities in zip(images[:3], expected[:3]):
         output = runner(images=image[None])["probabilities"]
         np.testing.assert_allclose(output[0], probabilities, atol=1e-4)
+
+
+@pytest.mark.parametrize("metric_loss", ["triplet", "circle"])
+def test_reid_embedding_model_trains_with_its_metric_loss(metric_loss, tmp_path):
+    model = build("gap", bnneck=True, triplet_weight=1.0, metric_loss=metric_loss)
+    assert set(model.output) >= {"embedding", "features", "logits"}
+    images = np.random.uniform(0, 255, (8, 64, 64, 3)).astype("float32")
+    labels = np.repeat(np.arange(4), 2)  # Two images of each identity: every anchor has a positive.
+    model.compile(optimizer="adam")
+    history = model.fit(images, labels, epochs=2, batch_size=8, verbose=0, shuffle=False)
+    term = history.history[f"{metric_loss}_loss"]
+    assert term[0] > 0 and np.isfinite(term).all()
+    model.save(tmp_path / "reid.keras")
+    assert keras.saving.load_model(tmp_path / "reid.keras").metric_loss == metric_loss
+    with pytest.raises(ValueError, match="Received: metric_loss='arcface'"):
+        build("gap", bnneck=True, triplet_weight=1.0, metric_loss="arcface")

@@ -266,7 +266,8 @@ def family_options(args):
         options.update(stream_dim=args.stream_dim, lstm_units=args.lstm_units)
     if args.task == "reid":
         options.update(
-            bnneck=True, triplet_weight=args.triplet_weight, triplet_margin=args.triplet_margin
+            bnneck=True, triplet_weight=args.triplet_weight, triplet_margin=args.triplet_margin,
+            metric_loss=args.metric_loss,
         )
     return options
 

@@ -104,8 +104,11 @@ def build_parser():
     reid = parser.add_argument_group("re-identification (--task reid)")
     reid.add_argument("--num-identities", type=int, default=8, help="P of P x K sampling")
     reid.add_argument("--num-instances", type=int, default=4, help="K of P x K sampling")
-    reid.add_argument("--triplet-weight", type=float, default=1.0)
-    reid.add_argument("--triplet-margin", type=float, default=0.3)
+    reid.add_argument("--metric-loss", choices=("triplet", "circle"), default="triplet",
+                      help="metric-learning loss on the embedding, beside the BNNeck cross-entropy")
+    reid.add_argument("--triplet-weight", type=float, default=1.0,
+                      help="weight of the metric-learning loss")
+    reid.add_argument("--triplet-margin", type=float, default=0.3, help="triplet margin")
     reid.add_argument("--reid-metric", choices=("cosine", "euclidean"), default="cosine")
     reid.add_argument("--re-ranking", action="store_true", help="k-reciprocal re-ranking")
     reid.add_argument("--flip-test", action="store_true",

@@ -20,7 +20,7 @@ class FineGrainedModel(keras.Model):
         L = CE_ls(logits, y)                                  classification_loss
           + part_loss_weight · Σ_i CE_ls(part_logits_i, y)    part_loss (MA-CNN)
           + channel_grouping_weight · L_cng(attention_maps)   channel_grouping_loss (MA-CNN)
-          + triplet_weight · L_tri(embedding, y)              triplet_loss (re-ID)
+          + triplet_weight · L_metric(embedding, y)           triplet_loss or circle_loss (re-ID)
 
     with `CE_ls` the cross-entropy with label smoothing. Each term present in the family is
     reported as its own metric, next to `loss` and `accuracy`. A `loss=` given to `compile`
@@ -37,8 +37,10 @@ class FineGrainedModel(keras.Model):
         num_classes: number of classes (identities for re-identification).
         class_names: optional list of `num_classes` names, saved with the model.
         label_smoothing: label smoothing of every cross-entropy term, in [0, 1).
-        triplet_weight: weight of the batch-hard triplet loss on `"features"` (0 disables it).
-        triplet_margin: its margin.
+        triplet_weight: weight of the metric-learning loss on the embedding (0 disables it).
+        triplet_margin: the batch-hard triplet loss's margin.
+        metric_loss: `"triplet"` (batch-hard triplet, Hermans et al. 2017) or `"circle"`
+            (Keras' Circle loss, Sun et al. CVPR 2020, with its default γ = 80, m = 0.4).
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class FineGrainedModel(keras.Model):
         label_smoothing=0.0,
         triplet_weight=0.0,
         triplet_margin=0.3,
+        metric_loss="triplet",
         **kwargs,
     ):
         if not isinstance(num_classes, int) or num_classes < 2:
@@ -69,12 +72,17 @@ class FineGrainedModel(keras.Model):
             raise ValueError(
                 f"`triplet_weight` must be >= 0. Received: triplet_weight={triplet_weight}"
             )
+        if metric_loss not in ("triplet", "circle"):
+            raise ValueError(
+                f"`metric_loss` must be 'triplet' or 'circle'. Received: metric_loss={metric_loss!r}"
+            )
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names is not None else None
         self.label_smoothing = float(label_smoothing)
         self.triplet_weight = float(triplet_weight)
         self.triplet_margin = float(triplet_margin)
+        self.metric_loss = metric_loss
         self._phase = "joint"
         self.accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
         self.loss_term_trackers = {
@@ -88,7 +96,7 @@ class FineGrainedModel(keras.Model):
         """The names of the loss terms this model computes, in reporting order."""
         names = ["classification_loss"]
         if self.triplet_weight > 0:
-            names.append("triplet_loss")
+            names.append(f"{self.metric_loss}_loss")
         return names
 
     def cross_entropy(self, labels, logits):
@@ -120,11 +128,12 @@ class FineGrainedModel(keras.Model):
         if self.triplet_weight > 0:
             from keras_fg.losses import batch_hard_triplet_loss
 
-            per_anchor = batch_hard_triplet_loss(
-                y, y_pred.get("embedding", y_pred["features"]), margin=self.triplet_margin
-            )
-            value = ops.mean(per_anchor)
-            terms["triplet_loss"] = (self.triplet_weight, value)
+            embedding = ops.cast(y_pred.get("embedding", y_pred["features"]), "float32")
+            if self.metric_loss == "circle":
+                per_sample = keras.losses.circle(y, embedding)
+            else:
+                per_sample = batch_hard_triplet_loss(y, embedding, margin=self.triplet_margin)
+            terms[f"{self.metric_loss}_loss"] = (self.triplet_weight, ops.mean(per_sample))
         return terms
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
@@ -242,6 +251,7 @@ class FineGrainedModel(keras.Model):
             "label_smoothing": self.label_smoothing,
             "triplet_weight": self.triplet_weight,
             "triplet_margin": self.triplet_margin,
+            "metric_loss": self.metric_loss,
         }
         for name in BACKBONE_ARGUMENTS:
             if hasattr(self, name):
