@@ -34,18 +34,17 @@ from pathlib import Path
 
 import numpy as np
 
-from common import CUB_ROOT, MOBILENET_WEIGHTS, RESULTS, peak_rss_mb, require_shared, write_json
+from common import (
+    CUB_ROOT,
+    FAMILIES,
+    MOBILENET_WEIGHTS,
+    RESULTS,
+    peak_rss_mb,
+    require_shared,
+    write_json,
+)
 
 # Family name in the results -> (create_model name, options). Each one-backbone form.
-FAMILIES = {
-    "gap": ("gap", {}),
-    "bcnn": ("bcnn", {"reduction_dim": 256}),
-    # 128² = 16,384 outer-product terms projected to 4,096: the projection costs 2·128·4,096
-    # multiply-adds per location, which on 2 cores is the head's whole training time.
-    "bcnn_compact": ("bcnn", {"reduction_dim": 128, "projection_dim": 4096}),
-    "macnn": ("macnn", {"num_parts": 4}),
-    "dasrbn": ("dasrbn", {"stream_dim": 32, "lstm_units": 256}),
-}
 
 
 def load_features(image_size, cache_dir, limit=None):
@@ -86,7 +85,7 @@ def load_features(image_size, cache_dir, limit=None):
 
 
 def logistic_regression(train_x, train_y, test_x, num_classes, c=1.0, steps=500, seed=0):
-    """Softmax regression minimising C·Σ CE + ½‖W‖² (scikit-learn's objective), full batch."""
+    """Softmax regression minimising C·Σ CE + ½‖W‖² (scikit-learn's objective); full batch."""
     import keras
 
     keras.utils.set_random_seed(seed)
@@ -232,7 +231,8 @@ def main():
     train_extraction = seconds.get("train", 0.0) + seconds.get("train_flip", 0.0)
     pooled = {k: features[k].astype("float32").mean(axis=(1, 2)) for k in ("train", "test")}
     start = time.perf_counter()
-    floor_logits = logistic_regression(pooled["train"], features["train_labels"], pooled["test"], 50)
+    labels = features["train_labels"]
+    floor_logits = logistic_regression(pooled["train"], labels, pooled["test"], 50)
     floor = {
         **report(features["test_labels"], floor_logits),
         "seconds": time.perf_counter() - start,

@@ -14,6 +14,17 @@ CUB_ROOT = SHARED / "data" / "cub200_subset" / "CUB_200_2011"
 MARS_ROOT = SHARED / "data" / "reid" / "mini_mars"
 MOBILENET_WEIGHTS = SHARED / "weights" / "mobilenet_v2_1.0.weights.h5"
 
+# Result name -> (create_model name, options): the configurations every benchmark measures.
+FAMILIES = {
+    "gap": ("gap", {}),
+    "bcnn": ("bcnn", {"reduction_dim": 256}),
+    # 128² = 16,384 outer-product terms projected to 4,096: the projection costs 2·128·4,096
+    # multiply-adds per location, which on 2 cores is the head's whole training time.
+    "bcnn_compact": ("bcnn", {"reduction_dim": 128, "projection_dim": 4096}),
+    "macnn": ("macnn", {"num_parts": 4}),
+    "dasrbn": ("dasrbn", {"stream_dim": 32, "lstm_units": 256}),
+}
+
 
 def machine_info():
     """Platform, CPU count, load and library versions: the context of every figure."""

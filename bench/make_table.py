@@ -81,6 +81,24 @@ def accuracy_section(results):
     return lines + [""] + [f"- {n}" for n in notes] + [""]
 
 
+def growth_lines(models):
+    """How training and inference rates and memory grow from 224 to 448 px and with the batch."""
+    rows = {(r["family"], r["image_size"], r["batch_size"]): r for r in models if "error" not in r}
+    lines = []
+    for (family, size, batch), r in sorted(rows.items()):
+        base = rows.get((family, 224, 32))
+        if base is None or (size, batch) == (224, 32):
+            continue
+        change = f"{size} px" if size != 224 else f"batch {batch}"
+        lines.append(
+            f"- {model_name(r)}, 224 px / batch 32 → {change}: training images/s ×"
+            f"{r['train_images_per_s'] / base['train_images_per_s']:.2f}, inference ×"
+            f"{r['inference_images_per_s'] / base['inference_images_per_s']:.2f}, peak RSS ×"
+            f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}"
+        )
+    return [""] + lines if lines else []
+
+
 def speed_section(result):
     lines = [
         "### Speed and memory (CPU)",
@@ -99,7 +117,8 @@ def speed_section(result):
             f"| {r['train_images_per_s']:.1f} | {r['inference_images_per_s']:.1f} "
             f"| {r['latency_one_image_ms']:.0f} ms | {r['peak_rss_mb'] / 1024:.1f} GiB |"
         )
-    pipeline = result.get("pipeline", {})
+    lines += growth_lines(result["models"])
+    pipeline = result.get("pipeline") or {}
     if "images_per_s" in pipeline:
         lines += [
             "",
@@ -109,6 +128,46 @@ def speed_section(result):
             "input is not the bottleneck.",
         ]
     lines += ["", f"- `{result['command']}` — {machine_line(result)}", ""]
+    return lines
+
+
+def train_runs_section(reid, parts):
+    lines = []
+    if reid:
+        lines += [
+            f"### Person re-identification ({reid['dataset']})",
+            "",
+            f"`train.py --task reid`, MobileNetV2, 256×128, {reid['epochs']} epochs (the first "
+            "head alone), flip-averaged embeddings, cosine distance.",
+            "",
+            "| model | rank-1 | mAP | train + evaluation time |",
+            "| --- | --- | --- | --- |",
+        ]
+        for family, r in reid["families"].items():
+            if "evaluation" in r:
+                lines.append(
+                    f"| {model_name({'model': family})} | {pct(r['rank1'])} | {pct(r['mAP'])} "
+                    f"| {r['wall_seconds'] / 60:.1f} min |"
+                )
+        commands = [r["command"] for r in reid["families"].values()]
+        lines += ["", f"- e.g. `{commands[0]}` — {machine_line(reid)}", ""]
+    if parts:
+        lines += [
+            "### Where the attention looks (synthetic data)",
+            "",
+            "Share of attention peaks inside the ground-truth part (`part_hit_rate`).",
+            "",
+            "| model | top-1 | part hit rate |",
+            "| --- | --- | --- |",
+        ]
+        for family, r in parts["families"].items():
+            if "evaluation" in r and r.get("part_hit_rate") is not None:
+                lines.append(
+                    f"| {model_name({'model': family})} | {pct(r['top1'])} "
+                    f"| {pct(r['part_hit_rate'])} |"
+                )
+        lines += ["", f"- `python train.py --model NAME --epochs {parts['epochs']}` — "
+                  f"{machine_line(parts)}", ""]
     return lines
 
 
@@ -125,6 +184,9 @@ def main():
         lines += accuracy_section([a for a in accuracy if a])
     if speed:
         lines += speed_section(speed)
+    lines += train_runs_section(
+        load("reid") or load("reid_quick"), load("part_hit_rate") or load("part_hit_rate_quick")
+    )
     table = "\n".join(lines).rstrip() + "\n"
     (RESULTS / "RESULTS.md").write_text("# keras_fg results\n\n" + table)
     print(f"wrote {(RESULTS / 'RESULTS.md').relative_to(ROOT)}")

@@ -21,11 +21,13 @@ FULL = [
     ["accuracy.py"],
     ["accuracy.py", "--image-size", "448", "--families", "gap", "bcnn_compact", "macnn"],
     ["speed.py"],
+    ["train_runs.py"],
 ]
 QUICK = [
     ["bilinear_pooling.py", "--quick"],
     ["accuracy.py", "--quick"],
     ["speed.py", "--quick"],
+    ["train_runs.py", "--quick"],
 ]
 
 

@@ -22,15 +22,17 @@ import subprocess
 import sys
 import time
 
-from common import CUB_ROOT, MOBILENET_WEIGHTS, RESULTS, ROOT, peak_rss_mb, require_shared, write_json
+from common import (
+    CUB_ROOT,
+    FAMILIES,
+    MOBILENET_WEIGHTS,
+    RESULTS,
+    ROOT,
+    peak_rss_mb,
+    require_shared,
+    write_json,
+)
 
-FAMILIES = {
-    "gap": ("gap", {}),
-    "bcnn": ("bcnn", {"reduction_dim": 256}),
-    "bcnn_compact": ("bcnn", {"reduction_dim": 256, "projection_dim": 8192}),
-    "macnn": ("macnn", {"num_parts": 4}),
-    "dasrbn": ("dasrbn", {"stream_dim": 32, "lstm_units": 256}),
-}
 # (family, image size, batch size): every family at the reference setting, then the growth.
 FULL_GRID = [(f, 224, 32) for f in FAMILIES] + [
     ("gap", 448, 32),
@@ -120,6 +122,20 @@ def run_pipeline_worker(image_size, batch_size, epochs):
     }
 
 
+def median_of_runs(runs):
+    """One result whose figures are the medians over several processes' results."""
+    good = [r for r in runs if "error" not in r]
+    if not good:
+        return runs[0]
+    result = dict(good[0])
+    for key in ("train_images_per_s", "inference_images_per_s", "latency_one_image_ms",
+                "latency_one_image_predict_ms", "peak_rss_mb"):  # fmt: skip
+        values = [r[key] for r in good]
+        result[key] = statistics.median(values)
+        result[f"{key}_runs"] = values
+    return result
+
+
 def in_subprocess(*worker_args):
     command = [sys.executable, __file__, "--worker", json.dumps(worker_args)]
     start = time.perf_counter()
@@ -141,6 +157,7 @@ def main():
         "--configs", nargs="+", help="family:size:batch triples to (re)run, merged into the JSON"
     )
     parser.add_argument("--skip-pipeline", action="store_true")
+    parser.add_argument("--repeats", type=int, default=None, help="processes per figure")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -153,6 +170,7 @@ def main():
     if args.configs:
         grid = [(f, int(s), int(b)) for f, s, b in (c.split(":") for c in args.configs)]
     steps = args.steps or (3 if args.quick else 5)
+    args.repeats = args.repeats or (1 if args.quick else 3)
     latency_runs = 10 if args.quick else 30
     name = "speed_quick" if args.quick else "speed"
     previous = RESULTS / f"{name}.json"
@@ -161,17 +179,22 @@ def main():
     models = [r for r in previous.get("models", []) if "family" in r and key(r) not in grid]
     for family, size, batch in grid:
         print(f"{family} {size} px batch {batch} ...", flush=True)
-        result = in_subprocess("model", family, size, batch, steps, latency_runs)
+        runs = [
+            in_subprocess("model", family, size, batch, steps, latency_runs)
+            for _ in range(args.repeats)
+        ]
+        result = median_of_runs(runs)
+        if "error" in result:
+            continue  # Reported above; this configuration's figures are left out.
         models.append(result)
-        if "error" not in result:
-            print(
-                f"  train {result['train_images_per_s']:.1f} img/s, "
-                f"inference {result['inference_images_per_s']:.1f} img/s, "
-                f"latency {result['latency_one_image_ms']:.1f} ms, "
-                f"peak RSS {result['peak_rss_mb']:.0f} MiB",
-                flush=True,
-            )
-        models.sort(key=lambda r: (r["image_size"], r["batch_size"], list(FAMILIES).index(r["family"])) if "family" in r else (0, 0, 0))
+        print(
+            f"  train {result['train_images_per_s']:.1f} img/s, "
+            f"inference {result['inference_images_per_s']:.1f} img/s, "
+            f"latency {result['latency_one_image_ms']:.1f} ms, "
+            f"peak RSS {result['peak_rss_mb']:.0f} MiB",
+            flush=True,
+        )
+        models.sort(key=lambda r: (key(r)[1:], list(FAMILIES).index(r["family"])))
         write_json(name, payload(args, steps, latency_runs, models, previous.get("pipeline")))
     if not args.skip_pipeline:
         print("pipeline ...", flush=True)
@@ -190,7 +213,8 @@ def payload(args, steps, latency_runs, models, pipeline):
             "training": "all other layers trainable, AdamW, train_on_batch on random images",
             "timed_steps": steps,
             "latency_runs": latency_runs,
-            "statistic": "median over steps",
+            "statistic": "median over steps within a process, then median over processes",
+            "processes_per_figure": args.repeats,
             "jit_compile": "Keras default (auto: off on this CPU)",
         },
         "models": models,

@@ -1,0 +1,122 @@
+"""Figures that come from whole `train.py` runs: re-ID on mini-MARS, part hits on synthetic data.
+
+Re-identification: `train.py --task reid` on the shared mini-MARS (16 training identities,
+1,719 images; 32 queries against 529 gallery images of 16 other identities), MobileNetV2
+(shared weights), 256×128 px, P×K = 8×4, cross-entropy with label smoothing 0.1 on a BNNeck
++ batch-hard triplet loss, one epoch of head alone then all layers (BatchNormalization
+frozen), AdamW 3e-4 cosine; rank-1 and mAP with flip-averaged embeddings.
+
+Part attention: `train.py` on its synthetic fine-grained set (tiny backbone, its defaults),
+whose evaluation counts how often each attention peak falls inside the ground-truth part
+(`part_hit_rate` in evaluation.json).
+
+    python bench/train_runs.py                     # re-ID (gap, macnn, dasrbn) + part hits
+    python bench/train_runs.py --quick             # re-ID gap only, 2 epochs; part hits, 10 epochs
+
+Writes bench/results/reid.json and bench/results/part_hit_rate.json (``_quick`` with --quick).
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import MARS_ROOT, MOBILENET_WEIGHTS, ROOT, require_shared, write_json
+
+
+def train(arguments, output):
+    command = [sys.executable, str(ROOT / "train.py"), *arguments, "--output", str(output)]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    seconds = time.perf_counter() - start
+    shown = "python train.py " + " ".join(arguments)
+    if done.returncode:
+        tail = done.stderr.strip().splitlines()[-5:]
+        print(f"  failed: {shown}: {' | '.join(tail)}", flush=True)
+        return {"command": shown, "error": "\n".join(tail)}
+    evaluation = json.loads((output / "evaluation.json").read_text())
+    return {"command": shown, "wall_seconds": seconds, "evaluation": evaluation}
+
+
+def reid(families, epochs, workdir):
+    results = {}
+    for family in families:
+        print(f"re-ID {family} ...", flush=True)
+        arguments = [
+            "--task", "reid", "--data", str(MARS_ROOT), "--model", family,
+            "--backbone", "mobilenetv2", "--weights", str(MOBILENET_WEIGHTS),
+            "--image-size", "256", "128", "--epochs", str(epochs), "--head-epochs", "1",
+            "--learning-rate", "3e-4", "--label-smoothing", "0.1", "--flip-test",
+            "--num-identities", "8", "--num-instances", "4", "--batch-size", "32",
+            "--verbose", "0",
+        ]  # fmt: skip
+        result = train(arguments, workdir / f"reid_{family}")
+        if "evaluation" in result:
+            e = result["evaluation"]
+            result.update(rank1=e.get("rank1"), mAP=e.get("mAP"), mINP=e.get("mINP"))
+            print(f"  rank-1 {e.get('rank1'):.3f}  mAP {e.get('mAP'):.3f}", flush=True)
+        results[family] = result
+    return results
+
+
+def part_hits(families, epochs, workdir):
+    results = {}
+    for family in families:
+        print(f"synthetic {family} ...", flush=True)
+        arguments = ["--model", family, "--epochs", str(epochs), "--verbose", "0"]
+        result = train(arguments, workdir / f"synthetic_{family}")
+        if "evaluation" in result:
+            e = result["evaluation"]
+            result.update(top1=e.get("top1"), part_hit_rate=e.get("part_hit_rate"))
+            print(f"  top-1 {e.get('top1')}  part hit rate {e.get('part_hit_rate')}", flush=True)
+        results[family] = result
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--reid-families", nargs="*", default=None)
+    parser.add_argument("--part-families", nargs="*", default=None)
+    parser.add_argument("--reid-epochs", type=int, default=None)
+    parser.add_argument("--part-epochs", type=int, default=None)
+    args = parser.parse_args()
+    quick = "_quick" if args.quick else ""
+    reid_families = args.reid_families
+    if reid_families is None:
+        reid_families = ["gap"] if args.quick else ["gap", "macnn", "dasrbn"]
+    part_families = args.part_families
+    if part_families is None:
+        part_families = ["macnn"] if args.quick else ["macnn", "dasrbn"]
+    reid_epochs = args.reid_epochs or (2 if args.quick else 4)
+    part_epochs = args.part_epochs or (10 if args.quick else 30)
+    with tempfile.TemporaryDirectory(prefix="keras_fg_bench_") as workdir:
+        workdir = Path(workdir)
+        if reid_families:
+            require_shared(MARS_ROOT, MOBILENET_WEIGHTS)
+            write_json(
+                f"reid{quick}",
+                {
+                    "benchmark": "reid",
+                    "dataset": "mini-MARS (shared): 16 train identities, 32 query, 529 gallery",
+                    "epochs": reid_epochs,
+                    "families": reid(reid_families, reid_epochs, workdir),
+                },
+            )
+        if part_families:
+            write_json(
+                f"part_hit_rate{quick}",
+                {
+                    "benchmark": "part_hit_rate",
+                    "dataset": "train.py's synthetic fine-grained set (defaults)",
+                    "epochs": part_epochs,
+                    "families": part_hits(part_families, part_epochs, workdir),
+                },
+            )
+
+
+if __name__ == "__main__":
+    main()
