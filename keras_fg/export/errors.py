@@ -14,3 +14,16 @@ class ExportError(RuntimeError):
 
     The message is one line that names the file or format concerned.
     """
+
+
+def require_tensorflow_backend():
+    """Raises `ExportError` unless Keras runs on TensorFlow (SavedModel and TFLite need it)."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        raise ExportError(
+            f"Export needs the TensorFlow backend (KERAS_BACKEND=tensorflow); Keras runs on "
+            f"{backend!r}. Save the model as .keras (it loads on every backend) and export it "
+            f"under TensorFlow."
+        )

@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from keras_fg.export.errors import ExportInputError
+from keras_fg.export.errors import ExportInputError, require_tensorflow_backend
 from keras_fg.export.parity import CHECKS, check_parity
 from keras_fg.export.preprocess import RESIZE_RULE, load_images, synthetic_images
 from keras_fg.export.saved_model import export_saved_model
@@ -75,6 +75,7 @@ def export_model(
     >>> report = export_model(model, "exports", evaluation_data="data/birds/test")
     >>> [(e["format"], e["check"]["passed"]) for e in report["exports"]]
     """
+    require_tensorflow_backend()
     formats = parse_formats(formats)
     name = model_name or model.name
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):

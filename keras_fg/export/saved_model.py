@@ -3,6 +3,7 @@
 import keras
 import tensorflow as tf
 
+from keras_fg.export.errors import require_tensorflow_backend
 from keras_fg.export.preprocess import decode_and_resize
 
 SERVING_SIGNATURE = "serving_default"
@@ -42,6 +43,7 @@ def export_saved_model(model, path, top_k=5, class_names=None):
     >>> served = tf.saved_model.load("exports/saved_model/birds/1")
     >>> served.signatures["serving_default"](image_bytes=tf.constant([jpeg_bytes]))
     """
+    require_tensorflow_backend()
     if not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"`top_k` must be an integer >= 1. Received: top_k={top_k}")
     num_classes = model.output["probabilities"].shape[-1]

@@ -11,7 +11,7 @@ import tensorflow as tf
 from ai_edge_litert import schema_py_generated as schema
 from ai_edge_litert.interpreter import Interpreter
 
-from keras_fg.export.errors import ExportError
+from keras_fg.export.errors import ExportError, require_tensorflow_backend
 
 QUANTIZATIONS = ("fp32", "fp16", "dynamic", "int8")
 TFLITE_OUTPUTS = ("probabilities", "features", "attention_maps")
@@ -72,6 +72,7 @@ def export_tflite(model, path, quantization="fp32", representative_images=None):
     >>> export_tflite(model, "birds_int8.tflite", "int8", representative_images=images[:200])
     ['ADD', 'CONV_2D', 'DEQUANTIZE', 'FULLY_CONNECTED', 'MEAN', 'QUANTIZE', 'SOFTMAX']
     """
+    require_tensorflow_backend()
     if quantization not in QUANTIZATIONS:
         raise ValueError(
             f"Unknown quantization. Valid: {', '.join(QUANTIZATIONS)}. "
