@@ -201,6 +201,13 @@ class FineGrainedModel(keras.Model):
                 f"Phase {phase!r} needs channel-grouping variables; "
                 f"{type(self).__name__} has none (only MA-CNN has them)."
             )
+        if phase != "joint" and keras.backend.backend() == "jax":
+            # JAX's trainer differentiates `trainable_variables`, not the filtered
+            # `trainable_weights` below, so a phase would silently train every variable.
+            raise NotImplementedError(
+                f"Training phase {phase!r} needs the TensorFlow or PyTorch backend "
+                "(KERAS_BACKEND=tensorflow or torch); on JAX, train in the 'joint' phase."
+            )
         self._phase = phase
         if getattr(self, "train_function", None) is not None:
             self.make_train_function(force=True)
