@@ -53,6 +53,12 @@ def run(args):
     import keras
     import tensorflow as tf
 
+    backend = keras.backend.backend()
+    if backend != "tensorflow" and args.strategy != "auto":
+        raise RunError(
+            f"--strategy {args.strategy} uses tf.distribute and needs KERAS_BACKEND=tensorflow; "
+            f"Keras runs on {backend!r}"
+        )
     strategy = make_strategy(args.strategy)  # First: multi-worker must start before other TF ops.
     output = run_directory(args, strategy)
     config = {k: v for k, v in vars(args).items()}
