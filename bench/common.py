@@ -23,6 +23,8 @@ FAMILIES = {
     "bcnn_compact": ("bcnn", {"reduction_dim": 128, "projection_dim": 4096}),
     "macnn": ("macnn", {"num_parts": 4}),
     "dasrbn": ("dasrbn", {"stream_dim": 32, "lstm_units": 256}),
+    # The diagnosis of DASRBN's overfitting (see RESULTS.md): dropout before the classifier.
+    "dasrbn_dropout": ("dasrbn", {"stream_dim": 32, "lstm_units": 256, "dropout": 0.5}),
 }
 
 
