@@ -21,7 +21,7 @@ averages the logits of each test image and its flip.
 
     python bench/accuracy.py                               # all families, 224 px
     python bench/accuracy.py --image-size 448 --families gap bcnn_compact
-    python bench/accuracy.py --quick                       # GAP + compact B-CNN, few epochs
+    python bench/accuracy.py --quick                       # GAP + full B-CNN, 5 epochs
 
 Writes bench/results/accuracy_<size>.json (accuracy_quick.json with --quick).
 """
@@ -216,12 +216,12 @@ def main():
     parser.add_argument("--fine-tune-lr", type=float, default=1e-5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default="/tmp/keras_fg_bench_cache")
-    parser.add_argument("--quick", action="store_true", help="GAP + compact B-CNN, 10 epochs")
+    parser.add_argument("--quick", action="store_true", help="GAP + full B-CNN, 5 epochs")
     parser.add_argument("--output", default=None, help="results name (default from the size)")
     args = parser.parse_args()
     if args.quick:
-        args.families = ["gap", "bcnn_compact"]
-        args.head_epochs = min(args.head_epochs, 10)
+        args.families = ["gap", "bcnn"]
+        args.head_epochs = min(args.head_epochs, 5)
         args.fine_tune_epochs = 0
     require_shared(CUB_ROOT, MOBILENET_WEIGHTS)
 

@@ -11,7 +11,7 @@ whose evaluation counts how often each attention peak falls inside the ground-tr
 (`part_hit_rate` in evaluation.json).
 
     python bench/train_runs.py                     # re-ID (gap, macnn, dasrbn) + part hits
-    python bench/train_runs.py --quick             # re-ID gap only, 2 epochs; part hits, 10 epochs
+    python bench/train_runs.py --quick             # re-ID gap only, 1 epoch; part hits, 10 epochs
 
 Writes bench/results/reid.json and bench/results/part_hit_rate.json (``_quick`` with --quick).
 """
@@ -91,7 +91,7 @@ def main():
     part_families = args.part_families
     if part_families is None:
         part_families = ["macnn"] if args.quick else ["macnn", "dasrbn"]
-    reid_epochs = args.reid_epochs or (2 if args.quick else 4)
+    reid_epochs = args.reid_epochs or (1 if args.quick else 4)
     part_epochs = args.part_epochs or (10 if args.quick else 30)
     with tempfile.TemporaryDirectory(prefix="keras_fg_bench_") as workdir:
         workdir = Path(workdir)
