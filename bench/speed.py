@@ -17,6 +17,7 @@ Writes bench/results/speed.json (speed_quick.json with --quick).
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -93,6 +94,7 @@ def run_model_worker(family, image_size, batch_size, steps, latency_runs):
         "train_step_s": train_times,
         "predict_batch_s": predict_times,
         "peak_rss_mb": peak_rss_mb(),
+        "load_average_1min": os.getloadavg()[0],  # Rows run at different times.
         "peak_rss_after_build_mb": rss_after_build,
         "peak_rss_after_training_mb": rss_after_training,
     }
