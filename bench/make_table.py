@@ -188,6 +188,33 @@ def train_runs_section(reid, parts):
     return lines
 
 
+def export_section(result):
+    lines = [
+        "### One-image latency and model size (224 px, CPU)",
+        "",
+        "`keras_fg.export.export_model`; median of one-image calls. The head is untrained "
+        "(latency and size do not depend on it), so the agreement column, measured on 32 CUB "
+        "images against Keras, is a conversion check, not an accuracy figure.",
+        "",
+        "| model | runtime | latency | size | top-1 agreement with Keras |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for family, r in result["families"].items():
+        name = model_name({"model": family, "options": r["options"]})
+        keras_ms = r["keras"]
+        lines.append(f"| {name} | Keras `model(x)` (eager) | {keras_ms['call_ms']:.1f} ms | | |")
+        lines.append(f"| {name} | Keras `model.predict(x)` | {keras_ms['predict_ms']:.1f} ms | | |")
+        for e in r["exports"]:
+            if e.get("latency_ms") is None:
+                continue
+            agreement = "" if e["top1_agreement"] is None else pct(e["top1_agreement"])
+            lines.append(
+                f"| {name} | {e['format'].replace('_', ' ')} | {e['latency_ms']:.1f} ms "
+                f"| {e['size_bytes'] / 2**20:.1f} MiB | {agreement} |"
+            )
+    return lines + ["", f"- `{result['command']}` — {machine_line(result)}", ""]
+
+
 def main():
     accuracy = [
         load(p.stem)
@@ -201,6 +228,9 @@ def main():
         lines += accuracy_section([a for a in accuracy if a])
     if speed:
         lines += speed_section(speed)
+    export = load("export_latency") or load("export_latency_quick")
+    if export:
+        lines += export_section(export)
     lines += train_runs_section(
         load("reid") or load("reid_quick"), load("part_hit_rate") or load("part_hit_rate_quick")
     )

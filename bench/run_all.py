@@ -27,12 +27,14 @@ FULL = [
     ["accuracy.py", "--image-size", "448", "--families", "gap"],
     ["speed.py"],
     ["train_runs.py"],
+    ["export_latency.py"],
 ]
 QUICK = [
     ["bilinear_pooling.py", "--quick"],
     ["accuracy.py", "--quick"],
     ["speed.py", "--quick"],
     ["train_runs.py", "--quick"],
+    ["export_latency.py", "--quick"],
 ]
 
 
