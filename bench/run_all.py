@@ -30,7 +30,7 @@ FULL = [
     ["export_latency.py"],
 ]
 QUICK = [
-    ["bilinear_pooling.py", "--quick"],
+    ["bilinear_pooling.py", "--quick", "--output", "results/bilinear_pooling_quick.json"],
     ["accuracy.py", "--quick"],
     ["speed.py", "--quick"],
     ["train_runs.py", "--quick"],

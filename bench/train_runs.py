@@ -11,7 +11,7 @@ whose evaluation counts how often each attention peak falls inside the ground-tr
 (`part_hit_rate` in evaluation.json).
 
     python bench/train_runs.py                     # re-ID (gap, macnn, dasrbn) + part hits
-    python bench/train_runs.py --quick             # re-ID gap only, 1 epoch; part hits, 10 epochs
+    python bench/train_runs.py --quick             # re-ID gap only, 2 epochs; part hits, 10 epochs
 
 Writes bench/results/reid.json and bench/results/part_hit_rate.json (``_quick`` with --quick).
 """
@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import MARS_ROOT, MOBILENET_WEIGHTS, ROOT, require_shared, write_json
+from common import MARS_ROOT, MOBILENET_WEIGHTS, RESULTS, ROOT, require_shared, write_json
 
 
 def train(arguments, output):
@@ -91,8 +91,9 @@ def main():
     part_families = args.part_families
     if part_families is None:
         part_families = ["macnn"] if args.quick else ["macnn", "dasrbn"]
-    reid_epochs = args.reid_epochs or (1 if args.quick else 4)
+    reid_epochs = args.reid_epochs or (2 if args.quick else 4)
     part_epochs = args.part_epochs or (10 if args.quick else 30)
+    failed = []
     with tempfile.TemporaryDirectory(prefix="keras_fg_bench_") as workdir:
         workdir = Path(workdir)
         if reid_families:
@@ -116,6 +117,13 @@ def main():
                     "families": part_hits(part_families, part_epochs, workdir),
                 },
             )
+    for name in (f"reid{quick}", f"part_hit_rate{quick}"):
+        path = RESULTS / f"{name}.json"
+        if path.exists():
+            families = json.loads(path.read_text())["families"]
+            failed += [r["command"] for r in families.values() if "error" in r]
+    if failed:
+        sys.exit(f"failed: {'; '.join(failed)}")
 
 
 if __name__ == "__main__":
