@@ -94,6 +94,39 @@ def test_user_loss_replaces_the_joint_objective():
     assert "classification_loss" not in history.history
 
 
+
+@pytest.mark.parametrize("drop_remainder", [False, True])
+def test_epoch_metrics_over_a_dataset_of_unknown_length(drop_remainder):
+    """The epoch's loss terms and accuracy are the means over its samples.
+
+    keras_fg pipelines have an unknown length (unreadable images are skipped); Keras then
+    ends each epoch with a step on the exhausted iterator, which once added an empty batch
+    to every count. With a zero learning rate the weights do not move, so `fit`'s figures
+    must equal those computed from `predict` on the same images.
+    """
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(0)
+    model = build("gap", image_size=32)
+    images = np.random.uniform(0, 255, (96, 32, 32, 3)).astype("float32")
+    labels = np.arange(96) % 4
+    data = (
+        tf.data.Dataset.from_tensor_slices((images, labels))
+        .batch(32, drop_remainder=drop_remainder)
+        .filter(lambda x, y: True)  # Unknown length, as a pipeline that skips files.
+    )
+    model.compile(optimizer=keras.optimizers.SGD(0.0))
+    history = model.fit(data, epochs=2, verbose=0).history
+    logits = model.predict(images, verbose=0)["logits"].astype("float64")
+    log_probabilities = logits - logits.max(1, keepdims=True)
+    log_probabilities -= np.log(np.exp(log_probabilities).sum(1, keepdims=True))
+    cross_entropy = -log_probabilities[np.arange(96), labels].mean()
+    accuracy = (logits.argmax(1) == labels).mean()
+    for epoch in range(2):
+        assert history["accuracy"][epoch] == pytest.approx(accuracy, abs=1e-6)
+        assert history["classification_loss"][epoch] == pytest.approx(cross_entropy, rel=1e-5)
+        assert history["loss"][epoch] == pytest.approx(cross_entropy, rel=1e-5)
+
 def test_label_smoothing_changes_the_loss():
     images = np.random.uniform(0, 255, (8, 64, 64, 3)).astype("float32")
     labels = np.arange(8) % 4

@@ -136,6 +136,12 @@ class FineGrainedModel(keras.Model):
             terms[f"{self.metric_loss}_loss"] = (self.triplet_weight, ops.mean(per_sample))
         return terms
 
+    def compile(self, *args, **kwargs):
+        super().compile(*args, **kwargs)
+        # Keras' own "loss" tracker counts each batch by its shape (see `sample_ones`). Set
+        # untracked, as Keras sets it, so that it is not listed twice among the metrics.
+        object.__setattr__(self, "_loss_tracker", SampleMean(name="loss"))
+
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         if self.loss is not None:  # The user's own loss replaces the joint objective.
             return super().compute_loss(x, y, y_pred, sample_weight, training=training)
@@ -147,8 +153,11 @@ class FineGrainedModel(keras.Model):
         if not self._are_soft(y):  # Integer ids (B,) or (B, 1).
             y = ops.reshape(y, (-1,))
         total = ops.zeros((), "float32")
+        batch_size = ops.sum(sample_ones(y))
         for name, (weight, value) in self.compute_loss_terms(y, y_pred).items():
-            self.loss_term_trackers[name].update_state(value)
+            # Weighted by the batch size, as Keras weights its own loss: an epoch's figure
+            # is then the mean over samples, right with a smaller last batch too.
+            self.loss_term_trackers[name].update_state(value, sample_weight=batch_size)
             total = total + weight * value
         # Like Keras' own Loss objects: divide by the replica count so that summing the
         # replicas' gradients gives the gradient of the global mean.
@@ -170,7 +179,10 @@ class FineGrainedModel(keras.Model):
         if labels is not None:
             if self._are_soft(labels):
                 labels = ops.argmax(labels, axis=-1)  # Their strongest class.
-            self.accuracy_tracker.update_state(ops.reshape(labels, (-1,)), y_pred["logits"])
+            labels = ops.reshape(labels, (-1,))
+            self.accuracy_tracker.update_state(
+                labels, y_pred["logits"], sample_weight=sample_ones(labels)
+            )
         return super().compute_metrics(x, y, y_pred, sample_weight)
 
     # ----------------------------------------------------------------------------------------
@@ -276,6 +288,33 @@ class FineGrainedModel(keras.Model):
             if isinstance(config.get(key), dict):
                 config[key] = keras.saving.deserialize_keras_object(config[key])
         return cls(**config)
+
+
+def sample_ones(labels):
+    """Ones `(B,)`, one per sample, computed from the values of `labels` `(B,)` or `(B, C)`.
+
+    Metric counts are weighted by these rather than by a batch size taken from a shape. On
+    TensorFlow, Keras ends every epoch over a dataset of unknown length (keras_fg pipelines
+    skip unreadable images, so theirs is unknown) with one more step on the exhausted
+    iterator; in that step the ops that read no data still run, so a count increment of 1,
+    or of a static batch size, is added once more and every per-epoch mean comes out
+    diluted by one empty batch. An op that reads the labels cannot run there.
+    """
+    if len(labels.shape) == 2:
+        labels = labels[:, 0]
+    return ops.cast(ops.equal(labels, labels), "float32")
+
+
+class SampleMean(keras.metrics.Mean):
+    """A `keras.metrics.Mean` whose count increments read the values (see `sample_ones`)."""
+
+    def update_state(self, values, sample_weight=None):
+        values = ops.convert_to_tensor(values, self.dtype)
+        # 1 for every value, NaN included, but computed from the value.
+        read = ops.cast(ops.logical_or(ops.equal(values, values), ops.isnan(values)), self.dtype)
+        if sample_weight is not None:
+            read = read * ops.cast(sample_weight, self.dtype)
+        super().update_state(values, sample_weight=read)
 
 
 def _scale_for_distribution(value):

@@ -12,6 +12,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_fg.models.fine_grained_model import sample_ones
+
 
 def split_at_backbone(model):
     """Splits a keras_fg model into its backbone and the head that reads its feature map.
@@ -127,16 +129,20 @@ class FeatureHead(keras.Model):
         y = ops.reshape(y, (-1,))
         terms = self.compute_loss_terms(y, y_pred)
         total = ops.zeros((), "float32")
+        batch_size = ops.sum(sample_ones(y))
         for tracker in self.loss_term_trackers:
             weight, value = terms[tracker.name]
-            tracker.update_state(value)
+            tracker.update_state(value, sample_weight=batch_size)
             total = total + weight * value
         for extra in self.losses:
             total = total + self._aggregate_additional_loss(extra)
         return total
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
-        self.accuracy_tracker.update_state(ops.reshape(y, (-1,)), y_pred["logits"])
+        labels = ops.reshape(y, (-1,))
+        self.accuracy_tracker.update_state(
+            labels, y_pred["logits"], sample_weight=sample_ones(labels)
+        )
         return super().compute_metrics(x, y, y_pred, sample_weight)
 
 
