@@ -10,18 +10,20 @@ The recipe (the same for every family; DESIGN.md §4 explains why):
    AdamW, learning rate 1e-3 with cosine decay to 0, weight decay 1e-4, batch 64,
    `--head-epochs` epochs. MA-CNN's channel grouping is first initialised by clustering
    channel peaks (MA-CNN §3.2) on 512 cached feature maps.
-3. Phase two (`--fine-tune-epochs N`, optional): every layer trains, BatchNormalization
-   frozen, on augmented images (random crop + flip), AdamW 1e-5 for the backbone
-   and the head alike, constant rate.
+3. Phase two (`--fine-tune-epochs N`, 8 by default): every layer trains, BatchNormalization
+   frozen, on augmented images (resize to 256, random 224 crop, flip), AdamW with weight
+   decay 1e-4 and learning rate `--fine-tune-lr` (1e-4) decaying to 0 by cosine over
+   the N epochs, for the backbone and the head alike. The head of phase one is what makes
+   this rate safe: a random head would send large gradients into the backbone.
 
 The floor is a logistic regression on the globally pooled frozen features (Keras,
 full-batch Adam on the softmax cross-entropy + L2 with scikit-learn's default C = 1).
 Evaluation: test images resized whole, top-1 and mean per-class accuracy; `*_flip_tta`
 averages the logits of each test image and its flip.
 
-    python bench/accuracy.py                               # all families, 224 px
-    python bench/accuracy.py --image-size 448 --families gap bcnn_compact
-    python bench/accuracy.py --quick                       # GAP + full B-CNN, 5 epochs
+    python bench/accuracy.py                               # all families, both phases
+    python bench/accuracy.py --families gap --fine-tune-epochs 0    # phase one only
+    python bench/accuracy.py --quick                       # GAP + full B-CNN, 5 head epochs
 
 Writes bench/results/accuracy_<size>.json (accuracy_quick.json with --quick).
 """
@@ -127,16 +129,19 @@ def initialise_channel_grouping(model, features, seed=0, epochs=100):
     return groups.sum(axis=1).astype(int).tolist()
 
 
-def fine_tune(model, image_size, epochs, learning_rate, seed=0):
-    """Phase two: all layers (BatchNormalization frozen) on augmented images."""
+def fine_tune(model, image_size, epochs, learning_rate, grouping_weight=None, seed=0):
+    """Phase two: all layers (BatchNormalization frozen) on augmented images, cosine rate."""
     import keras
 
     from keras_fg.data import load_dataset, make_pipeline
 
     train = load_dataset("cub", CUB_ROOT, "train")
     model.set_backbone_trainable(True)
-    model.compile(optimizer=keras.optimizers.AdamW(learning_rate, weight_decay=1e-4))
+    if grouping_weight is not None and hasattr(model, "channel_grouping_weight"):
+        model.channel_grouping_weight = grouping_weight  # Read when compile traces the step.
     data = make_pipeline(train, image_size, 32, training=True, seed=seed)
+    schedule = keras.optimizers.schedules.CosineDecay(learning_rate, epochs * (len(train) // 32))
+    model.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4))
     start = time.perf_counter()
     model.fit(data, epochs=epochs, verbose=2)
     return time.perf_counter() - start
@@ -161,7 +166,12 @@ def run_family(family, features, args, extraction_seconds):
     keras.utils.set_random_seed(args.seed)
     model_name, options = FAMILIES[family]
     model = create_model(
-        model_name, 50, weights=str(MOBILENET_WEIGHTS), image_size=args.image_size, **options
+        model_name,
+        50,
+        weights=str(MOBILENET_WEIGHTS),
+        image_size=args.image_size,
+        label_smoothing=args.label_smoothing,
+        **options,
     )
     head = split_at_backbone(model)[1]
     x = np.concatenate([features["train"], features["train_flip"]])
@@ -194,7 +204,13 @@ def run_family(family, features, args, extraction_seconds):
     }
     print(f"{family}: head {result['head_phase']} in {head_seconds:.0f} s", flush=True)
     if args.fine_tune_epochs:
-        seconds = fine_tune(model, args.image_size, args.fine_tune_epochs, args.fine_tune_lr)
+        seconds = fine_tune(
+            model,
+            args.image_size,
+            args.fine_tune_epochs,
+            args.fine_tune_lr,
+            args.fine_tune_grouping_weight,
+        )
         result["fine_tuned"], result["fine_tuned_flip_tta"] = evaluate_images(
             model, args.image_size
         )
@@ -212,8 +228,15 @@ def main():
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--head-epochs", type=int, default=30)
-    parser.add_argument("--fine-tune-epochs", type=int, default=0)
-    parser.add_argument("--fine-tune-lr", type=float, default=1e-5)
+    parser.add_argument("--fine-tune-epochs", type=int, default=8)
+    parser.add_argument("--fine-tune-lr", type=float, default=1e-4)
+    parser.add_argument("--label-smoothing", type=float, default=0.0)
+    parser.add_argument(
+        "--fine-tune-grouping-weight",
+        type=float,
+        default=None,
+        help="MA-CNN's L_cng weight in phase two (default: the model's own)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default="/tmp/keras_fg_bench_cache")
     parser.add_argument("--quick", action="store_true", help="GAP + full B-CNN, 5 epochs")
@@ -253,13 +276,20 @@ def recipe(args):
     return {
         "features": "train images + horizontal flips, whole image resized, computed once",
         "head_phase": f"train_head: AdamW 1e-3 cosine to 0, wd 1e-4, batch 64, "
-        f"{args.head_epochs} epochs",
+        f"{args.head_epochs} epochs"
+        + (f", label smoothing {args.label_smoothing:g}" if args.label_smoothing else ""),
         "fine_tune_phase": (
             f"{args.fine_tune_epochs} epochs, all layers (BN frozen), AdamW "
-            f"{args.fine_tune_lr}, random crop + flip"
+            f"{args.fine_tune_lr:g} cosine to 0, wd 1e-4, batch 32, random crop + flip"
+            + (
+                f", L_cng weight {args.fine_tune_grouping_weight:g}"
+                if args.fine_tune_grouping_weight is not None
+                else ""
+            )
             if args.fine_tune_epochs
             else "none"
         ),
+        "label_smoothing": args.label_smoothing,
         "seed": args.seed,
     }
 

@@ -1,6 +1,6 @@
 """Runs every benchmark, then regenerates the results table.
 
-    python bench/run_all.py           # the full set (1.5–2 hours on 2 shared cores)
+    python bench/run_all.py           # the full set (2.5–3 hours on 2 cores)
     python bench/run_all.py --quick   # a smaller set, under 10 minutes
 
 Each benchmark writes its JSON under bench/results/; `make_table.py` then writes
@@ -19,12 +19,14 @@ BENCH = Path(__file__).resolve().parent
 FULL = [
     ["bilinear_pooling.py"],
     ["accuracy.py"],
-    ["accuracy.py", "--families", "macnn", "--fine-tune-epochs", "4",
-     "--output", "accuracy_224_finetune"],
+    # Diagnoses (bench/results/RESULTS.md): MA-CNN without L_cng in phase two; DASRBN's
+    # head with dropout.
+    ["accuracy.py", "--families", "macnn", "--fine-tune-grouping-weight", "0",
+     "--output", "accuracy_224_macnn_diagnosis"],
     ["accuracy.py", "--families", "dasrbn_dropout", "--head-epochs", "10",
-     "--output", "accuracy_224_dasrbn_diagnosis"],
+     "--fine-tune-epochs", "0", "--output", "accuracy_224_dasrbn_diagnosis"],
     # 448 px upsamples the 227-px images; it is measured to show that it hurts here.
-    ["accuracy.py", "--image-size", "448", "--families", "gap"],
+    ["accuracy.py", "--image-size", "448", "--families", "gap", "--fine-tune-epochs", "0"],
     ["speed.py"],
     ["train_runs.py"],
     ["export_latency.py"],
