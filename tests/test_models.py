@@ -78,8 +78,10 @@ def test_one_epoch_on_real_birds_lowers_the_training_loss(family, bird_batch, tm
     assert set(actual) == set(expected)
     for key in expected:
         np.testing.assert_array_equal(actual[key], expected[key])
-    # The reloaded model keeps training with its own joint loss.
-    reloaded.compile(optimizer="adam")
+    # The reloaded model is compiled as saved, optimizer state included, and keeps training
+    # with its own joint loss.
+    assert reloaded.compiled and isinstance(reloaded.optimizer, keras.optimizers.Adam)
+    assert int(reloaded.optimizer.iterations) == int(model.optimizer.iterations) > 0
     reloaded.fit(images[:8], labels[:8], verbose=0)
 
 

@@ -142,6 +142,14 @@ class FineGrainedModel(keras.Model):
         # untracked, as Keras sets it, so that it is not listed twice among the metrics.
         object.__setattr__(self, "_loss_tracker", SampleMean(name="loss"))
 
+    def compile_from_config(self, config):
+        # Keras leaves a model whose `compile` is overridden uncompiled on loading; this is
+        # what it would do otherwise: compile as saved, then build the optimizer so that
+        # its saved state loads into it.
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         if self.loss is not None:  # The user's own loss replaces the joint objective.
             return super().compute_loss(x, y, y_pred, sample_weight, training=training)
