@@ -79,6 +79,8 @@ def accuracy_section(results):
             recipe = r["recipe"]["head_phase"]
             if tuned:
                 recipe += f"; then {r['recipe']['fine_tune_phase']}"
+            if r["recipe"].get("seed"):
+                recipe += f"; seed {r['recipe']['seed']}"
             tta = (r["fine_tuned_flip_tta"] if tuned else r["head_phase_flip_tta"])["top1"]
             # The final figure in bold: the fine-tuned one where there is one.
             head = pct(r["head_phase"]["top1"])

@@ -19,6 +19,8 @@ BENCH = Path(__file__).resolve().parent
 FULL = [
     ["bilinear_pooling.py"],
     ["accuracy.py"],
+    # A second seed: how much of a gap between two families is noise.
+    ["accuracy.py", "--families", "gap", "macnn", "--seed", "1", "--output", "accuracy_224_seed1"],
     # Diagnoses (bench/results/RESULTS.md): MA-CNN without L_cng in phase two; DASRBN's
     # head with dropout.
     ["accuracy.py", "--families", "macnn", "--fine-tune-grouping-weight", "0",
