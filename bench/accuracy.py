@@ -13,8 +13,7 @@ The recipe (the same for every family; DESIGN.md §4 explains why):
 3. Phase two (`--fine-tune-epochs N`, 8 by default): every layer trains, BatchNormalization
    frozen, on augmented images (resize to 256, random 224 crop, flip), AdamW with weight
    decay 1e-4 and learning rate `--fine-tune-lr` (1e-4) decaying to 0 by cosine over
-   the N epochs, for the backbone and the head alike. The head of phase one is what makes
-   this rate safe: a random head would send large gradients into the backbone.
+   the N epochs, for the backbone and the head alike, starting from phase one's head.
 
 The floor is a logistic regression on the globally pooled frozen features (Keras,
 full-batch Adam on the softmax cross-entropy + L2 with scikit-learn's default C = 1).
@@ -170,7 +169,6 @@ def run_family(family, features, args, extraction_seconds):
         50,
         weights=str(MOBILENET_WEIGHTS),
         image_size=args.image_size,
-        label_smoothing=args.label_smoothing,
         **options,
     )
     head = split_at_backbone(model)[1]
@@ -230,7 +228,6 @@ def main():
     parser.add_argument("--head-epochs", type=int, default=30)
     parser.add_argument("--fine-tune-epochs", type=int, default=8)
     parser.add_argument("--fine-tune-lr", type=float, default=1e-4)
-    parser.add_argument("--label-smoothing", type=float, default=0.0)
     parser.add_argument(
         "--fine-tune-grouping-weight",
         type=float,
@@ -276,8 +273,7 @@ def recipe(args):
     return {
         "features": "train images + horizontal flips, whole image resized, computed once",
         "head_phase": f"train_head: AdamW 1e-3 cosine to 0, wd 1e-4, batch 64, "
-        f"{args.head_epochs} epochs"
-        + (f", label smoothing {args.label_smoothing:g}" if args.label_smoothing else ""),
+        f"{args.head_epochs} epochs",
         "fine_tune_phase": (
             f"{args.fine_tune_epochs} epochs, all layers (BN frozen), AdamW "
             f"{args.fine_tune_lr:g} cosine to 0, wd 1e-4, batch 32, random crop + flip"
@@ -289,7 +285,6 @@ def recipe(args):
             if args.fine_tune_epochs
             else "none"
         ),
-        "label_smoothing": args.label_smoothing,
         "seed": args.seed,
     }
 

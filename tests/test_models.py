@@ -96,7 +96,6 @@ def test_user_loss_replaces_the_joint_objective():
     assert "classification_loss" not in history.history
 
 
-
 @pytest.mark.parametrize("drop_remainder", [False, True])
 def test_epoch_metrics_over_a_dataset_of_unknown_length(drop_remainder):
     """The epoch's loss terms and accuracy are the means over its samples.
@@ -128,6 +127,7 @@ def test_epoch_metrics_over_a_dataset_of_unknown_length(drop_remainder):
         assert history["accuracy"][epoch] == pytest.approx(accuracy, abs=1e-6)
         assert history["classification_loss"][epoch] == pytest.approx(cross_entropy, rel=1e-5)
         assert history["loss"][epoch] == pytest.approx(cross_entropy, rel=1e-5)
+
 
 def test_label_smoothing_changes_the_loss():
     images = np.random.uniform(0, 255, (8, 64, 64, 3)).astype("float32")
