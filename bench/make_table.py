@@ -157,7 +157,7 @@ def speed_section(result):
     return lines
 
 
-def train_runs_section(reid, parts):
+def train_runs_section(reid):
     lines = []
     if reid:
         lines += [
@@ -177,23 +177,43 @@ def train_runs_section(reid, parts):
                 )
         commands = [r["command"] for r in reid["families"].values()]
         lines += ["", f"- e.g. `{commands[0]}` — {machine_line(reid)}", ""]
-    if parts:
-        lines += [
-            "### Where the attention looks (synthetic data)",
-            "",
-            "Share of attention peaks inside the ground-truth part (`part_hit_rate`).",
-            "",
-            "| model | top-1 | part hit rate |",
-            "| --- | --- | --- |",
-        ]
-        for family, r in parts["families"].items():
-            if "evaluation" in r and r.get("part_hit_rate") is not None:
-                lines.append(
-                    f"| {model_name({'model': family})} | {pct(r['top1'])} "
-                    f"| {pct(r['part_hit_rate'])} |"
-                )
-        lines += ["", f"- `python train.py --model NAME --epochs {parts['epochs']}` — "
-                  f"{machine_line(parts)}", ""]
+    return lines
+
+
+def attention_section(result):
+    """Pointing game and mass in the dilated part box on synthetic data, beside chance."""
+    if not result or not result["families"]:
+        return []
+    lines = [
+        "### Where the attention looks (synthetic data)",
+        "",
+        "The best attention map's peak cell inside the true part box dilated by one grid cell "
+        "(pointing game), and its mass inside that box; chance is the share of grid cells inside "
+        "the dilated box. Peak mass against a uniform map's. Mean over seeds (min–max).",
+        "",
+        "| model | setting | seeds | top-1 | pointing game | mass in box | chance "
+        "| peak mass (uniform) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+
+    def cell(row, key):
+        value = row.get(key)
+        if not value:
+            return "—"
+        if len(row["seeds"]) == 1:
+            return pct(value["mean"])
+        return f"{pct(value['mean'])} ({pct(value['min'])}–{pct(value['max'])})"
+
+    for family, settings in result["families"].items():
+        for setting, row in settings.items():
+            uniform = row.get("uniform_peak_mass", {}).get("mean")
+            peak = cell(row, "peak_mass") + (f" ({uniform:.3f})" if uniform else "")
+            lines.append(
+                f"| {model_name({'model': family})} | {setting} | {len(row['seeds'])} "
+                f"| {cell(row, 'top1')} | {cell(row, 'pointing_game')} "
+                f"| {cell(row, 'mass_in_box')} | {pct(row['chance']['mean'])} | {peak} |"
+            )
+    lines += ["", f"- `python bench/attention.py` — {machine_line(result)}", ""]
     return lines
 
 
@@ -240,9 +260,8 @@ def main():
     export = load("export_latency") or load("export_latency_quick")
     if export:
         lines += export_section(export)
-    lines += train_runs_section(
-        load("reid") or load("reid_quick"), load("part_hit_rate") or load("part_hit_rate_quick")
-    )
+    lines += train_runs_section(load("reid") or load("reid_quick"))
+    lines += attention_section(load("attention") or load("attention_quick"))
     table = "\n".join(lines).rstrip() + "\n"
     (RESULTS / "RESULTS.md").write_text("# keras_fg results\n\n" + table)
     print(f"wrote {(RESULTS / 'RESULTS.md').relative_to(ROOT)}")

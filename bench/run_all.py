@@ -31,6 +31,7 @@ FULL = [
     ["accuracy.py", "--image-size", "448", "--families", "gap", "--fine-tune-epochs", "0"],
     ["speed.py"],
     ["train_runs.py"],
+    ["attention.py"],
     ["export_latency.py"],
 ]
 QUICK = [
@@ -38,6 +39,7 @@ QUICK = [
     ["accuracy.py", "--quick"],
     ["speed.py", "--quick"],
     ["train_runs.py", "--quick"],
+    ["attention.py", "--quick"],
     ["export_latency.py", "--quick"],
 ]
 

@@ -1,4 +1,4 @@
-"""Figures that come from whole `train.py` runs: re-ID on mini-MARS, part hits on synthetic data.
+"""Figures that come from whole `train.py` runs: re-ID on mini-MARS (attention: bench/attention.py).
 
 Re-identification: `train.py --task reid` on the shared mini-MARS (16 training identities,
 1,719 images; 32 queries against 529 gallery images of 16 other identities), MobileNetV2
@@ -6,14 +6,10 @@ Re-identification: `train.py --task reid` on the shared mini-MARS (16 training i
 + batch-hard triplet loss, one epoch of head alone then all layers (BatchNormalization
 frozen), AdamW 3e-4 cosine; rank-1 and mAP with flip-averaged embeddings.
 
-Part attention: `train.py` on its synthetic fine-grained set (tiny backbone, its defaults),
-whose evaluation counts how often each attention peak falls inside the ground-truth part
-(`part_hit_rate` in evaluation.json).
+    python bench/train_runs.py                     # re-ID (gap, macnn, dasrbn)
+    python bench/train_runs.py --quick             # re-ID gap only, 2 epochs
 
-    python bench/train_runs.py                     # re-ID (gap, macnn, dasrbn) + part hits
-    python bench/train_runs.py --quick             # re-ID gap only, 2 epochs; part hits, 10 epochs
-
-Writes bench/results/reid.json and bench/results/part_hit_rate.json (``_quick`` with --quick).
+Writes bench/results/reid.json (``reid_quick.json`` with --quick).
 """
 
 import argparse
@@ -62,37 +58,17 @@ def reid(families, epochs, workdir):
     return results
 
 
-def part_hits(families, epochs, workdir):
-    results = {}
-    for family in families:
-        print(f"synthetic {family} ...", flush=True)
-        arguments = ["--model", family, "--epochs", str(epochs), "--verbose", "0"]
-        result = train(arguments, workdir / f"synthetic_{family}")
-        if "evaluation" in result:
-            e = result["evaluation"]
-            result.update(top1=e.get("top1"), part_hit_rate=e.get("part_hit_rate"))
-            print(f"  top-1 {e.get('top1')}  part hit rate {e.get('part_hit_rate')}", flush=True)
-        results[family] = result
-    return results
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--reid-families", nargs="*", default=None)
-    parser.add_argument("--part-families", nargs="*", default=None)
     parser.add_argument("--reid-epochs", type=int, default=None)
-    parser.add_argument("--part-epochs", type=int, default=None)
     args = parser.parse_args()
     quick = "_quick" if args.quick else ""
     reid_families = args.reid_families
     if reid_families is None:
         reid_families = ["gap"] if args.quick else ["gap", "macnn", "dasrbn"]
-    part_families = args.part_families
-    if part_families is None:
-        part_families = ["macnn"] if args.quick else ["macnn", "dasrbn"]
     reid_epochs = args.reid_epochs or (2 if args.quick else 4)
-    part_epochs = args.part_epochs or (10 if args.quick else 30)
     failed = []
     with tempfile.TemporaryDirectory(prefix="keras_fg_bench_") as workdir:
         workdir = Path(workdir)
@@ -107,17 +83,7 @@ def main():
                     "families": reid(reid_families, reid_epochs, workdir),
                 },
             )
-        if part_families:
-            write_json(
-                f"part_hit_rate{quick}",
-                {
-                    "benchmark": "part_hit_rate",
-                    "dataset": "train.py's synthetic fine-grained set (defaults)",
-                    "epochs": part_epochs,
-                    "families": part_hits(part_families, part_epochs, workdir),
-                },
-            )
-    for name in (f"reid{quick}", f"part_hit_rate{quick}"):
+    for name in (f"reid{quick}",):
         path = RESULTS / f"{name}.json"
         if path.exists():
             families = json.loads(path.read_text())["families"]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_fg.data import SyntheticFineGrained, load_dataset, make_pipeline, part_hit_rate
+from keras_fg.data import SyntheticFineGrained, load_dataset, make_pipeline
 
 
 def test_same_seed_same_arrays():
@@ -92,34 +92,3 @@ def test_write_image_folder_round_trip(tmp_path):
     np.testing.assert_array_equal(
         np.array(boxes[relative].split(), float), data.boxes_test[int(relative[-9:-4])]
     )
-
-
-def hit_rate_reference(maps, boxes, size):
-    """Upsample each map, find its peak, and test it against the box, one image at a time."""
-    hits = []
-    for attention, (x, y, w, h) in zip(maps, boxes):
-        big = tf.image.resize(attention[..., None], (size, size)).numpy()[..., 0]
-        row, col = np.unravel_index(np.argmax(big), big.shape)
-        hits.append(x <= col < x + w and y <= row < y + h)
-    return np.mean(hits)
-
-
-def test_part_hit_rate():
-    rng = np.random.default_rng(0)
-    boxes = np.array([[8, 8, 8, 8], [40, 4, 10, 12], [18, 42, 8, 8], [0, 0, 64, 64]], float)
-    maps = rng.uniform(size=(4, 8, 8)).astype("float32")
-    assert part_hit_rate(maps, boxes, 64) == pytest.approx(hit_rate_reference(maps, boxes, 64))
-    # A map peaked in the cell holding the box centre is a hit; peaked in the far corner, a miss
-    # (except for the box covering the whole image).
-    peaked = np.zeros((4, 8, 8), "float32")
-    for i, (x, y, w, h) in enumerate(boxes):
-        peaked[i, int((y + h / 2) // 8), int((x + w / 2) // 8)] = 1.0
-    assert part_hit_rate(peaked, boxes, 64) == 1.0
-    far = np.zeros((4, 8, 8), "float32")
-    far[:, 7, 0] = 1.0
-    assert part_hit_rate(far, boxes, 64) == 0.25
-    both = np.stack([far, peaked], axis=-1)
-    assert part_hit_rate(both, boxes, 64) == 1.0
-    np.testing.assert_allclose(part_hit_rate(both, boxes, 64, per_part=True), [0.25, 1.0])
-    with pytest.raises(ValueError, match="4 attention maps but 3 boxes"):
-        part_hit_rate(maps, boxes[:3], 64)

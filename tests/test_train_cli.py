@@ -49,7 +49,10 @@ def test_synthetic_run_writes_a_complete_run_directory(tmp_path):
     for key in ("top1", "top5", "mean_per_class_accuracy"):
         assert 0.0 <= evaluation[key] <= 1.0
     assert evaluation["skipped_images"] == 0
-    assert "part_hit_rate" in evaluation
+    attention = evaluation["attention"]
+    for key in ("pointing_game", "mass_in_box", "chance", "peak_mass", "uniform_peak_mass"):
+        assert 0.0 <= attention[key] <= 1.0
+    assert len(attention["per_part"]["pointing_game"]) == 2
     config = json.loads((out / "config.json").read_text())
     assert config["model"] == "macnn" and config["backbone"] == "tiny"
     assert "Evaluation: top1=" in result.stdout

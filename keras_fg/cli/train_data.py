@@ -9,8 +9,8 @@ from keras_fg.data import (
     SyntheticFineGrained,
     load_dataset,
     make_pipeline,
-    part_hit_rate,
 )
+from keras_fg.metrics.attention import attention_report
 
 EVALUATION_SPLITS = {"cub": "test", "cars": "test", "dogs": "test", "aircraft": "test"}
 
@@ -137,9 +137,9 @@ class ClassificationData:
         report = classification_report(np.concatenate(labels), np.concatenate(probabilities),
                                        class_names=self.class_names)
         if maps and self.counter.count == 0:
-            # Synthetic data: how often each attention peak falls inside the true part.
-            report["part_hit_rate"] = float(
-                part_hit_rate(np.concatenate(maps), self.boxes, args.image_size[0])
+            # Synthetic data: pointing game and mass inside the true part, beside chance.
+            report["attention"] = attention_report(
+                np.concatenate(maps), self.boxes, args.image_size[0]
             )
         return report
 

@@ -18,4 +18,4 @@ from keras_fg.data.matfile import load_mat
 from keras_fg.data.pipeline import SkipCounter, make_pipeline
 from keras_fg.data.records import ImageRecords
 from keras_fg.data.sampling import PKSampler
-from keras_fg.data.synthetic import SyntheticFineGrained, part_hit_rate
+from keras_fg.data.synthetic import SyntheticFineGrained

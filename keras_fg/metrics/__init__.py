@@ -1,4 +1,4 @@
-"""Evaluation metrics: classification accuracy and person re-identification (CMC, mAP, mINP)."""
+"""Evaluation metrics: classification accuracy, attention against true regions, re-identification."""
 
 from keras_fg.metrics.classification import (
     MeanPerClassAccuracy,
@@ -9,3 +9,4 @@ from keras_fg.metrics.classification import (
 )
 from keras_fg.metrics.re_ranking import k_reciprocal_re_ranking
 from keras_fg.metrics.reid import evaluate_reid, pairwise_distances
+from keras_fg.metrics.attention import attention_measures, attention_report, dilated_box_cells
