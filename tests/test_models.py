@@ -448,3 +448,32 @@ def test_phase_switches_reuse_one_train_function_per_phase():
     model.fit(images, np.arange(8) % 4, epochs=4, verbose=0, callbacks=[schedule, record])
     assert functions[0] is functions[2] and functions[1] is functions[3]
     assert functions[0] is not functions[1]
+
+
+def test_partial_multi_optimizer_trains_a_frozen_backbones_head_and_reloads(tmp_path):
+    from keras_fg.models.multi_optimizer import PartialMultiOptimizer
+
+    model = build("macnn", image_size=32)
+    slow = keras.optimizers.SGD(1e-3)
+    mapping = keras.optimizers.OptimizerMap(
+        keras.optimizers.SGD(0.1), {v.path: slow for v in model.backbone.trainable_weights}
+    )
+    model.compile(optimizer=PartialMultiOptimizer(mapping))
+    model.optimizer.build(model.trainable_variables)
+    images = np.random.uniform(0, 255, (8, 32, 32, 3)).astype("float32")
+    labels = np.arange(8) % 4
+    backbone = [v.numpy().copy() for v in model.backbone.trainable_weights]
+    model.set_backbone_trainable(False)  # Keras' MultiOptimizer refuses this subset.
+    model.set_phase("channel_grouping")
+    model.fit(images, labels, epochs=1, verbose=0)
+    for before, after in zip(backbone, model.backbone.trainable_weights):
+        np.testing.assert_array_equal(before, after.numpy())
+    model.set_phase("joint")
+    model.set_backbone_trainable(True)
+    model.fit(images, labels, epochs=1, verbose=0)
+    assert int(slow.iterations) == 1 and int(model.optimizer.iterations) == 2
+    assert any(not np.array_equal(b, a.numpy()) for b, a in zip(backbone, model.backbone.trainable_weights))
+    model.save(tmp_path / "model.keras")
+    reloaded = keras.saving.load_model(tmp_path / "model.keras")
+    assert isinstance(reloaded.optimizer, PartialMultiOptimizer)
+    reloaded.fit(images, labels, epochs=1, verbose=0)

@@ -382,6 +382,8 @@ def family_options(args):
 def make_optimizer(args, model, steps_per_epoch):
     import keras
 
+    from keras_fg.models.multi_optimizer import PartialMultiOptimizer
+
     def learning_rate(base):
         if args.schedule == "constant":
             return base
@@ -409,7 +411,8 @@ def make_optimizer(args, model, steps_per_epoch):
         optimizer(args.learning_rate),
         {v.path: backbone_optimizer for b in model.backbones() for v in b.trainable_weights},
     )
-    return keras.optimizers.MultiOptimizer(mapping)
+    # Frozen backbones and MA-CNN phases train a subset of the variables.
+    return PartialMultiOptimizer(mapping)
 
 
 def atomic_save(model, path):

@@ -5,6 +5,8 @@ import numbers
 import keras
 from keras import ops
 
+from keras_fg.models import multi_optimizer  # noqa: F401  (registers it, for loading)
+
 PHASES = ("joint", "channel_grouping", "classification")
 # The constructor arguments that hold a backbone model (serialised as nested models).
 BACKBONE_ARGUMENTS = ("backbone", "second_backbone", "part_backbone")
