@@ -13,7 +13,7 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 # What makes a recipe small: its settings otherwise, as written.
 SMALL = [
     "--backbone", "tiny", "--weights", "none", "--epochs", "1", "--head-epochs", "0",
-    "--warmup-epochs", "0", "--verbose", "0", "--no-determinism",
+    "--warmup-epochs", "0", "--verbose", "0", "--no-determinism", "--macnn-init", "none",
 ]
 
 
