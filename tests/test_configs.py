@@ -12,8 +12,21 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 # What makes a recipe small: its settings otherwise, as written.
 SMALL = [
-    "--backbone", "tiny", "--weights", "none", "--epochs", "1", "--head-epochs", "0",
-    "--warmup-epochs", "0", "--verbose", "0", "--no-determinism", "--macnn-init", "none",
+    "--backbone",
+    "tiny",
+    "--weights",
+    "none",
+    "--epochs",
+    "1",
+    "--head-epochs",
+    "0",
+    "--warmup-epochs",
+    "0",
+    "--verbose",
+    "0",
+    "--no-determinism",
+    "--macnn-init",
+    "none",
 ]
 
 
@@ -28,11 +41,30 @@ def test_recipe_runs_one_step_on_tiny(config, tmp_path, request):
     argv = ["--config", str(config), *SMALL, "--output", str(tmp_path / "run")]
     if recipe.get("task") == "reid":
         market = request.getfixturevalue("market_dir")  # Skips when ../shared is absent.
-        argv += ["--data", str(market), "--image-size", "32", "16", "--num-identities", "2",
-                 "--num-instances", "2"]
+        argv += [
+            "--data",
+            str(market),
+            "--image-size",
+            "32",
+            "16",
+            "--num-identities",
+            "2",
+            "--num-instances",
+            "2",
+        ]
     else:
-        argv += ["--image-size", "32", "--batch-size", "8", "--synthetic-train", "16",
-                 "--synthetic-test", "8", "--synthetic-classes", "4"]
+        argv += [
+            "--image-size",
+            "32",
+            "--batch-size",
+            "8",
+            "--synthetic-train",
+            "16",
+            "--synthetic-test",
+            "8",
+            "--synthetic-classes",
+            "4",
+        ]
     if recipe.get("part_crop_size"):
         argv += ["--part-crop-size", "16"]
     args = parse_args(argv)

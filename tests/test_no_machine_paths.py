@@ -7,19 +7,31 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Absolute paths of a machine: home and work folders, temporary folders, Windows profiles.
 MACHINE_PATH = re.compile(
-    "|".join(["/" + "work/", "/" + "home/", "/" + "Users/", "/" + "tmp/", "/" + "root/",
-              r"\b[A-Z]:\\\\(?:Users|Windows|Program)"])
+    "|".join(
+        [
+            "/" + "work/",
+            "/" + "home/",
+            "/" + "Users/",
+            "/" + "tmp/",
+            "/" + "root/",
+            r"\b[A-Z]:\\\\(?:Users|Windows|Program)",
+        ]
+    )
 )
 
 
 def project_files():
     try:
-        listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
-                                check=True).stdout.split()
+        listed = subprocess.run(
+            ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.split()
         return [ROOT / name for name in listed]
     except (OSError, subprocess.CalledProcessError):  # Not a git checkout: every visible file.
-        return [p for p in ROOT.rglob("*") if p.is_file()
-                and not any(part.startswith(".") for part in p.relative_to(ROOT).parts)]
+        return [
+            p
+            for p in ROOT.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(ROOT).parts)
+        ]
 
 
 def test_no_committed_file_holds_an_absolute_machine_path():
