@@ -30,6 +30,7 @@ Writes bench/results/accuracy_<size>.json (accuracy_quick.json with --quick).
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def load_features(image_size, cache_dir, limit=None):
         with np.load(path) as cached:
             arrays = {k: cached[k] for k in cached.files if not k.startswith("seconds_")}
             seconds = {k[8:]: float(cached[k]) for k in cached.files if k.startswith("seconds_")}
-        return arrays, {"extraction_seconds": seconds, "from_cache": str(path)}
+        return arrays, {"extraction_seconds": seconds, "from_cache": path.name}  # In --cache-dir.
     model = create_model("gap", 50, weights=str(MOBILENET_WEIGHTS), image_size=image_size)
     dtype = "float16" if image_size > 300 else "float32"
     arrays, seconds = {}, {}
@@ -235,7 +236,11 @@ def main():
         help="MA-CNN's L_cng weight in phase two (default: the model's own)",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache-dir", default="/tmp/keras_fg_bench_cache")
+    parser.add_argument(
+        "--cache-dir",
+        default=str(Path(tempfile.gettempdir()) / "keras_fg_bench_cache"),
+        help="where the backbone features are cached (default: the system's temporary folder)",
+    )
     parser.add_argument("--quick", action="store_true", help="GAP + full B-CNN, 5 epochs")
     parser.add_argument("--output", default=None, help="results name (default from the size)")
     args = parser.parse_args()

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import MARS_ROOT, MOBILENET_WEIGHTS, RESULTS, ROOT, require_shared, write_json
+from common import MARS_ROOT, MOBILENET_WEIGHTS, RESULTS, ROOT, SHARED, require_shared, write_json
 
 
 def train(arguments, output):
@@ -28,7 +28,8 @@ def train(arguments, output):
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     seconds = time.perf_counter() - start
-    shown = "python train.py " + " ".join(arguments)
+    # Recorded with paths relative to the shared folder's parent, as a user would type them.
+    shown = "python train.py " + " ".join(arguments).replace(str(SHARED), "../shared")
     if done.returncode:
         tail = done.stderr.strip().splitlines()[-5:]
         print(f"  failed: {shown}: {' | '.join(tail)}", flush=True)

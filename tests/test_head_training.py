@@ -106,3 +106,71 @@ def test_bad_inputs_raise_clear_errors():
         train_head(model, np.zeros((3, 4, 4, 128)), [0, 1, 2], epochs=0)
     with pytest.raises(ValueError, match="yielded no images"):
         extract_features(model, np.zeros((0, 32, 32, 3), "float32"))
+
+
+MIRRORED_HEAD_SCRIPT = """
+import json
+import numpy as np
+import tensorflow as tf
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+from keras_fg.models import FeatureHead, create_model
+
+rng = np.random.default_rng(0)
+features = rng.uniform(0, 6, (8, 4, 4, 128)).astype("float32")
+labels = np.arange(8) % 4
+
+
+def one_step(initial):
+    model = create_model("macnn", 4, backbone="tiny", image_size=32, num_parts=2, hidden_units=8)
+    if initial is not None:
+        model.set_weights(initial)
+    start = [w.copy() for w in model.get_weights()]
+    head = FeatureHead(model)
+    head.compile(optimizer=keras.optimizers.SGD(0.5))
+    head.fit(features, labels, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    return start, model.get_weights()
+
+
+start, single = one_step(None)
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+    _, mirrored = one_step(start)
+moved = max(float(np.abs(s - w).max()) for s, w in zip(start, single))
+error = max(float(np.abs(a - b).max()) for a, b in zip(single, mirrored))
+print(json.dumps({"moved": moved, "error": error}))
+"""
+
+
+def test_feature_head_step_under_mirrored_strategy_equals_the_single_device_step():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", MIRRORED_HEAD_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["moved"] > 1e-3  # The step did change the weights...
+    assert figures["error"] < 1e-5  # ...by the same amount on two replicas as on one.
+
+
+def test_feature_head_honours_sample_weights():
+    model = create_model("gap", 3, backbone="tiny", image_size=32)
+    x, y = images(6), np.array([0, 1, 2, 0, 1, 2])
+    features = extract_features(model, x)
+    head = FeatureHead(model)
+    head.compile(optimizer="sgd")
+    weights = np.array([1, 1, 1, 0, 0, 0], "float32")
+    weighted = head.evaluate(features, y, sample_weight=weights, verbose=0, return_dict=True)
+    half = head.evaluate(features[:3], y[:3], verbose=0, return_dict=True)
+    # Keras' reduction: Σ w·l / B, so zero weights halve the mean of the other three.
+    np.testing.assert_allclose(weighted["loss"], half["loss"] / 2, rtol=1e-5)

@@ -372,3 +372,108 @@ def test_reid_embedding_model_trains_with_its_metric_loss(metric_loss, tmp_path)
     assert keras.saving.load_model(tmp_path / "reid.keras").metric_loss == metric_loss
     with pytest.raises(ValueError, match="Received: metric_loss='arcface'"):
         build("gap", bnneck=True, triplet_weight=1.0, metric_loss="arcface")
+
+
+@pytest.mark.parametrize("weighting", ["class_weight", "sample_weight"])
+def test_weights_change_the_gradient_exactly_as_in_plain_keras(weighting):
+    """One SGD step of the joint loss equals one of Keras' own cross-entropy, weights included."""
+    images = np.random.uniform(0, 255, (8, 32, 32, 3)).astype("float32")
+    labels = np.array([0, 0, 0, 0, 0, 1, 2, 3])
+    options = {
+        "class_weight": {"class_weight": {0: 0.25, 1: 3.0, 2: 1.0, 3: 0.5}},
+        "sample_weight": {"sample_weight": np.linspace(0.0, 2.0, 8).astype("float32")},
+    }[weighting]
+    ours = build("gap", image_size=32)
+    twin = build("gap", image_size=32)
+    twin.set_weights(ours.get_weights())
+    plain = keras.Model(twin.input, twin.output["logits"])
+    plain.compile(
+        optimizer=keras.optimizers.SGD(1.0),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    ours.compile(optimizer=keras.optimizers.SGD(1.0))
+    start = [w.copy() for w in ours.get_weights()]
+    ours_loss = ours.fit(images, labels, batch_size=8, shuffle=False, verbose=0, **options)
+    plain_loss = plain.fit(images, labels, batch_size=8, shuffle=False, verbose=0, **options)
+    assert ours_loss.history["loss"][0] == pytest.approx(plain_loss.history["loss"][0], rel=1e-5)
+    unweighted = build("gap", image_size=32)
+    unweighted.set_weights(start)
+    unweighted.compile(optimizer=keras.optimizers.SGD(1.0))
+    unweighted.fit(images, labels, batch_size=8, shuffle=False, verbose=0)
+    changed = False
+    for a, b, c in zip(ours.get_weights(), plain.get_weights(), unweighted.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        changed = changed or not np.allclose(a, c, atol=1e-6)
+    assert changed  # The weights did change the step.
+
+
+def test_every_term_is_weighted_per_sample():
+    """A sample of weight 0 leaves the per-sample terms as if it were not in the batch."""
+    model = build("gap", bnneck=True, triplet_weight=1.0)
+    images = np.random.uniform(0, 255, (8, 64, 64, 3)).astype("float32")
+    labels = np.repeat(np.arange(4), 2)
+    y_pred = model(images)
+    weights = np.array([1, 1, 1, 1, 1, 1, 0, 0], "float32")
+    terms = model.compute_loss_terms(keras.ops.convert_to_tensor(labels), y_pred)
+    for name, (_, value) in terms.items():
+        value = keras.ops.convert_to_numpy(value)
+        assert value.shape == (8,), name  # Per-sample, as the contract says.
+    model.compile(optimizer="sgd")
+    total = model.compute_loss(images, labels, y_pred, sample_weight=weights)
+    expected = sum(
+        float((keras.ops.convert_to_numpy(v) * weights).sum() / 8) * w for w, v in terms.values()
+    )
+    assert float(total) == pytest.approx(expected, rel=1e-5)
+
+
+def test_num_classes_accepts_numpy_integers():
+    for family in ("gap", "macnn"):
+        model = build(family, num_classes=np.int64(5))
+        assert model.num_classes == 5 and type(model.num_classes) is int
+    with pytest.raises(ValueError, match="Received: num_classes=True"):
+        build("gap", num_classes=True)
+    with pytest.raises(ValueError, match="Received: num_classes=2.5"):
+        build("gap", num_classes=2.5)
+
+
+def test_phase_switches_reuse_one_train_function_per_phase():
+    model = build("macnn")
+    model.compile(optimizer="sgd")
+    images = np.random.uniform(0, 255, (8, 64, 64, 3)).astype("float32")
+    functions = []
+    record = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: functions.append(model.train_function)
+    )
+    schedule = PhaseSchedule(["channel_grouping", "classification"])
+    model.fit(images, np.arange(8) % 4, epochs=4, verbose=0, callbacks=[schedule, record])
+    assert functions[0] is functions[2] and functions[1] is functions[3]
+    assert functions[0] is not functions[1]
+
+
+def test_partial_multi_optimizer_trains_a_frozen_backbones_head_and_reloads(tmp_path):
+    from keras_fg.models.multi_optimizer import PartialMultiOptimizer
+
+    model = build("macnn", image_size=32)
+    slow = keras.optimizers.SGD(1e-3)
+    mapping = keras.optimizers.OptimizerMap(
+        keras.optimizers.SGD(0.1), {v.path: slow for v in model.backbone.trainable_weights}
+    )
+    model.compile(optimizer=PartialMultiOptimizer(mapping))
+    model.optimizer.build(model.trainable_variables)
+    images = np.random.uniform(0, 255, (8, 32, 32, 3)).astype("float32")
+    labels = np.arange(8) % 4
+    backbone = [v.numpy().copy() for v in model.backbone.trainable_weights]
+    model.set_backbone_trainable(False)  # Keras' MultiOptimizer refuses this subset.
+    model.set_phase("channel_grouping")
+    model.fit(images, labels, epochs=1, verbose=0)
+    for before, after in zip(backbone, model.backbone.trainable_weights):
+        np.testing.assert_array_equal(before, after.numpy())
+    model.set_phase("joint")
+    model.set_backbone_trainable(True)
+    model.fit(images, labels, epochs=1, verbose=0)
+    assert int(slow.iterations) == 1 and int(model.optimizer.iterations) == 2
+    assert any(not np.array_equal(b, a.numpy()) for b, a in zip(backbone, model.backbone.trainable_weights))
+    model.save(tmp_path / "model.keras")
+    reloaded = keras.saving.load_model(tmp_path / "model.keras")
+    assert isinstance(reloaded.optimizer, PartialMultiOptimizer)
+    reloaded.fit(images, labels, epochs=1, verbose=0)

@@ -21,10 +21,10 @@ QUICK = [
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
 
 
-def train(*args, timeout=300, check=True):
+def train(*args, timeout=300, check=True, cwd=ROOT):
     result = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *map(str, args)],
-        capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT,
+        capture_output=True, text=True, timeout=timeout, env=ENV, cwd=cwd,
     )
     if check:
         assert result.returncode == 0, result.stderr[-4000:]
@@ -167,13 +167,60 @@ def test_interrupted_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
     interrupted_at = json.loads(state.read_text())["epoch"]
     assert 1 <= interrupted_at < 4
 
-    result = train(*args, "--output", out)
+    # Resuming is explicit: the same command again is refused, and so is a changed flag.
+    assert "--resume" in one_line_error(train(*args, "--output", out, check=False))
+    changed = one_line_error(train("--resume", out, "--seed", "7", check=False))
+    assert "cannot resume" in changed and "seed" in changed
+    result = train("--resume", out)  # The run's own configuration, from its directory.
     assert f"Resuming {out} after epoch {interrupted_at}" in result.stdout
     resumed = json.loads((out / "evaluation.json").read_text())
     for key in ("top1", "top5", "mean_per_class_accuracy"):
         assert resumed[key] == pytest.approx(expected[key], abs=1e-6), key
+    import keras
+
+    import keras_fg  # noqa: F401  (registers the model classes for loading)
+
+    straight = keras.saving.load_model(tmp_path / "straight" / "model.keras")
+    again = keras.saving.load_model(out / "model.keras")
+    for a, b in zip(straight.get_weights(), again.get_weights()):
+        np.testing.assert_array_equal(a, b)
     history = (out / "history.csv").read_text().strip().splitlines()
     assert len(history) >= 1 + 4  # Header, then every epoch at least once.
+    assert not (out / "checkpoint").exists()
+
+
+def test_two_runs_back_to_back_get_their_own_directories_and_one_progress_bar(tmp_path):
+    first = train(*QUICK, "--model", "gap", "--image-size", "32", "--epochs", "3",
+                  "--head-epochs", "1", "--class-weight", "balanced", "--verbose", "2",
+                  cwd=tmp_path)
+    # One fit over all epochs: Keras' own epoch counter, one line per epoch.
+    counters = [line.split()[1] for line in first.stdout.splitlines() if line.startswith("Epoch ")]
+    assert counters == ["1/3", "2/3", "3/3"], first.stdout[-2000:]
+    second = train(*QUICK, "--model", "bcnn", "--reduction-dim", "4", "--image-size", "32",
+                   cwd=tmp_path)
+    runs = sorted(p for p in (tmp_path / "runs").iterdir() if p.name != "latest")
+    assert [p.name.split("-")[:2] for p in runs] == [["bcnn", "synthetic"], ["gap", "synthetic"]]
+    for run in runs:
+        assert (run / "evaluation.json").is_file()
+    history = (runs[1] / "history.csv").read_text().strip().splitlines()
+    assert [line.split(",")[0] for line in history[1:]] == ["0", "1", "2"]
+    latest = tmp_path / "runs" / "latest"
+    assert latest.resolve() == runs[0].resolve()
+    assert f"Run directory: runs/{runs[0].name}" in second.stdout
+    config = json.loads((runs[1] / "config.json").read_text())
+    assert config["class_weight"] == "balanced"
+    # The newest run is complete: resuming it finds nothing to do.
+    assert "already complete" in train("--resume", "latest", cwd=tmp_path).stdout
+
+
+def test_balanced_class_weights():
+    from keras_fg.cli.train import balanced_class_weights
+
+    labels = np.array([0, 0, 0, 0, 0, 0, 1, 1, 2])
+    weights = balanced_class_weights(labels, 3, "balanced")
+    np.testing.assert_allclose(weights, [9 / (3 * 6), 9 / (3 * 2), 9 / (3 * 1)])
+    np.testing.assert_allclose((weights[labels]).mean(), 1.0)  # The mean weight per image is 1.
+    assert balanced_class_weights(labels, 3, "none") is None
 
 
 def _free_ports(count):

@@ -1,5 +1,9 @@
 """train.py: train and evaluate any keras_fg model on any dataset, from one CPU to many machines.
 
+Every run gets its own directory, `runs/<model>-<data>-<time>` unless `--output` names one;
+`runs/latest` links to the newest. `--resume DIR` (or `--resume latest`) continues an
+interrupted run from its last completed epoch, to the same weights as an uninterrupted run.
+
 The run directory holds:
     config.json          the resolved configuration (every flag, after the config file)
     model.keras          the trained model
@@ -20,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from keras_fg.cli.train_config import comparable, parse_args
+from keras_fg.cli.train_config import RUNS, comparable, parse_args
 
 
 class RunError(Exception):
@@ -60,27 +64,15 @@ def run(args):
             f"Keras runs on {backend!r}"
         )
     strategy = make_strategy(args.strategy)  # First: multi-worker must start before other TF ops.
+    if args.output is None:
+        if args.strategy == "multi_worker":
+            raise RunError("--strategy multi_worker needs --output DIR, the same on every worker")
+        args.output = str(new_run_directory(args))
     output = run_directory(args, strategy)
     config = {k: v for k, v in vars(args).items()}
-    previous = output / "config.json"
-    if output.is_dir() and not previous.exists() and any(
-        entry.name != "workers" for entry in output.iterdir()  # Other workers' folders.
-    ):
-        raise RunError(f"output directory {output} is not empty and holds no keras_fg run")
-    if previous.exists():
-        stored = json.loads(previous.read_text())
-        different = sorted(
-            k for k in set(comparable(stored)) | set(comparable(config))
-            if stored.get(k) != config.get(k)
-        )
-        if different:
-            raise RunError(
-                f"output directory {output} holds a different run (it differs in: "
-                f"{', '.join(different)}); choose another --output"
-            )
-        if (output / "evaluation.json").exists():
-            print(f"{output} holds this run, already complete: {output / 'evaluation.json'}")
-            return json.loads((output / "evaluation.json").read_text())
+    complete = check_run_directory(output, config, resuming=bool(args.resume))
+    if complete is not None:
+        return complete
     output.mkdir(parents=True, exist_ok=True)
     write_json(output / "config.json", config)
 
@@ -101,7 +93,10 @@ def run(args):
         f"{data.num_classes} classes; {data.evaluation_size} evaluation images"
     )
 
-    from keras_fg.models import create_model
+    from keras_fg.cli.run_checkpoint import RunCheckpoint
+    from keras_fg.models import PhaseSchedule, create_model
+    from keras_fg.models.keras_internals import detach_from_distribution_strategy
+    from keras_fg.models.phase_schedule import BackboneSchedule
 
     with strategy.scope():
         model = create_model(
@@ -121,15 +116,13 @@ def run(args):
     multi_worker = args.strategy == "multi_worker"
     if multi_worker:
         # Keras 3.15's fit() fails under MultiWorkerMirroredStrategy (keras-team/keras#20585):
-        # the epochs run in `fit_epoch_multi_worker`, and the model itself is left without a
+        # the epochs run in `fit_multi_worker`, and the model itself is left without a
         # strategy so that predict/evaluate stay local (every worker holds the same weights).
-        model._distribute_strategy = None
+        detach_from_distribution_strategy(model)
 
-    checkpoint = output / "checkpoint"
-    start_epoch = 0
-    if (checkpoint / "state.json").exists():
-        start_epoch = json.loads((checkpoint / "state.json").read_text())["epoch"]
-        model.load_weights(checkpoint / "model.weights.h5")
+    checkpoint = RunCheckpoint(output / "checkpoint")
+    start_epoch = checkpoint.restore(model)
+    if start_epoch:
         print(f"Resuming {output} after epoch {start_epoch}")
     elif args.model == "macnn" and args.macnn_init == "clustering":
         started = time.time()
@@ -141,32 +134,33 @@ def run(args):
             f"channels, pre-training loss {result['loss']:.3f} ({time.time() - started:.0f} s)"
         )
 
-    callbacks = [
+    # Phase switches and the backbone's unfreezing first: they set what the epoch trains.
+    callbacks = []
+    if args.model == "macnn":
+        callbacks.append(PhaseSchedule([p.strip() for p in args.macnn_phases.split(",") if p.strip()]))
+    if args.head_epochs:
+        callbacks.append(BackboneSchedule(args.head_epochs))
+    callbacks += [
         keras.callbacks.CSVLogger(str(output / "history.csv"), append=True),
         keras.callbacks.TensorBoard(str(output / "tensorboard"), write_graph=False),
+        checkpoint,
     ]
-    phases = [p.strip() for p in args.macnn_phases.split(",") if p.strip()]
+    class_weights = balanced_class_weights(data.train_labels, data.num_classes, args.class_weight)
     started = time.time()
     try:
-        for epoch in range(start_epoch, args.epochs):
-            if args.head_epochs:
-                model.set_backbone_trainable(epoch >= args.head_epochs)
-            if args.model == "macnn":
-                model.set_phase(phases[epoch % len(phases)])
-            batches = data.pipeline(args, training=True, epoch=epoch)
-            if multi_worker:
-                fit_epoch_multi_worker(model, strategy, batches, epoch, callbacks)
-            else:
-                model.fit(
-                    batches,
-                    initial_epoch=epoch,
-                    epochs=epoch + 1,
-                    validation_data=data.validation_pipeline(args),
-                    callbacks=callbacks,
-                    shuffle=False,  # The pipeline shuffles, seeded per epoch.
-                    verbose=args.verbose,
-                )
-            save_checkpoint(model, checkpoint, epoch + 1)
+        if multi_worker:
+            fit_multi_worker(model, strategy, data, args, class_weights, start_epoch, callbacks)
+        else:
+            model.fit(
+                training_batches(data, args, class_weights, start_epoch, steps_per_epoch),
+                steps_per_epoch=steps_per_epoch,
+                initial_epoch=start_epoch,
+                epochs=args.epochs,
+                validation_data=data.validation_pipeline(args),
+                callbacks=callbacks,
+                shuffle=False,  # Each epoch's pipeline shuffles, seeded by (seed, epoch).
+                verbose=args.verbose,
+            )
     except (ValueError, FileNotFoundError) as error:
         error._during_training = True
         raise
@@ -177,7 +171,7 @@ def run(args):
     evaluation["training_seconds"] = round(training_seconds, 1)
     evaluation["skipped_images"] = data.skipped_images()
     write_json(output / "evaluation.json", evaluation)
-    shutil.rmtree(checkpoint, ignore_errors=True)
+    shutil.rmtree(checkpoint.folder, ignore_errors=True)
     write_attention_overlays(model, data, args, output)
     summary = ", ".join(
         f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
@@ -216,26 +210,133 @@ def make_strategy(name):
     raise RunError(f"unknown strategy {name!r}")
 
 
-def fit_epoch_multi_worker(model, strategy, dataset, epoch, callbacks):
-    """One epoch of `model.train_step` on every replica of a multi-worker strategy.
+def fit_multi_worker(model, strategy, data, args, class_weights, start_epoch, callbacks):
+    """`fit`'s epochs of `model.train_step` on every replica of a multi-worker strategy.
 
     The same step `fit` runs, without the result reduction that fails in Keras 3.15; the
-    metrics are read once at the end of the epoch, aggregated over all workers.
+    metrics are read once at the end of each epoch, aggregated over all workers. One step
+    function is traced per training state (phase, backbone frozen or not), as `fit` does.
     """
     import keras
     import tensorflow as tf
 
     callback_list = keras.callbacks.CallbackList(callbacks, model=model)
-    step = tf.function(lambda batch: strategy.run(model.train_step, args=(batch,)))
-    model.reset_metrics()
+    steps = {}
+    logs = {}
     callback_list.on_train_begin()
-    callback_list.on_epoch_begin(epoch)
-    for batch in strategy.experimental_distribute_dataset(dataset):
-        step(batch)
-    logs = {metric.name: float(metric.result()) for metric in model.metrics}
-    callback_list.on_epoch_end(epoch, logs)
+    for epoch in range(start_epoch, args.epochs):
+        model.reset_metrics()
+        callback_list.on_epoch_begin(epoch)
+        state = model.training_state()
+        if state not in steps:
+            steps[state] = tf.function(lambda batch: strategy.run(model.train_step, args=(batch,)))
+        dataset = with_class_weights(data.pipeline(args, training=True, epoch=epoch), class_weights)
+        for batch in strategy.experimental_distribute_dataset(dataset):
+            steps[state](batch)
+        logs = {metric.name: float(metric.result()) for metric in model.metrics}
+        callback_list.on_epoch_end(epoch, logs)
+        print(f"Epoch {epoch + 1}/{args.epochs}: " + " - ".join(f"{k}: {v:.4f}" for k, v in logs.items()))
     callback_list.on_train_end(logs)
-    print(f"Epoch {epoch + 1}: " + " - ".join(f"{k}: {v:.4f}" for k, v in logs.items()))
+
+
+def training_batches(data, args, class_weights, start_epoch, steps_per_epoch):
+    """The batches of every remaining epoch, one epoch after another, each exactly
+    `steps_per_epoch` long, for one `fit` call.
+
+    Each epoch's pipeline is seeded by (seed, epoch) and built when the epoch starts, so a
+    resumed run sees the same batches as an uninterrupted one. An epoch shortened by
+    unreadable images repeats its own first batches, so that no epoch borrows from the next.
+    """
+    for epoch in range(start_epoch, args.epochs):
+        pipeline = data.pipeline(args, training=True, epoch=epoch)
+        yield from with_class_weights(pipeline.repeat().take(steps_per_epoch), class_weights)
+
+
+def balanced_class_weights(labels, num_classes, choice):
+    """`--class-weight balanced`: N / (classes · count_c) for every class c (sklearn's rule)."""
+    if choice == "none":
+        return None
+    counts = np.bincount(np.asarray(labels, dtype="int64"), minlength=num_classes)
+    weights = len(labels) / (num_classes * np.maximum(counts, 1))
+    return weights.astype("float32")
+
+
+def with_class_weights(dataset, class_weights):
+    """(images, labels) batches -> (images, labels, weights), as Keras' `class_weight` does."""
+    if class_weights is None:
+        return dataset
+    import tensorflow as tf
+
+    table = tf.constant(class_weights)
+
+    def add_weights(images, labels):
+        ids = tf.argmax(labels, axis=-1) if labels.shape.rank == 2 else labels  # Soft labels.
+        return images, labels, tf.gather(table, tf.cast(tf.reshape(ids, [-1]), tf.int32))
+
+    return dataset.map(add_weights)
+
+
+def new_run_directory(args):
+    """runs/<model>-<data>-<time>, new, with runs/latest pointing to it."""
+    data = "synthetic" if args.data is None else Path(args.data).resolve().name
+    name = f"{args.model}-{data}-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder, suffix = RUNS / name, 1
+    while folder.exists():
+        suffix += 1
+        folder = RUNS / f"{name}-{suffix}"
+    folder.mkdir(parents=True)
+    update_latest(folder)
+    return folder
+
+
+def update_latest(folder):
+    """Points runs/latest at `folder`: a relative symbolic link, or a text file naming it."""
+    latest = RUNS / "latest"
+    if latest.is_dir() and not latest.is_symlink():  # A run directory of an older version.
+        print(f"{latest} is a run directory, left as it is")
+        return
+    temporary = RUNS / ".latest.tmp"
+    temporary.unlink(missing_ok=True)
+    try:
+        temporary.symlink_to(folder.name, target_is_directory=True)
+    except OSError:  # No symbolic links here.
+        temporary.write_text(folder.name + "\n")
+    os.replace(temporary, latest)
+
+
+def check_run_directory(output, config, resuming):
+    """Refuses a directory that holds another run; returns the evaluation of a complete one."""
+    previous = output / "config.json"
+    if not previous.exists():
+        if output.is_dir() and any(
+            entry.name != "workers" for entry in output.iterdir()  # Other workers' folders.
+        ):
+            raise RunError(f"output directory {output} is not empty and holds no keras_fg run")
+        return None
+    stored = json.loads(previous.read_text())
+    different = sorted(
+        k for k in set(comparable(stored)) | set(comparable(config))
+        if stored.get(k) != config.get(k)
+    )
+    if different:
+        if resuming:
+            raise RunError(
+                f"cannot resume {output}: the flags change its configuration (they change: "
+                f"{', '.join(different)}); resume without them, or start a new run"
+            )
+        raise RunError(
+            f"output directory {output} holds a different run (it differs in: "
+            f"{', '.join(different)}); choose another --output, or omit it for a new directory"
+        )
+    if (output / "evaluation.json").exists():
+        print(f"{output} holds this run, already complete: {output / 'evaluation.json'}")
+        return json.loads((output / "evaluation.json").read_text())
+    if not resuming:
+        raise RunError(
+            f"output directory {output} holds an interrupted run of this configuration; "
+            f"continue it with --resume {output}"
+        )
+    return None
 
 
 def run_directory(args, strategy):
@@ -281,6 +382,8 @@ def family_options(args):
 def make_optimizer(args, model, steps_per_epoch):
     import keras
 
+    from keras_fg.models.multi_optimizer import PartialMultiOptimizer
+
     def learning_rate(base):
         if args.schedule == "constant":
             return base
@@ -308,16 +411,8 @@ def make_optimizer(args, model, steps_per_epoch):
         optimizer(args.learning_rate),
         {v.path: backbone_optimizer for b in model.backbones() for v in b.trainable_weights},
     )
-    return keras.optimizers.MultiOptimizer(mapping)
-
-
-def save_checkpoint(model, folder, epoch):
-    """Weights and optimizer state of the last completed epoch, replaced atomically."""
-    folder.mkdir(parents=True, exist_ok=True)
-    temporary = folder / "model.tmp.weights.h5"
-    model.save_weights(temporary)
-    os.replace(temporary, folder / "model.weights.h5")
-    write_json(folder / "state.json", {"epoch": epoch})
+    # Frozen backbones and MA-CNN phases train a subset of the variables.
+    return PartialMultiOptimizer(mapping)
 
 
 def atomic_save(model, path):

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from keras_fg.data.datasets import FORMATS
@@ -12,7 +13,11 @@ STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
 DATA_FORMATS = tuple(FORMATS) + ("synthetic",)
 # Keys that describe where or how a run executes, not what it computes: a run directory
 # may be resumed with different values of these.
-RUNTIME_KEYS = ("config", "output", "strategy", "verbose", "strict_data", "epochs_override")
+RUNTIME_KEYS = (
+    "config", "output", "resume", "strategy", "verbose", "strict_data", "epochs_override",
+)
+# Where run directories go by default; RUNS / "latest" names the newest.
+RUNS = Path("runs")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -88,6 +93,9 @@ def build_parser():
     optim.add_argument("--backbone-lr-multiplier", type=float, default=1.0,
                        help="the backbone learns at learning-rate times this")
     optim.add_argument("--label-smoothing", type=float, default=0.0, help="of every cross-entropy")
+    optim.add_argument("--class-weight", choices=("none", "balanced"), default="none",
+                       help="balanced: weight each class by N / (classes x its images), "
+                            "for imbalanced data")
     optim.add_argument("--augment", nargs="*", default=[],
                        choices=("randaugment", "mixup", "cutmix", "random_erasing"),
                        help="training augmentations")
@@ -115,7 +123,11 @@ def build_parser():
                       help="average each embedding with its horizontal flip's")
 
     run = parser.add_argument_group("run")
-    run.add_argument("--output", metavar="DIR", default="runs/latest", help="run directory")
+    run.add_argument("--output", metavar="DIR", default=None,
+                     help="run directory (default: a new runs/<model>-<data>-<time>)")
+    run.add_argument("--resume", metavar="RUN_DIR",
+                     help='resume an interrupted run: its directory, or "latest"; its '
+                          "configuration is the default, and flags may not change it")
     run.add_argument("--strategy", choices=STRATEGIES, default="auto")
     run.add_argument("--mixed-precision", nargs="?", const="auto", default="off",
                      choices=("off", "auto", "float16", "bfloat16"),
@@ -150,13 +162,38 @@ def parse_args(argv=None):
     first, _ = parser.parse_known_args(argv)
     if first.config:
         values = load_config_file(first.config)
-        known = {action.dest for action in parser._actions}
+        known = set(vars(parser.parse_args([])))
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown key(s) in {first.config}: {', '.join(unknown)}")
         parser.set_defaults(**values)
+    if first.resume:
+        folder = resolve_run_directory(first.resume)
+        # The run's own configuration is the default: `--resume DIR` alone continues it.
+        parser.set_defaults(**json.loads((folder / "config.json").read_text()))
+        parser.set_defaults(resume=str(folder), output=str(folder))
     args = parser.parse_args(argv)
+    if args.resume:
+        args.resume = args.output = str(resolve_run_directory(args.resume))
     return resolve(args)
+
+
+def resolve_run_directory(value):
+    """The run directory `--resume` names: a folder with a config.json, or "latest"."""
+    folder = Path(value)
+    if value == "latest":
+        latest = RUNS / "latest"
+        if latest.is_symlink():
+            folder = RUNS / os.readlink(latest)
+        elif latest.is_file():  # Systems without symbolic links: the name, as text.
+            folder = RUNS / latest.read_text().strip()
+        elif not latest.exists():
+            raise FileNotFoundError(f"--resume latest: there is no {latest}; no run to resume")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"--resume: {folder} holds no keras_fg run (no config.json). Received: --resume {value}"
+        )
+    return folder
 
 
 def resolve(args):

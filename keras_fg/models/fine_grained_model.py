@@ -1,7 +1,11 @@
 """The base of every keras_fg model family: a Functional model that knows its own joint loss."""
 
+import numbers
+
 import keras
 from keras import ops
+
+from keras_fg.models import multi_optimizer  # noqa: F401  (registers it, for loading)
 
 PHASES = ("joint", "channel_grouping", "classification")
 # The constructor arguments that hold a backbone model (serialised as nested models).
@@ -26,9 +30,11 @@ class FineGrainedModel(keras.Model):
     reported as its own metric, next to `loss` and `accuracy`. A `loss=` given to `compile`
     replaces the joint objective.
 
-    The terms are means over the replica's batch, scaled by `1 / num_replicas_in_sync` as Keras'
-    own losses are, so one step under `tf.distribute.MirroredStrategy` applies the same update
-    as on one device.
+    Sample weights (`fit(..., sample_weight=...)`, or `class_weight=`, which Keras turns into
+    sample weights) weight every term as they weight Keras' own losses: `Σ_b w_b · l_b / B`
+    over the replica's batch of B samples. The total is then scaled by
+    `1 / num_replicas_in_sync`, as Keras' own losses are, so one step under
+    `tf.distribute.MirroredStrategy` applies the same update as on one device.
 
     Subclasses call `super().__init__(inputs=..., outputs=..., num_classes=..., **options)`
     and implement `get_config` with their own constructor arguments.
@@ -55,10 +61,7 @@ class FineGrainedModel(keras.Model):
         metric_loss="triplet",
         **kwargs,
     ):
-        if not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(
-                f"`num_classes` must be an integer >= 2. Received: num_classes={num_classes}"
-            )
+        num_classes = check_num_classes(num_classes)
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(
                 f"`class_names` must have `num_classes`={num_classes} entries. "
@@ -84,6 +87,7 @@ class FineGrainedModel(keras.Model):
         self.triplet_margin = float(triplet_margin)
         self.metric_loss = metric_loss
         self._phase = "joint"
+        self.loss_tracker = SampleMean(name="loss")
         self.accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
         self.loss_term_trackers = {
             name: keras.metrics.Mean(name=name) for name in self.loss_term_names()
@@ -100,7 +104,7 @@ class FineGrainedModel(keras.Model):
         return names
 
     def cross_entropy(self, labels, logits):
-        """Mean cross-entropy with label smoothing of `labels` against `logits`.
+        """Per-sample cross-entropy `(B,)` with label smoothing of `labels` against `logits`.
 
         `labels` are integer class ids `(B,)`, or soft labels `(B, num_classes)` (MixUp, CutMix).
         """
@@ -114,7 +118,7 @@ class FineGrainedModel(keras.Model):
             from_logits=True,
             label_smoothing=self.label_smoothing,
         )
-        return ops.mean(per_sample)
+        return per_sample
 
     def _are_soft(self, labels):
         return len(labels.shape) == 2 and labels.shape[-1] == self.num_classes
@@ -122,7 +126,18 @@ class FineGrainedModel(keras.Model):
     def compute_loss_terms(self, y, y_pred):
         """Returns `{name: (weight, value)}` for every term of the joint objective.
 
-        Families extend this; each value is a float32 scalar, the mean over the batch.
+        Families extend this (call `super()`, add their terms, and list each new name in
+        `loss_term_names`). The contract for `value`, as for a Keras loss function:
+
+        - per-sample values `(B,)`, float32, one per sample of the batch (the usual case:
+          `cross_entropy`, the triplet loss). `compute_loss` weights them by the sample
+          weights and reduces them Keras' way, `Σ_b w_b · value_b / B`;
+        - or a float32 scalar, for a term defined on the batch as a whole; it is then weighted
+          by the batch's mean sample weight (Keras' result for a scalar loss).
+
+        `y` is `(B,)` integer class ids or `(B, num_classes)` soft labels; `y_pred` the
+        model's output dict. The reported metric of each term is its weighted mean, before
+        `weight`; `loss` is `Σ weight · term` plus any regularisation.
         """
         terms = {"classification_loss": (1.0, self.cross_entropy(y, y_pred["logits"]))}
         if self.triplet_weight > 0:
@@ -133,14 +148,14 @@ class FineGrainedModel(keras.Model):
                 per_sample = keras.losses.circle(y, embedding)
             else:
                 per_sample = batch_hard_triplet_loss(y, embedding, margin=self.triplet_margin)
-            terms[f"{self.metric_loss}_loss"] = (self.triplet_weight, ops.mean(per_sample))
+            terms[f"{self.metric_loss}_loss"] = (self.triplet_weight, per_sample)
         return terms
 
     def compile(self, *args, **kwargs):
         super().compile(*args, **kwargs)
-        # Keras' own "loss" tracker counts each batch by its shape (see `sample_ones`). Set
-        # untracked, as Keras sets it, so that it is not listed twice among the metrics.
-        object.__setattr__(self, "_loss_tracker", SampleMean(name="loss"))
+        # One train function per training state (see `set_phase`); untracked, as Keras keeps
+        # its own `train_function`.
+        object.__setattr__(self, "_train_functions", {})
 
     def compile_from_config(self, config):
         # Keras leaves a model whose `compile` is overridden uncompiled on loading; this is
@@ -152,7 +167,11 @@ class FineGrainedModel(keras.Model):
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         if self.loss is not None:  # The user's own loss replaces the joint objective.
-            return super().compute_loss(x, y, y_pred, sample_weight, training=training)
+            total = super().compute_loss(x, y, y_pred, sample_weight, training=training)
+            first = keras.tree.flatten(y)[0]
+            count = ops.sum(sample_ones(ops.reshape(first, (ops.shape(first)[0], -1))))
+            self.loss_tracker.update_state(_unscale_for_distribution(total), sample_weight=count)
+            return total
         if y is None:
             raise ValueError(
                 "keras_fg models compute their joint loss from integer class labels; "
@@ -160,23 +179,18 @@ class FineGrainedModel(keras.Model):
             )
         if not self._are_soft(y):  # Integer ids (B,) or (B, 1).
             y = ops.reshape(y, (-1,))
-        total = ops.zeros((), "float32")
-        batch_size = ops.sum(sample_ones(y))
-        for name, (weight, value) in self.compute_loss_terms(y, y_pred).items():
-            # Weighted by the batch size, as Keras weights its own loss: an epoch's figure
-            # is then the mean over samples, right with a smaller last batch too.
-            self.loss_term_trackers[name].update_state(value, sample_weight=batch_size)
-            total = total + weight * value
-        # Like Keras' own Loss objects: divide by the replica count so that summing the
-        # replicas' gradients gives the gradient of the global mean.
-        total = _scale_for_distribution(total)
-        for extra in self.losses:  # Regularisers, add_loss(); Keras scales these itself.
-            total = total + self._aggregate_additional_loss(extra)
-        return total
+        terms = self.compute_loss_terms(y, y_pred)
+        return joint_loss(
+            terms, y, sample_weight, self.loss_term_trackers, self.loss_tracker, self.losses
+        )
 
     @property
     def metrics(self):
-        metrics = super().metrics
+        # Keras' own "loss" tracker counts each batch by its shape (see `sample_ones`); the
+        # model reports its own `loss_tracker` instead.
+        metrics = [
+            m for m in super().metrics if m.name != "loss" or m is self.loss_tracker
+        ]
         if getattr(self, "loss", None) is not None:  # The joint terms are not computed then.
             unused = {id(tracker) for tracker in self.loss_term_trackers.values()}
             metrics = [m for m in metrics if id(m) not in unused]
@@ -210,7 +224,8 @@ class FineGrainedModel(keras.Model):
         """Switches the training phase; takes effect at the next training step.
 
         Safe between epochs of one `fit` call (see `keras_fg.models.PhaseSchedule`): the
-        train function is rebuilt, the optimizer keeps its state for every variable.
+        train function of the new state is traced once and kept, so alternating phases swap
+        between compiled functions; the optimizer keeps its state for every variable.
         """
         if phase not in PHASES:
             raise ValueError(f"Unknown phase. Expected one of {PHASES}. Received: phase={phase!r}")
@@ -228,9 +243,9 @@ class FineGrainedModel(keras.Model):
                 f"Training phase {phase!r} needs the TensorFlow or PyTorch backend "
                 "(KERAS_BACKEND=tensorflow or torch); on JAX, train in the 'joint' phase."
             )
+        before = self.training_state()
         self._phase = phase
-        if getattr(self, "train_function", None) is not None:
-            self.make_train_function(force=True)
+        self._switch_train_function(before)
 
     def channel_grouping_variables(self):
         """The variables of the part attention; the MA-CNN family overrides this."""
@@ -258,11 +273,29 @@ class FineGrainedModel(keras.Model):
         Setting `backbone.trainable = True` directly would also unfreeze its BatchNormalization
         layers, which then leave inference mode.
         """
+        before = self.training_state()
         for backbone in self.backbones():
             backbone.trainable = trainable
             if getattr(self, "freeze_batchnorm", False):
                 freeze_batch_normalization(backbone)
-        if getattr(self, "train_function", None) is not None:
+        self._switch_train_function(before)
+
+    def training_state(self):
+        """What decides which variables a training step updates: the phase, and for every
+        backbone whether it is trainable. One train function is traced per state."""
+        return (self._phase,) + tuple(bool(b.trainable) for b in self.backbones())
+
+    def _switch_train_function(self, previous_state):
+        # A traced train function reads the trainable variables once, when traced: each
+        # training state keeps its own, so a switch back does not retrace.
+        if getattr(self, "train_function", None) is None:
+            return
+        functions = self.__dict__.setdefault("_train_functions", {})
+        functions[previous_state] = self.train_function
+        state = self.training_state()
+        if state in functions:
+            self.train_function = functions[state]
+        else:
             self.make_train_function(force=True)
 
     # ----------------------------------------------------------------------------------------
@@ -325,15 +358,68 @@ class SampleMean(keras.metrics.Mean):
         super().update_state(values, sample_weight=read)
 
 
-def _scale_for_distribution(value):
-    """Divides by the number of replicas under a TensorFlow distribution strategy."""
+def joint_loss(terms, y, sample_weight, term_trackers, loss_tracker, extra_losses=()):
+    """The weighted total of `terms` (see `FineGrainedModel.compute_loss_terms`).
+
+    Each term is reduced Keras' way, `Σ_b w_b · l_b / B` (a scalar term: times the mean
+    weight), its tracker updated with the result; the total `Σ weight · term` is divided by
+    the replica count, like Keras' own `Loss` objects, so that summing the replicas'
+    gradients gives the gradient of the global mean. `extra_losses` (regularisers,
+    `add_loss`) are added as Keras adds them.
+
+    Trackers are weighted by the batch size, as Keras weights its own loss: an epoch's figure
+    is then the mean over samples, right with a smaller last batch too.
+    """
+    ones = sample_ones(y)
+    batch_size = ops.sum(ones)
+    weights = ones
+    if sample_weight is not None:
+        weights = ones * ops.reshape(ops.cast(sample_weight, "float32"), (-1,))
+    total = ops.zeros((), "float32")
+    for name, (factor, value) in terms.items():
+        value = ops.cast(value, "float32")
+        if len(value.shape) == 0:
+            reduced = value * ops.sum(weights) / batch_size
+        else:
+            reduced = ops.sum(ops.reshape(value, (-1,)) * weights) / batch_size
+        term_trackers[name].update_state(reduced, sample_weight=batch_size)
+        total = total + factor * reduced
+    for extra in extra_losses:
+        total = total + ops.sum(ops.cast(extra, "float32"))
+    loss_tracker.update_state(total, sample_weight=batch_size)
+    return _scale_for_distribution(total)
+
+
+def _replicas():
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        if replicas > 1:
-            value = value / replicas
-    return value
+        return tf.distribute.get_strategy().num_replicas_in_sync
+    return 1
+
+
+def _scale_for_distribution(value):
+    """Divides by the number of replicas under a TensorFlow distribution strategy."""
+    replicas = _replicas()
+    return value / replicas if replicas > 1 else value
+
+
+def _unscale_for_distribution(value):
+    replicas = _replicas()
+    return value * replicas if replicas > 1 else value
+
+
+def check_num_classes(num_classes):
+    """`num_classes` as a plain int (NumPy integers accepted), or a ValueError quoting it."""
+    if (
+        not isinstance(num_classes, numbers.Integral)
+        or isinstance(num_classes, bool)
+        or num_classes < 2
+    ):
+        raise ValueError(
+            f"`num_classes` must be an integer >= 2. Received: num_classes={num_classes}"
+        )
+    return int(num_classes)
 
 
 def classification_head(features, num_classes, dropout=0.0, bnneck=False):
@@ -345,6 +431,7 @@ def classification_head(features, num_classes, dropout=0.0, bnneck=False):
 
     Returns the dict `{"logits", "probabilities", "features"[, "embedding"]}`.
     """
+    num_classes = check_num_classes(num_classes)
     outputs = {}
     features = keras.layers.Identity(name="features", dtype="float32")(features)
     head_input = features
@@ -391,7 +478,8 @@ def second_stream(second_backbone, images, first_stream, freeze_batchnorm):
 
 
 def freeze_batch_normalization(model):
-    """Sets every BatchNormalization layer of `model` (nested ones too) to `trainable=False`."""
-    for layer in model._flatten_layers(include_self=False):
+    """Sets every BatchNormalization layer of `model` (nested models too) to `trainable=False`."""
+    for layer in getattr(model, "layers", []):
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.trainable = False
+        freeze_batch_normalization(layer)

@@ -12,7 +12,12 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_fg.models.fine_grained_model import sample_ones
+from keras_fg.models.fine_grained_model import (
+    SampleMean,
+    joint_loss,
+    sample_ones,
+)
+from keras_fg.models.keras_internals import call_site_output
 
 
 def split_at_backbone(model):
@@ -45,7 +50,7 @@ def split_at_backbone(model):
         )
     backbone = backbones[0]
     # The backbone's output where the model calls it, not inside the backbone's own graph.
-    feature_map = backbone._inbound_nodes[-1].output_tensors[0]
+    feature_map = call_site_output(backbone)
     try:
         head = keras.Model(feature_map, model.output, name=f"{model.name}_head")
     except ValueError as error:
@@ -119,24 +124,25 @@ class FeatureHead(keras.Model):
         self.head = split_at_backbone(model)[1]
         # A bound method, not the model: tracking the model would add its backbone's variables.
         self.compute_loss_terms = model.compute_loss_terms
+        self.loss_tracker = SampleMean(name="loss")
         self.accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
-        self.loss_term_trackers = [keras.metrics.Mean(name=n) for n in model.loss_term_names()]
+        self.loss_term_trackers = {n: keras.metrics.Mean(name=n) for n in model.loss_term_names()}
 
     def call(self, features, training=None):
         return self.head(features, training=training)
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        # The full model's objective: sample weights and replica scaling included.
         y = ops.reshape(y, (-1,))
         terms = self.compute_loss_terms(y, y_pred)
-        total = ops.zeros((), "float32")
-        batch_size = ops.sum(sample_ones(y))
-        for tracker in self.loss_term_trackers:
-            weight, value = terms[tracker.name]
-            tracker.update_state(value, sample_weight=batch_size)
-            total = total + weight * value
-        for extra in self.losses:
-            total = total + self._aggregate_additional_loss(extra)
-        return total
+        return joint_loss(
+            terms, y, sample_weight, self.loss_term_trackers, self.loss_tracker, self.losses
+        )
+
+    @property
+    def metrics(self):
+        # This model's own loss tracker replaces Keras' (see `SampleMean`).
+        return [m for m in super().metrics if m.name != "loss" or m is self.loss_tracker]
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         labels = ops.reshape(y, (-1,))

@@ -37,3 +37,35 @@ class PhaseSchedule(keras.callbacks.Callback):
         if phase != self.model.phase and self.verbose:
             print(f"Epoch {epoch + 1}: training phase {phase!r}")
         self.model.set_phase(phase)
+
+
+class BackboneSchedule(keras.callbacks.Callback):
+    """Trains the head alone for the first `head_epochs` epochs, then the whole model.
+
+    The two-phase fine-tuning recipe of small fine-grained datasets (DESIGN.md §4): at the
+    start of each epoch the model's backbones are frozen (epoch < `head_epochs`) or trainable,
+    through `model.set_backbone_trainable`, which keeps a frozen BatchNormalization frozen.
+    Each state's train function is traced once; a resumed run gets the state of its epoch.
+
+    Args:
+        head_epochs: epochs with the backbones frozen.
+        verbose: print when the backbones are unfrozen.
+
+    Example:
+
+    >>> model.fit(data, epochs=12, callbacks=[BackboneSchedule(3)])  # doctest: +SKIP
+    """
+
+    def __init__(self, head_epochs, verbose=0):
+        super().__init__()
+        if head_epochs < 0:
+            raise ValueError(f"`head_epochs` must be >= 0. Received: head_epochs={head_epochs}")
+        self.head_epochs = head_epochs
+        self.verbose = verbose
+
+    def on_epoch_begin(self, epoch, logs=None):
+        trainable = epoch >= self.head_epochs
+        if self.verbose and trainable and epoch == self.head_epochs:
+            print(f"Epoch {epoch + 1}: backbone unfrozen")
+        if any(b.trainable != trainable for b in self.model.backbones()):
+            self.model.set_backbone_trainable(trainable)
