@@ -65,11 +65,11 @@ CASES = {
     "bilinear_pooling_compact": (
         _layer(lambda: layers.BilinearPooling(projection_dim=16, seed=3)),
         lambda r: [_normal(r, (2, 3, 3, 5))], ()),
-    "channel_grouping_softmax": (
+    "channel_grouping": (
         _layer(lambda: layers.ChannelGrouping(2, hidden_units=3)),
         lambda r: [np.abs(_normal(r, (2, 4, 4, 6)))], ()),
-    "channel_grouping_sum": (
-        _layer(lambda: layers.ChannelGrouping(3, normalization="sum")),
+    "channel_grouping_sharp": (
+        _layer(lambda: layers.ChannelGrouping(3, initial_temperature=3.0)),
         lambda r: [np.abs(_normal(r, (2, 4, 4, 6)))], ()),
     **{
         f"image_preprocessing_{mode}": (

@@ -131,20 +131,18 @@ def run(args):
         start_epoch = json.loads((checkpoint / "state.json").read_text())["epoch"]
         model.load_weights(checkpoint / "model.weights.h5")
         print(f"Resuming {output} after epoch {start_epoch}")
-    elif args.model == "macnn" and args.macnn_init == "clustering":
-        started = time.time()
-        result = model.initialize_channel_grouping(
-            data.pipeline(args, training=False, limit=256), max_images=256, seed=args.seed
-        )
-        print(
-            f"Channel grouping initialised by clustering: groups of {result['group_sizes']} "
-            f"channels, pre-training loss {result['loss']:.3f} ({time.time() - started:.0f} s)"
-        )
 
     callbacks = [
         keras.callbacks.CSVLogger(str(output / "history.csv"), append=True),
         keras.callbacks.TensorBoard(str(output / "tensorboard"), write_graph=False),
     ]
+    if args.model == "macnn" and args.macnn_init == "clustering":
+        from keras_fg.models import ChannelGroupingInitializer
+
+        callbacks.append(ChannelGroupingInitializer(
+            data.pipeline(args, training=False, limit=256), at_epoch=args.macnn_init_epoch,
+            seed=args.seed,
+        ))
     phases = [p.strip() for p in args.macnn_phases.split(",") if p.strip()]
     started = time.time()
     try:

@@ -95,6 +95,10 @@ def build_parser():
                        help="evaluation transform: the whole image resized, or a centre crop")
     optim.add_argument("--macnn-init", choices=("clustering", "none"), default="clustering",
                        help="macnn: initialise the channel grouping by clustering channels")
+    optim.add_argument("--macnn-init-epoch", type=int, default=None,
+                       help="macnn: cluster before this epoch (default: 0 with pretrained "
+                            "--weights, else after a tenth of the epochs, when the backbone "
+                            "has learned)")
     optim.add_argument("--macnn-phases", default="joint",
                        help='macnn: comma-separated phases repeated over epochs, e.g. '
                             '"channel_grouping,classification" (default: joint)')
@@ -197,6 +201,11 @@ def resolve(args):
     if args.model != "macnn" and phases != ["joint"]:
         raise ValueError("--macnn-phases applies to --model macnn only")
     args.weights = None if args.weights in (None, "", "none", "None") else args.weights
+    if args.macnn_init_epoch is None:
+        args.macnn_init_epoch = 0 if args.weights else args.epochs // 10
+    if not 0 <= args.macnn_init_epoch < args.epochs:
+        raise ValueError(f"--macnn-init-epoch must be in [0, --epochs). "
+                         f"Received: {args.macnn_init_epoch}")
     return args
 
 
