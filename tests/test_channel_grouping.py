@@ -31,7 +31,8 @@ def numpy_channel_grouping(layer, features):
             z = (response - response.mean()) / np.sqrt(
                 response.var() + 1e-3 * (response**2).mean() + 1e-12
             )
-            tau = layer.max_temperature * sigmoid(temperature_logit[i])
+            span = layer.max_temperature - layer.min_temperature
+            tau = layer.min_temperature + span * sigmoid(temperature_logit[i])
             scores = np.exp(tau * z)
             maps[b, :, :, i] = scores / scores.sum()
             weights[b, i] = d
@@ -48,7 +49,7 @@ def randomized(layer, features):
 
 def test_maps_match_numpy_transcription():
     features = np.random.normal(0, 3, (2, 5, 4, 6)).astype("float32")
-    layer = randomized(ChannelGrouping(3, hidden_units=4), features)
+    layer = randomized(ChannelGrouping(3, hidden_units=4, min_temperature=0.5), features)
     outputs = layer(features)
     expected_maps, expected_weights = numpy_channel_grouping(layer, features)
     maps = keras.ops.convert_to_numpy(outputs["attention_maps"])
@@ -65,6 +66,11 @@ def test_temperature_starts_as_asked_and_stays_below_its_bound():
     np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.temperatures()), 0.8, rtol=1e-6)
     layer.temperature_logit.assign([-50.0, 0.0, 50.0])
     np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.temperatures()), [0, 1, 2], atol=1e-6)
+    floored = ChannelGrouping(2, initial_temperature=1.5, min_temperature=1.0, max_temperature=3.0)
+    floored.build((None, 4, 4, 5))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(floored.temperatures()), 1.5, rtol=1e-6)
+    floored.temperature_logit.assign([-50.0, 50.0])
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(floored.temperatures()), [1, 3], atol=1e-6)
 
 
 def test_maps_do_not_depend_on_the_scale_of_the_features():
@@ -169,6 +175,7 @@ def test_config_round_trip():
         3,
         hidden_units=5,
         initial_temperature=0.3,
+        min_temperature=0.1,
         max_temperature=3.0,
         kernel_initializer="he_normal",
         name="grouping",
@@ -221,6 +228,8 @@ def test_keras_save_and_load_give_identical_outputs(tmp_path):
         ({"num_parts": 2, "max_temperature": 0}, "Received: max_temperature=0"),
         ({"num_parts": 2, "initial_temperature": -1.0}, "Received: initial_temperature=-1.0"),
         ({"num_parts": 2, "initial_temperature": 4.0}, "Received: initial_temperature=4.0"),
+        ({"num_parts": 2, "min_temperature": -1}, "Received: min_temperature=-1"),
+        ({"num_parts": 2, "min_temperature": 2.5}, "Received: initial_temperature=2.0"),
     ],
 )
 def test_bad_arguments_raise(kwargs, message):

@@ -104,6 +104,10 @@ def build_parser():
                             '"channel_grouping,classification" (default: joint)')
     optim.add_argument("--channel-grouping-weight", type=float, default=1.0,
                        help="macnn: weight of the channel-grouping loss")
+    optim.add_argument("--diversity-weight", type=float, default=1.0,
+                       help="macnn: weight λ of Div inside the channel-grouping loss")
+    optim.add_argument("--initial-temperature", type=float, default=2.0,
+                       help="macnn: the part maps' inverse temperature at the start")
 
     reid = parser.add_argument_group("re-identification (--task reid)")
     reid.add_argument("--num-identities", type=int, default=8, help="P of P x K sampling")

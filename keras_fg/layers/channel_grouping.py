@@ -33,7 +33,7 @@ class ChannelGrouping(keras.layers.Layer):
         d_i   = sigmoid(FC_i2(tanh(FC_i1(GAP(F)))))          channel weights, (B, C)
         r_i   = mean_c(d_ic · F_c)                             response, (B, H, W)
         z_i   = (r_i − mean_xy r_i) / sqrt(var_xy r_i + ε · mean_xy r_i² + 10⁻¹²)
-        τ_i   = max_temperature · sigmoid(θ_i)                 inverse temperature
+        τ_i   = τ_min + (τ_max − τ_min) · sigmoid(θ_i)         inverse temperature
         M_i   = softmax_xy(τ_i · z_i)                          attention map, (B, H, W)
         p_i   = Σ_{x,y} M_i(x,y) · F(x,y)                      part feature, (B, C)
 
@@ -46,9 +46,9 @@ class ChannelGrouping(keras.layers.Layer):
     on an `H×W` grid `z` lies within `±sqrt(H·W − 1)`, so at `τ = 1` a
     response that stands out at one cell already puts most of the mass
     there (0.98 on 8×8), and at `τ → 0` the map is uniform (GAP). `τ_i` is
-    learned, from `initial_temperature`, and kept in `(0,
+    learned, from `initial_temperature`, and kept in `(min_temperature,
     max_temperature)` by the sigmoid, so a map can neither collapse to one
-    cell by accident nor flatten without limit. (The authors' released
+    cell by accident nor flatten into a global average. (The authors' released
     model squashes the response instead,
     `softmax(4·log(softplus(tanh(0.1·r))))`, which bounds a map's peak to
     about 4× its minimum on features the size of MobileNetV2's.)
@@ -71,8 +71,9 @@ class ChannelGrouping(keras.layers.Layer):
             (default) uses `max(C // 16, 8)`, squeeze-and-excitation style;
             MA-CNN itself uses `C` (512 → 512 → 512 on VGG-19 conv5_4),
             `2·P·C·(C+1)` weights, 13 M for `P = 4, C = 1280`.
-        initial_temperature: positive float below `max_temperature`, `τ` at
-            initialisation. Default 0.5.
+        initial_temperature: float strictly between `min_temperature` and
+            `max_temperature`, `τ` at initialisation. Default 2.0.
+        min_temperature: float ≥ 0, the lower bound of `τ`. Default 0.0.
         max_temperature: positive float, the upper bound of `τ`. Default 4.0.
         kernel_initializer: initializer of `hidden_kernel` and
             `channel_kernel`. Default `"glorot_uniform"`.
@@ -111,8 +112,9 @@ class ChannelGrouping(keras.layers.Layer):
         self,
         num_parts,
         hidden_units=None,
-        initial_temperature=0.5,
+        initial_temperature=2.0,
         max_temperature=4.0,
+        min_temperature=0.0,
         kernel_initializer="glorot_uniform",
         bias_initializer="zeros",
         **kwargs,
@@ -132,15 +134,28 @@ class ChannelGrouping(keras.layers.Layer):
                 "`max_temperature` must be a positive number. "
                 f"Received: max_temperature={max_temperature!r}"
             )
-        if not _is_positive_number(initial_temperature) or initial_temperature >= max_temperature:
+        if (
+            not isinstance(min_temperature, numbers.Real) or isinstance(min_temperature, bool)
+            or not 0 <= min_temperature < max_temperature
+        ):
             raise ValueError(
-                "`initial_temperature` must be a positive number below `max_temperature` "
-                f"({max_temperature}). Received: initial_temperature={initial_temperature!r}"
+                "`min_temperature` must be a number in [0, max_temperature). "
+                f"Received: min_temperature={min_temperature!r}"
+            )
+        if (
+            not _is_positive_number(initial_temperature)
+            or not min_temperature < initial_temperature < max_temperature
+        ):
+            raise ValueError(
+                "`initial_temperature` must be a number between `min_temperature` and "
+                f"`max_temperature` ({min_temperature}, {max_temperature}). "
+                f"Received: initial_temperature={initial_temperature!r}"
             )
         self.num_parts = int(num_parts)
         self.hidden_units = None if hidden_units is None else int(hidden_units)
         self.initial_temperature = float(initial_temperature)
         self.max_temperature = float(max_temperature)
+        self.min_temperature = float(min_temperature)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
 
@@ -173,7 +188,8 @@ class ChannelGrouping(keras.layers.Layer):
         self.hidden_bias = weight("hidden_bias", (parts, hidden), self.bias_initializer)
         self.channel_kernel = weight("channel_kernel", (parts, hidden, channels), self.kernel_initializer)
         self.channel_bias = weight("channel_bias", (parts, channels), self.bias_initializer)
-        ratio = self.initial_temperature / self.max_temperature
+        span = self.max_temperature - self.min_temperature
+        ratio = (self.initial_temperature - self.min_temperature) / span
         self.temperature_logit = weight(
             "temperature_logit", (parts,),
             keras.initializers.Constant(math.log(ratio / (1.0 - ratio))),
@@ -181,7 +197,8 @@ class ChannelGrouping(keras.layers.Layer):
 
     def temperatures(self):
         """`τ_i`, the inverse temperature of each part's softmax, `(P,)` float32."""
-        return self.max_temperature * ops.sigmoid(self.temperature_logit)
+        span = self.max_temperature - self.min_temperature
+        return self.min_temperature + span * ops.sigmoid(self.temperature_logit)
 
     def call(self, inputs):
         features = ops.cast(inputs, "float32")
@@ -234,6 +251,7 @@ class ChannelGrouping(keras.layers.Layer):
             "hidden_units": self.hidden_units,
             "initial_temperature": self.initial_temperature,
             "max_temperature": self.max_temperature,
+            "min_temperature": self.min_temperature,
             "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
             "bias_initializer": keras.initializers.serialize(self.bias_initializer),
         }

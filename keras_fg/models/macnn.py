@@ -1,6 +1,7 @@
 """MA-CNN: channel grouping into part attention, part classifiers and the joint loss."""
 
 import time
+import warnings
 
 import keras
 import numpy as np
@@ -46,8 +47,8 @@ class MACNN(FineGrainedModel):
         num_parts: number of parts P.
         hidden_units: width of the channel-grouping FCs (`ChannelGrouping`; default
             `max(C // 16, 8)`).
-        initial_temperature, max_temperature: the part maps' learned inverse temperature
-            `τ`, its starting value and upper bound (`ChannelGrouping`).
+        initial_temperature, min_temperature, max_temperature: the part maps' learned
+            inverse temperature `τ`, its starting value and bounds (`ChannelGrouping`).
         part_loss_weight: α, weight of the summed part cross-entropies.
         channel_grouping_weight: β, weight of L_cng.
         diversity_weight: λ, weight of Div inside L_cng.
@@ -75,7 +76,8 @@ class MACNN(FineGrainedModel):
         num_classes,
         num_parts=4,
         hidden_units=None,
-        initial_temperature=0.5,
+        initial_temperature=2.0,
+        min_temperature=0.0,
         max_temperature=4.0,
         part_loss_weight=1.0,
         channel_grouping_weight=1.0,
@@ -100,7 +102,8 @@ class MACNN(FineGrainedModel):
         feature_map = run_backbone(backbone, images, freeze_batchnorm)
         grouping = ChannelGrouping(
             num_parts, hidden_units=hidden_units, initial_temperature=initial_temperature,
-            max_temperature=max_temperature, name="channel_grouping",
+            max_temperature=max_temperature, min_temperature=min_temperature,
+            name="channel_grouping",
         )(feature_map)
         part_features = grouping["part_features"]  # (B, P, C)
         channels = feature_map.shape[-1]
@@ -130,6 +133,7 @@ class MACNN(FineGrainedModel):
         self.hidden_units = hidden_units
         self.initial_temperature = float(initial_temperature)
         self.max_temperature = float(max_temperature)
+        self.min_temperature = float(min_temperature)
         self.part_loss_weight = float(part_loss_weight)
         self.channel_grouping_weight = float(channel_grouping_weight)
         self.diversity_weight = float(diversity_weight)
@@ -196,25 +200,38 @@ class MACNN(FineGrainedModel):
             A dict: `"groups"` `(P, C)` 0/1 indicator, `"group_sizes"`, and `"loss"`, the
             final pre-training loss.
         """
+        grouping_layer = self.get_layer("channel_grouping")
+        feature_model = keras.Model(self.input, grouping_layer.input)
+        features = _predict_up_to(feature_model, images, max_images)
+        return self.initialize_channel_grouping_from_features(
+            features, epochs=epochs, learning_rate=learning_rate,
+            target_smoothing=target_smoothing, seed=seed, verbose=verbose,
+        )
+
+    def initialize_channel_grouping_from_features(
+        self, features, epochs=30, learning_rate=3e-3, target_smoothing=0.1, seed=0, verbose=0
+    ):
+        """`initialize_channel_grouping` on backbone feature maps `(N, H, W, C)` at hand."""
         if not 0 < target_smoothing < 0.5:
             raise ValueError(
                 "`target_smoothing` must be in (0, 0.5). "
                 f"Received: target_smoothing={target_smoothing!r}"
             )
-        grouping_layer = self.get_layer("channel_grouping")
-        feature_model = keras.Model(self.input, grouping_layer.input)
-        features = _predict_up_to(feature_model, images, max_images)
+        features = np.asarray(features, dtype="float32")
         groups = cluster_channels(features, self.num_parts, seed=seed)
-
+        grouping_layer = self.get_layer("channel_grouping")
         feature_input = keras.Input(shape=features.shape[1:])
         weights = grouping_layer(feature_input)["channel_weights"]
         pretrain = keras.Model(feature_input, weights)
         pretrain.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="binary_crossentropy")
         soft = groups * (1 - 2 * target_smoothing) + target_smoothing
         targets = np.broadcast_to(soft, (len(features),) + groups.shape).astype("float32")
-        history = pretrain.fit(
-            features, targets, epochs=epochs, batch_size=32, verbose=verbose, shuffle=True
-        )
+        with warnings.catch_warnings():
+            # The temperature is not part of this objective, hence has no gradient here.
+            warnings.filterwarnings("ignore", message="Gradients do not exist")
+            history = pretrain.fit(
+                features, targets, epochs=epochs, batch_size=32, verbose=verbose, shuffle=True
+            )
         return {
             "groups": groups,
             "group_sizes": groups.sum(axis=1).astype(int).tolist(),
@@ -228,6 +245,7 @@ class MACNN(FineGrainedModel):
             "hidden_units": self.hidden_units,
             "initial_temperature": self.initial_temperature,
             "max_temperature": self.max_temperature,
+            "min_temperature": self.min_temperature,
             "part_loss_weight": self.part_loss_weight,
             "channel_grouping_weight": self.channel_grouping_weight,
             "diversity_weight": self.diversity_weight,
