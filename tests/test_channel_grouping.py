@@ -61,7 +61,7 @@ def test_maps_match_numpy_transcription():
 
 
 def test_temperature_starts_as_asked_and_stays_below_its_bound():
-    layer = ChannelGrouping(3, initial_temperature=0.8, max_temperature=2.0)
+    layer = ChannelGrouping(3, initial_temperature=0.8, min_temperature=0.0, max_temperature=2.0)
     layer.build((None, 4, 4, 5))
     np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.temperatures()), 0.8, rtol=1e-6)
     layer.temperature_logit.assign([-50.0, 0.0, 50.0])

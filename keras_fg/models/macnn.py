@@ -77,7 +77,7 @@ class MACNN(FineGrainedModel):
         num_parts=4,
         hidden_units=None,
         initial_temperature=2.0,
-        min_temperature=0.0,
+        min_temperature=1.0,
         max_temperature=4.0,
         part_loss_weight=1.0,
         channel_grouping_weight=1.0,
