@@ -264,7 +264,8 @@ def family_options(args):
     if args.model == "macnn":
         options.update(num_parts=args.num_parts, channel_grouping_weight=args.channel_grouping_weight,
                        part_crop_size=args.part_crop_size, diversity_weight=args.diversity_weight,
-                       initial_temperature=args.initial_temperature)
+                       initial_temperature=args.initial_temperature,
+                       min_temperature=args.min_temperature)
     elif args.model == "bcnn":
         options.update(projection_dim=args.projection_dim, reduction_dim=args.reduction_dim)
     elif args.model == "dasrbn":

@@ -108,6 +108,8 @@ def build_parser():
                        help="macnn: weight λ of Div inside the channel-grouping loss")
     optim.add_argument("--initial-temperature", type=float, default=2.0,
                        help="macnn: the part maps' inverse temperature at the start")
+    optim.add_argument("--min-temperature", type=float, default=1.0,
+                       help="macnn: the lower bound of the part maps' inverse temperature")
 
     reid = parser.add_argument_group("re-identification (--task reid)")
     reid.add_argument("--num-identities", type=int, default=8, help="P of P x K sampling")
