@@ -252,7 +252,7 @@ def train_macnn(steps=20):
     rng = np.random.default_rng(5)
     images = rng.uniform(0, 255, (12, IMAGE_SIZE, IMAGE_SIZE, 3)).astype("float32")
     labels = np.arange(12, dtype="int32") % 3
-    model.compile(optimizer=keras.optimizers.Adam(3e-3))  # train.py's rate; at 1e-2 the sharp maps stall it
+    model.compile(optimizer=keras.optimizers.Adam(3e-3))  # train.py's rate: at 1e-2 L_cng stalls the first steps
     before = model.evaluate(images, labels, verbose=0, return_dict=True)["loss"]
     model.fit(images, labels, epochs=steps, batch_size=12, verbose=0, shuffle=False)
     after = model.evaluate(images, labels, verbose=0, return_dict=True)["loss"]

@@ -9,7 +9,7 @@ from keras import ops
 # Added to the variance, relative to the mean square of the response: a constant map stays
 # uniform and the standardisation does not depend on the scale of the features.
 RELATIVE_EPSILON = 1e-3
-ABSOLUTE_EPSILON = 1e-12
+ABSOLUTE_EPSILON = 1e-6  # Representable in float16 (TFLite fp16 constants): 0 · rsqrt(0) is NaN.
 
 
 def _is_int(value):
@@ -32,7 +32,7 @@ class ChannelGrouping(keras.layers.Layer):
 
         d_i   = sigmoid(FC_i2(tanh(FC_i1(GAP(F)))))          channel weights, (B, C)
         r_i   = mean_c(d_ic · F_c)                             response, (B, H, W)
-        z_i   = (r_i − mean_xy r_i) / sqrt(var_xy r_i + ε · mean_xy r_i² + 10⁻¹²)
+        z_i   = (r_i − mean_xy r_i) / sqrt(var_xy r_i + ε · mean_xy r_i² + 10⁻⁶)
         τ_i   = τ_min + (τ_max − τ_min) · sigmoid(θ_i)         inverse temperature
         M_i   = softmax_xy(τ_i · z_i)                          attention map, (B, H, W)
         p_i   = Σ_{x,y} M_i(x,y) · F(x,y)                      part feature, (B, C)
