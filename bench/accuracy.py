@@ -9,7 +9,7 @@ The recipe (the same for every family; DESIGN.md §4 explains why):
    cached features with the family's own joint loss (`keras_fg.models.train_head`):
    AdamW, learning rate 1e-3 with cosine decay to 0, weight decay 1e-4, batch 64,
    `--head-epochs` epochs. MA-CNN's channel grouping is first initialised by clustering
-   channel peaks (MA-CNN §3.2) on 512 cached feature maps.
+   channel peaks (MA-CNN §3.2) on 512 cached feature maps, with soft (0.1 / 0.9) targets.
 3. Phase two (`--fine-tune-epochs N`, 8 by default): every layer trains, BatchNormalization
    frozen, on augmented images (resize to 256, random 224 crop, flip), AdamW with weight
    decay 1e-4 and learning rate `--fine-tune-lr` (1e-4) decaying to 0 by cosine over
@@ -113,22 +113,6 @@ def report(labels, logits):
     return {k: result[k] for k in ("top1", "top5", "mean_per_class_accuracy")}
 
 
-def initialise_channel_grouping(model, features, seed=0, epochs=100):
-    """MA-CNN's clustering initialisation (`MACNN.initialize_channel_grouping`), on cached maps."""
-    import keras
-
-    from keras_fg.models import cluster_channels
-
-    layer = model.get_layer("channel_grouping")
-    groups = cluster_channels(features, model.num_parts, seed=seed)
-    inputs = keras.Input(features.shape[1:])
-    pretrain = keras.Model(inputs, layer(inputs)["channel_weights"])
-    pretrain.compile(optimizer=keras.optimizers.Adam(1e-2), loss="binary_crossentropy")
-    targets = np.broadcast_to(groups, (len(features),) + groups.shape).astype("float32")
-    pretrain.fit(features.astype("float32"), targets, epochs=epochs, batch_size=32, verbose=0)
-    return groups.sum(axis=1).astype(int).tolist()
-
-
 def fine_tune(model, image_size, epochs, learning_rate, grouping_weight=None, seed=0):
     """Phase two: all layers (BatchNormalization frozen) on augmented images, cosine rate."""
     import keras
@@ -180,7 +164,9 @@ def run_family(family, features, args, extraction_seconds):
     if model_name == "macnn":
         rng = np.random.default_rng(args.seed)
         sample = features["train"][rng.permutation(len(features["train"]))[:512]]
-        extra["channel_group_sizes"] = initialise_channel_grouping(model, sample, args.seed)
+        extra["channel_group_sizes"] = model.initialize_channel_grouping_from_features(
+            sample, seed=args.seed
+        )["group_sizes"]
     history = train_head(
         model, x, y, epochs=args.head_epochs, batch_size=64, seed=args.seed, verbose=0
     )

@@ -57,16 +57,21 @@ def _bilinear_matrix(source_size, target_size):
     return np.maximum(0.0, 1.0 - np.abs(positions[:, None] - np.arange(source_size)))
 
 
-def upsample_map(attention_map, size):
-    """Bilinearly upsamples an attention map and rescales it to [0, 1].
+def upsample_map(attention_map, size, vmax=None):
+    """Bilinearly upsamples an attention map and divides it by `vmax`.
 
     `up = A_y · M · A_xᵀ` with bilinear interpolation matrices `A_y (H, h)`
-    and `A_x (W, w)`, then `(up − min) / (max − min)` (all zeros when the map
-    is constant). The peak stays in the image region of the peak cell.
+    and `A_x (W, w)`, then `clip(up / vmax, 0, 1)`. The scale starts at 0,
+    not at the map's minimum: a uniform map stays uniform (one colour), and
+    a map that is barely above uniform stays barely brighter. The peak stays
+    in the image region of the peak cell.
 
     Args:
-        attention_map: Array of shape `(h, w)`.
+        attention_map: non-negative array of shape `(h, w)`.
         size: `(H, W)`, the output size.
+        vmax: positive number, the value drawn at full heat. Default: the
+            map's own maximum. Pass the same `vmax` to compare several maps,
+            or `1.0` for the share of a map that sums to one.
 
     Returns:
         A float32 array of shape `(H, W)` with values in [0, 1].
@@ -83,21 +88,24 @@ def upsample_map(attention_map, size):
         or min(size) <= 0
     ):
         raise ValueError(f"`size` must be two positive ints (H, W). Received: size={size!r}")
+    if vmax is None:
+        vmax = attention_map.max()
+    elif not isinstance(vmax, numbers.Real) or isinstance(vmax, bool) or not vmax > 0:
+        raise ValueError(f"`vmax` must be a positive number. Received: vmax={vmax!r}")
+    if not vmax > 0:
+        return np.zeros(size, dtype=np.float32)
     upsampled = (
         _bilinear_matrix(attention_map.shape[0], size[0])
         @ attention_map
         @ _bilinear_matrix(attention_map.shape[1], size[1]).T
     )
-    low, high = upsampled.min(), upsampled.max()
-    if not high > low:
-        return np.zeros(size, dtype=np.float32)
-    return ((upsampled - low) / (high - low)).astype(np.float32)
+    return np.clip(upsampled / vmax, 0.0, 1.0).astype(np.float32)
 
 
-def overlay(image, attention_map, alpha=0.5, colormap="jet"):
+def overlay(image, attention_map, alpha=0.5, colormap="jet", vmax=None):
     """Blends a colour-mapped attention map over an image.
 
-        out = (1 − alpha) · image + alpha · 255 · colormap(upsample_map(M))
+        out = (1 − alpha) · image + alpha · 255 · colormap(upsample_map(M, vmax))
 
     With the default "jet" the attended places turn red and the rest blue.
 
@@ -106,6 +114,8 @@ def overlay(image, attention_map, alpha=0.5, colormap="jet"):
         attention_map: `(h, w)` array on any grid.
         alpha: Float in [0, 1], the weight of the heat map.
         colormap: Name of a matplotlib colormap.
+        vmax: the map value drawn at full heat (`upsample_map`); default the
+            map's maximum.
 
     Returns:
         An `(H, W, 3)` uint8 array.
@@ -113,7 +123,8 @@ def overlay(image, attention_map, alpha=0.5, colormap="jet"):
     if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool) or not 0 <= alpha <= 1:
         raise ValueError(f"`alpha` must be a number in [0, 1]. Received: alpha={alpha!r}")
     image = _as_rgb_image(image)
-    heat = matplotlib.colormaps[colormap](upsample_map(attention_map, image.shape[:2]))[..., :3]
+    heat = matplotlib.colormaps[colormap](upsample_map(attention_map, image.shape[:2], vmax))
+    heat = heat[..., :3]
     blended = (1 - alpha) * image + alpha * 255.0 * heat
     return np.round(blended).astype(np.uint8)
 
@@ -153,6 +164,7 @@ def attention_grid(
     part_names=None,
     alpha=0.5,
     colormap="jet",
+    vmax=None,
     cell_size=2.0,
     dpi=100,
 ):
@@ -165,6 +177,10 @@ def attention_grid(
     of the argmax cell, in image coordinates) of each map on its overlay, and
     a dot in the part's colour (that of its column title) marks it on the image.
 
+    Every overlay shares one colour scale, from 0 to `vmax`, and is labelled
+    with its peak mass, `max M / Σ M` (a uniform `h×w` map has `1 / (h·w)`):
+    a flat map looks flat beside a peaked one.
+
     Args:
         images: `(N, H, W, 3)` images, uint8 or floats in [0, 255].
         attention_maps: `(N, h, w)` single maps or `(N, h, w, P)` part maps.
@@ -176,6 +192,8 @@ def attention_grid(
         part_names: Optional `P` column titles; "part 1", ... by default.
         alpha: Weight of the heat map in each overlay.
         colormap: Name of a matplotlib colormap.
+        vmax: the share of a map's mass drawn at full heat. Default: the
+            largest share of any cell of the maps drawn.
         cell_size: Width of one image in inches.
         dpi: Resolution of the figure and of the PNG.
 
@@ -196,6 +214,12 @@ def attention_grid(
         )
     if attention_maps.ndim == 3:
         attention_maps = attention_maps[..., None]
+    if not np.all(np.isfinite(attention_maps)) or np.any(attention_maps < 0):
+        raise ValueError("`attention_maps` must be finite and non-negative.")
+    totals = attention_maps.sum(axis=(1, 2), keepdims=True)
+    shares = attention_maps / np.where(totals > 0, totals, 1.0)  # Each map sums to one.
+    if vmax is None:
+        vmax = float(shares.max()) or 1.0
     count, parts = len(images), attention_maps.shape[-1]
     _check_labels("predicted", predicted, count)
     _check_labels("true", true, count)
@@ -222,10 +246,11 @@ def attention_grid(
         axes[n, 0].set_title("\n".join(lines), color=color, fontsize=9)
         for p in range(parts):
             ax = axes[n, p + 1]
-            ax.imshow(overlay(image, attention_maps[n, :, :, p], alpha, colormap))
+            ax.imshow(overlay(image, shares[n, :, :, p], alpha, colormap, vmax))
             part_color = part_colors[p % len(part_colors)]
-            if n == 0:
-                ax.set_title(part_names[p], color=part_color, fontsize=9)
+            peak = f"peak {shares[n, :, :, p].max():.2f}"
+            title = f"{part_names[p]}\n{peak}" if n == 0 else peak
+            ax.set_title(title, color=part_color, fontsize=9)
             if mark_peaks:
                 x, y = _peak_xy(attention_maps[n, :, :, p], image.shape[:2])
                 ax.plot([x], [y], gid="peak", **PEAK_MARKER)

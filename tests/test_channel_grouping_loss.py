@@ -32,17 +32,17 @@ def numpy_losses(maps, margin, normalize_coordinates):
                     dis += m[x, y] * (((x - t_x) / x_scale) ** 2 + ((y - t_y) / y_scale) ** 2)
                     others = [maps[b, x, y, k] for k in range(parts) if k != i]
                     if others:
-                        div += m[x, y] * (max(others) - margin)
+                        div += m[x, y] * max(0.0, max(others) - margin / (height * width))
     return dis / batch, div / batch
 
 
 @pytest.mark.parametrize("normalize_coordinates", [False, True])
 def test_losses_match_loop_transcription(normalize_coordinates):
     maps = random_maps()
-    expected_dis, expected_div = numpy_losses(maps, 0.05, normalize_coordinates)
+    expected_dis, expected_div = numpy_losses(maps, 1.5, normalize_coordinates)
     dis = distance_loss(maps, normalize_coordinates=normalize_coordinates)
-    div = diversity_loss(maps, margin=0.05)
-    total = ChannelGroupingLoss(margin=0.05, diversity_weight=1.5, normalize_coordinates=normalize_coordinates)(maps)
+    div = diversity_loss(maps, margin=1.5)
+    total = ChannelGroupingLoss(margin=1.5, diversity_weight=1.5, normalize_coordinates=normalize_coordinates)(maps)
     np.testing.assert_allclose(float(dis), expected_dis, rtol=1e-5)
     np.testing.assert_allclose(float(div), expected_div, rtol=1e-5)
     np.testing.assert_allclose(float(total), expected_dis + 1.5 * expected_div, rtol=1e-5)
@@ -50,14 +50,39 @@ def test_losses_match_loop_transcription(normalize_coordinates):
 
 def test_default_margin_and_weight():
     maps = random_maps()
-    expected_dis, expected_div = numpy_losses(maps, 0.02, False)
+    expected_dis, expected_div = numpy_losses(maps, 2.0, True)
+    assert expected_div > 0  # the hinge is active somewhere, so the check means something
     np.testing.assert_allclose(float(diversity_loss(maps)), expected_div, rtol=1e-5)
-    np.testing.assert_allclose(float(ChannelGroupingLoss()(maps)), expected_dis + 2.0 * expected_div, rtol=1e-5)
+    np.testing.assert_allclose(float(ChannelGroupingLoss()(maps)), expected_dis + expected_div, rtol=1e-5)
+
+
+def blob(height, width, cells):
+    """A map holding equal mass on `cells` and exactly zero elsewhere."""
+    m = np.zeros((height, width))
+    for cell in cells:
+        m[cell] = 1.0 / len(cells)
+    return m
+
+
+def test_diversity_is_zero_apart_and_positive_once_parts_overlap_beyond_the_margin():
+    first = blob(6, 6, [(0, 0), (0, 1), (1, 0), (1, 1)])
+    apart = np.stack([first, blob(6, 6, [(4, 4), (4, 5), (5, 4), (5, 5)])], -1)[None]
+    assert float(diversity_loss(apart.astype("float32"))) == 0.0
+    # Two uniform maps, 1/36 per cell: below a margin of 2 uniform shares (2/36) nothing is
+    # counted; above a margin of half a share the hinge counts the excess.
+    flat = np.full((1, 6, 6, 2), 1 / 36, "float32")
+    assert float(diversity_loss(flat, margin=2.0)) == 0.0
+    np.testing.assert_allclose(float(diversity_loss(flat, margin=0.5)), 2 * 0.5 / 36, rtol=1e-5)
+    shared = np.stack([first, blob(6, 6, [(1, 1), (1, 2), (2, 1), (2, 2)])], -1)[None]
+    # One cell shared at 1/4 each: 2 parts · 1/4 · (1/4 − 2/36).
+    np.testing.assert_allclose(
+        float(diversity_loss(shared.astype("float32"))), 2 * 0.25 * (0.25 - 2 / 36), rtol=1e-5
+    )
 
 
 def test_single_part_has_zero_diversity():
     maps = random_maps(parts=1)
-    expected_dis, _ = numpy_losses(maps, 0.02, False)
+    expected_dis, _ = numpy_losses(maps, 2.0, True)
     assert float(diversity_loss(maps)) == 0.0
     np.testing.assert_allclose(float(ChannelGroupingLoss()(maps)), expected_dis, rtol=1e-5)
 
@@ -66,7 +91,7 @@ def test_ties_between_parts():
     # Two identical maps: for each, the largest other map is itself.
     maps = random_maps(parts=1)
     maps = np.concatenate([maps, maps], axis=-1)
-    _, expected_div = numpy_losses(maps, 0.02, False)
+    _, expected_div = numpy_losses(maps, 2.0, False)
     np.testing.assert_allclose(float(diversity_loss(maps)), expected_div, rtol=1e-5)
 
 
@@ -78,7 +103,7 @@ def test_float16_maps_give_float32_losses():
 
 def test_gradient_steps_make_the_blob_compact():
     logits = tf.Variable(np.random.normal(0, 1, (2, 8, 8, 2)).astype("float32"))
-    loss_fn = ChannelGroupingLoss()
+    loss_fn = ChannelGroupingLoss(normalize_coordinates=False)
 
     def maps():
         return keras.ops.softmax(tf.reshape(logits, (2, 64, 2)), axis=1)
@@ -105,7 +130,7 @@ def test_gradients_are_finite_on_uniform_maps():
 
 
 def test_config_round_trip():
-    loss = ChannelGroupingLoss(margin=0.01, diversity_weight=1.0, normalize_coordinates=True)
+    loss = ChannelGroupingLoss(margin=3.0, diversity_weight=0.5, normalize_coordinates=False)
     assert ChannelGroupingLoss.from_config(loss.get_config()).get_config() == loss.get_config()
     restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(loss))
     assert isinstance(restored, ChannelGroupingLoss)
@@ -116,6 +141,7 @@ def test_config_round_trip():
     "kwargs, message",
     [
         ({"margin": "0.02"}, "Received: margin='0.02'"),
+        ({"margin": -1.0}, "Received: margin=-1.0"),
         ({"diversity_weight": -1.0}, "Received: diversity_weight=-1.0"),
         ({"normalize_coordinates": 1}, "Received: normalize_coordinates=1"),
     ],

@@ -9,7 +9,9 @@ import keras
 import numpy as np
 import pytest
 
-from keras_fg.models import MACNN, PhaseSchedule, cluster_channels, create_model
+from keras_fg.models import (
+    MACNN, ChannelGroupingInitializer, PhaseSchedule, cluster_channels, create_model,
+)
 
 FAMILIES = {
     "gap": {},
@@ -209,7 +211,7 @@ def test_channel_clustering_groups_channels_by_peak_position():
     np.testing.assert_array_equal(groups[first], [1, 1, 1, 0, 0, 0])
 
 
-def test_channel_grouping_initialisation_pretrains_the_indicator(bird_batch):
+def test_channel_grouping_initialisation_pretrains_soft_unsaturated_targets(bird_batch):
     images, _ = bird_batch
     model = build("macnn")
     result = model.initialize_channel_grouping(images, max_images=16, epochs=60, learning_rate=0.05)
@@ -219,9 +221,29 @@ def test_channel_grouping_initialisation_pretrains_the_indicator(bird_batch):
     grouping = model.get_layer("channel_grouping")
     features = keras.Model(model.input, grouping.input).predict(images[:4], verbose=0)
     predicted = keras.ops.convert_to_numpy(grouping(features)["channel_weights"])
-    # Each part's channel weights now follow its group's indicator.
+    # Each part's channel weights now follow its group's indicator...
     agreement = ((predicted > 0.5) == result["groups"][None]).mean()
     assert agreement > 0.9
+    # ...towards the soft targets 0.1 / 0.9, even at a high learning rate: no sigmoid
+    # saturates, so the part losses can still move every channel weight.
+    assert 0.03 < predicted.min() and predicted.max() < 0.97
+    # The BCE optimum of a 0.1 / 0.9 target is the target itself.
+    np.testing.assert_allclose(np.median(predicted[:, result["groups"] > 0]), 0.9, atol=0.05)
+    with pytest.raises(ValueError, match="Received: target_smoothing=0.5"):
+        model.initialize_channel_grouping(images, target_smoothing=0.5)
+
+
+def test_clustering_callback_runs_once_before_its_epoch(bird_batch):
+    images, labels = bird_batch[0][:8], bird_batch[1][:8]
+    model = build("macnn")
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    callback = ChannelGroupingInitializer(images, at_epoch=1, verbose=0, epochs=1)
+    model.fit(images, labels, epochs=1, verbose=0, callbacks=[callback])
+    assert callback.result is None
+    model.fit(images, labels, initial_epoch=1, epochs=3, verbose=0, callbacks=[callback])
+    assert sum(callback.result["group_sizes"]) == model.backbone.output.shape[-1]
+    with pytest.raises(ValueError, match="Received: at_epoch=-1"):
+        ChannelGroupingInitializer(images, at_epoch=-1)
 
 
 def test_unknown_names_list_the_valid_ones():

@@ -20,22 +20,33 @@ def random_image(height=48, width=64, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3)).astype("uint8")
 
 
-def test_upsample_map_matches_tf_resize_and_spans_zero_to_one():
+def test_upsample_map_matches_tf_resize_divided_by_vmax():
     attention_map = np.random.default_rng(1).uniform(size=(5, 7)).astype("float32")
-    upsampled = viz.upsample_map(attention_map, (20, 21))
     expected = tf.image.resize(attention_map[..., None], (20, 21), method="bilinear")
     expected = expected.numpy()[..., 0]
-    expected = (expected - expected.min()) / (expected.max() - expected.min())
+    upsampled = viz.upsample_map(attention_map, (20, 21))
     assert upsampled.shape == (20, 21) and upsampled.dtype == np.float32
-    assert upsampled.min() == 0.0 and upsampled.max() == 1.0
-    np.testing.assert_allclose(upsampled, expected, atol=1e-5)
+    np.testing.assert_allclose(upsampled, expected / attention_map.max(), atol=1e-5)
+    np.testing.assert_allclose(
+        viz.upsample_map(attention_map, (20, 21), vmax=2.0), expected / 2.0, atol=1e-5
+    )
+    np.testing.assert_array_equal(viz.upsample_map(attention_map, (4, 4), vmax=1e-3), 1.0)
 
 
-def test_upsample_map_keeps_the_peak_in_its_cell():
+def test_upsample_map_keeps_the_peak_in_its_cell_and_a_flat_map_flat():
     upsampled = viz.upsample_map(planted_map((6, 8), 4, 2), (48, 64))
     row, col = np.unravel_index(np.argmax(upsampled), upsampled.shape)
     assert 32 <= row < 40 and 16 <= col < 24  # the 8×8 block of cell (4, 2)
-    np.testing.assert_array_equal(viz.upsample_map(np.ones((3, 3)), (6, 6)), np.zeros((6, 6)))
+    # Min-max rescaling would draw a 1 % ripple as a full-range peak; this draws it flat.
+    ripple = np.full((6, 8), 1 / 48) * (1 + 0.01 * np.random.default_rng(0).uniform(size=(6, 8)))
+    assert viz.upsample_map(ripple, (12, 16)).min() > 0.98
+    np.testing.assert_array_equal(viz.upsample_map(np.zeros((3, 3)), (6, 6)), np.zeros((6, 6)))
+
+
+@pytest.mark.parametrize("vmax", [0, -1.0, "1"])
+def test_upsample_map_rejects_a_bad_vmax(vmax):
+    with pytest.raises(ValueError, match=f"Received: vmax={vmax!r}"):
+        viz.upsample_map(np.ones((2, 2)), (4, 4), vmax=vmax)
 
 
 def test_overlay_shape_and_dtype():
@@ -68,7 +79,8 @@ def test_overlay_heat_is_largest_at_the_planted_peak():
     value = np.argmin(((heat[..., None, :] - lut) ** 2).sum(-1), axis=-1)
     row, col = np.unravel_index(np.argmax(value), value.shape)
     assert 32 <= row < 40 and 16 <= col < 24
-    assert value[row, col] > 250 and value[0, 63] < 5
+    # Pixel centres sit 1/16 of a cell off the cell centre: (15/16)² of full heat at most.
+    assert value[row, col] > 0.87 * 255 and value[0, 63] < 5
 
 
 def bird_batch(parts=None, count=2):
@@ -123,6 +135,22 @@ def test_attention_grid_titles_are_green_when_right_and_red_when_wrong():
     assert wrong.get_text() == "pred: gull\ntrue: auk"
     assert to_rgb(right.get_color()) == to_rgb(viz.CORRECT_COLOR)
     assert to_rgb(wrong.get_color()) == to_rgb(viz.WRONG_COLOR)
+
+
+def test_attention_grid_shares_one_scale_and_labels_each_peak_mass():
+    images, _ = bird_batch()
+    peaked = np.full((7, 7), 0.2 / 48)
+    peaked[3, 3] = 0.8
+    flat = np.full((7, 7), 1 / 49)
+    maps = np.stack([np.stack([peaked, flat], -1)] * 2)
+    figure = viz.attention_grid(images, maps, mark_peaks=False)
+    assert [ax.get_title() for ax in figure.axes[1:3]] == ["part 1\npeak 0.80", "part 2\npeak 0.02"]
+    assert [ax.get_title() for ax in figure.axes[4:6]] == ["peak 0.80", "peak 0.02"]
+    # The flat map is drawn at 0.02 / 0.8 of full heat everywhere: dark, with no peak.
+    flat_overlay = figure.axes[2].images[0].get_array()
+    np.testing.assert_array_equal(flat_overlay, viz.overlay(images[0], flat, vmax=0.8))
+    heat = flat_overlay.astype(float) - 0.5 * images[0]
+    assert np.ptp(heat.reshape(-1, 3), axis=0).max() <= 1.0  # one colour, up to rounding
 
 
 def test_to_image_array_renders_the_whole_figure():

@@ -124,15 +124,6 @@ def run(args):
     start_epoch = checkpoint.restore(model)
     if start_epoch:
         print(f"Resuming {output} after epoch {start_epoch}")
-    elif args.model == "macnn" and args.macnn_init == "clustering":
-        started = time.time()
-        result = model.initialize_channel_grouping(
-            data.pipeline(args, training=False, limit=256), max_images=256, seed=args.seed
-        )
-        print(
-            f"Channel grouping initialised by clustering: groups of {result['group_sizes']} "
-            f"channels, pre-training loss {result['loss']:.3f} ({time.time() - started:.0f} s)"
-        )
 
     # Phase switches and the backbone's unfreezing first: they set what the epoch trains.
     callbacks = []
@@ -145,6 +136,14 @@ def run(args):
         keras.callbacks.TensorBoard(str(output / "tensorboard"), write_graph=False),
         checkpoint,
     ]
+    if args.model == "macnn" and args.macnn_init == "clustering":
+        from keras_fg.models import ChannelGroupingInitializer
+
+        # First: the clustering sets the grouping weights that the epoch then trains.
+        callbacks.insert(0, ChannelGroupingInitializer(
+            data.pipeline(args, training=False, limit=256), at_epoch=args.macnn_init_epoch,
+            seed=args.seed,
+        ))
     class_weights = balanced_class_weights(data.train_labels, data.num_classes, args.class_weight)
     started = time.time()
     try:
@@ -366,7 +365,9 @@ def family_options(args):
     options = {"dropout": args.dropout, "freeze_batchnorm": not args.train_batchnorm}
     if args.model == "macnn":
         options.update(num_parts=args.num_parts, channel_grouping_weight=args.channel_grouping_weight,
-                       part_crop_size=args.part_crop_size)
+                       part_crop_size=args.part_crop_size, diversity_weight=args.diversity_weight,
+                       initial_temperature=args.initial_temperature,
+                       min_temperature=args.min_temperature)
     elif args.model == "bcnn":
         options.update(projection_dim=args.projection_dim, reduction_dim=args.reduction_dim)
     elif args.model == "dasrbn":

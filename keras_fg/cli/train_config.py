@@ -103,11 +103,21 @@ def build_parser():
                        help="evaluation transform: the whole image resized, or a centre crop")
     optim.add_argument("--macnn-init", choices=("clustering", "none"), default="clustering",
                        help="macnn: initialise the channel grouping by clustering channels")
+    optim.add_argument("--macnn-init-epoch", type=int, default=None,
+                       help="macnn: cluster before this epoch (default: 0 with pretrained "
+                            "--weights, else after a tenth of the epochs, when the backbone "
+                            "has learned)")
     optim.add_argument("--macnn-phases", default="joint",
                        help='macnn: comma-separated phases repeated over epochs, e.g. '
                             '"channel_grouping,classification" (default: joint)')
     optim.add_argument("--channel-grouping-weight", type=float, default=1.0,
                        help="macnn: weight of the channel-grouping loss")
+    optim.add_argument("--diversity-weight", type=float, default=1.0,
+                       help="macnn: weight λ of Div inside the channel-grouping loss")
+    optim.add_argument("--initial-temperature", type=float, default=2.0,
+                       help="macnn: the part maps' inverse temperature at the start")
+    optim.add_argument("--min-temperature", type=float, default=1.0,
+                       help="macnn: the lower bound of the part maps' inverse temperature")
 
     reid = parser.add_argument_group("re-identification (--task reid)")
     reid.add_argument("--num-identities", type=int, default=8, help="P of P x K sampling")
@@ -234,6 +244,11 @@ def resolve(args):
     if args.model != "macnn" and phases != ["joint"]:
         raise ValueError("--macnn-phases applies to --model macnn only")
     args.weights = None if args.weights in (None, "", "none", "None") else args.weights
+    if args.macnn_init_epoch is None:
+        args.macnn_init_epoch = 0 if args.weights else args.epochs // 10
+    if not 0 <= args.macnn_init_epoch < args.epochs:
+        raise ValueError(f"--macnn-init-epoch must be in [0, --epochs). "
+                         f"Received: {args.macnn_init_epoch}")
     return args
 
 

@@ -1,11 +1,15 @@
 """MA-CNN channel grouping: P part attention maps from one feature map."""
 
+import math
 import numbers
 
 import keras
 from keras import ops
 
-NORMALIZATIONS = ("softmax", "sum")
+# Added to the variance, relative to the mean square of the response: a constant map stays
+# uniform and the standardisation does not depend on the scale of the features.
+RELATIVE_EPSILON = 1e-3
+ABSOLUTE_EPSILON = 1e-6  # Representable in float16 (TFLite fp16 constants): 0 · rsqrt(0) is NaN.
 
 
 def _is_int(value):
@@ -22,69 +26,59 @@ class ChannelGrouping(keras.layers.Layer):
 
     Each part `i = 1..P` weighs the channels of the feature map `F`
     `(B, H, W, C)` with its own two-layer FC network on the globally
-    average-pooled features, and turns the weighted channel sum into an
-    attention map over positions, which then pools its part feature:
+    average-pooled features. The weighted channel mean is standardised over
+    the positions of the map and turned into an attention map by a softmax
+    at a learned inverse temperature; the map then pools the part feature:
 
-        d_i = sigmoid(FC_i2(tanh(FC_i1(GAP(F)))))          channel weights, (B, C)
-        M_i = normalise_over_positions(r_i)                 attention map, (B, H, W)
-        p_i = Σ_{x,y} M_i(x,y) · F(x,y)                     part feature, (B, C)
+        d_i   = sigmoid(FC_i2(tanh(FC_i1(GAP(F)))))          channel weights, (B, C)
+        r_i   = mean_c(d_ic · F_c)                             response, (B, H, W)
+        z_i   = (r_i − mean_xy r_i) / sqrt(var_xy r_i + ε · mean_xy r_i² + 10⁻⁶)
+        τ_i   = τ_min + (τ_max − τ_min) · sigmoid(θ_i)         inverse temperature
+        M_i   = softmax_xy(τ_i · z_i)                          attention map, (B, H, W)
+        p_i   = Σ_{x,y} M_i(x,y) · F(x,y)                      part feature, (B, C)
 
-    with `FC_i1(g) = g·W1_i + b1_i` (`C → hidden_units`) and
-    `FC_i2(h) = h·W2_i + b2_i` (`hidden_units → C`). The P networks are
-    batched: `hidden_kernel (P, C, hidden_units)`, `hidden_bias
-    (P, hidden_units)`, `channel_kernel (P, hidden_units, C)` and
-    `channel_bias (P, C)` are the layer's only weights, so
-    `layer.trainable_weights` are exactly "the channel-grouping variables"
-    that MA-CNN's alternating training updates on its own.
+    with `FC_i1(g) = g·W1_i + b1_i` (`C → hidden_units`),
+    `FC_i2(h) = h·W2_i + b2_i` (`hidden_units → C`) and `ε = 10⁻³`.
 
-    The map normalisation is one of:
+    The standardisation makes the map independent of the scale of the
+    features (VGG's conv5 activations are in the hundreds, MobileNetV2's
+    ReLU6 outputs below 6), and `τ_i` alone sets how sharp the map can be:
+    on an `H×W` grid `z` lies within `±sqrt(H·W − 1)`, so at `τ = 1` a
+    response that stands out at one cell already puts most of the mass
+    there (0.98 on 8×8), and at `τ → 0` the map is uniform (GAP). `τ_i` is
+    learned, from `initial_temperature`, and kept in `(min_temperature,
+    max_temperature)` by the sigmoid, so a map can neither collapse to one
+    cell by accident nor flatten into a global average. (The authors' released
+    model squashes the response instead,
+    `softmax(4·log(softplus(tanh(0.1·r))))`, which bounds a map's peak to
+    about 4× its minimum on features the size of MobileNetV2's.)
 
-    - `"softmax"` (default, the authors' released model): a softmax over the
-      `H·W` positions of a squashed response,
+    The P networks are batched: `hidden_kernel (P, C, hidden_units)`,
+    `hidden_bias (P, hidden_units)`, `channel_kernel (P, hidden_units, C)`,
+    `channel_bias (P, C)` and `temperature_logit (P,)` (`θ`) are the
+    layer's only weights, so `layer.trainable_weights` are exactly "the
+    channel-grouping variables" that MA-CNN's alternating training updates
+    on its own.
 
-          r_i(x,y) = mean_c(d_ic · F_c(x,y))
-          M_i      = softmax_{x,y}(sharpness · log(softplus(tanh(response_scale · r_i))))
-
-      with `sharpness = 4` and `response_scale = 0.1` as released. Since
-      `softmax(k·log s) = s^k / Σ s^k`, this is the `k`-th power of a
-      bounded positive response (`softplus(tanh(·)) ∈ (0.31, 1.31)`),
-      normalised: a peak is at most `(1.313/0.313)^4 ≈ 310` times the
-      weakest position, so no single position can take all the mass.
-    - `"sum"` (the paper's text): a sigmoid divided by its sum over positions,
-
-          r_i(x,y) = Σ_c d_ic · F_c(x,y)
-          M_i      = sigmoid(r_i) / Σ_{x,y} sigmoid(r_i)
-
-      computed as the identical `softmax_{x,y}(log_sigmoid(r_i))`, which
-      cannot divide by zero when every sigmoid underflows. `sharpness` and
-      `response_scale` do not apply. Note that with hundreds of channels
-      `Σ_c` saturates the sigmoid easily, flattening the map.
-
-    Either way each map sums to one over its `H·W` positions. All of the
-    attention math runs in float32, also under a mixed-precision policy:
-    the weights are read in float32 and the inputs are cast up, so
-    `attention_maps` and `channel_weights` are always float32;
+    All of the attention math runs in float32, also under a mixed-precision
+    policy: the weights are read in float32 and the inputs are cast up, so
+    `attention_maps` and `channel_weights` are always float32 and finite;
     `part_features` are returned in the layer's compute dtype.
 
     Args:
         num_parts: int ≥ 1, the number of parts `P` (MA-CNN uses 2 or 4).
         hidden_units: int ≥ 1, width of each part's hidden FC layer. `None`
-            (default) uses `C`, the input channels, as MA-CNN does
-            (512 → 512 → 512 on VGG-19 conv5_4); then the layer has
-            `2·P·C·(C+1)` weights, about 2.1 M for `P = 4, C = 512`. A
-            squeeze-and-excitation-style `C // 16` is a much cheaper choice.
-        normalization: `"softmax"` (default) or `"sum"`, see above.
-        sharpness: positive float, the exponent `k` of the `"softmax"`
-            normalisation (an inverse temperature). Default 4.0.
-        response_scale: positive float, the scale applied to the mean
-            response before `tanh` in the `"softmax"` normalisation.
-            Default 0.1; features much larger or smaller than VGG's conv5
-            activations may want another value, so that `tanh` is not
-            saturated.
+            (default) uses `max(C // 16, 8)`, squeeze-and-excitation style;
+            MA-CNN itself uses `C` (512 → 512 → 512 on VGG-19 conv5_4),
+            `2·P·C·(C+1)` weights, 13 M for `P = 4, C = 1280`.
+        initial_temperature: float strictly between `min_temperature` and
+            `max_temperature`, `τ` at initialisation. Default 2.0.
+        min_temperature: float ≥ 0, the lower bound of `τ`. Default 1.0: with
+            `τ → 0` the parts flatten into global averages, all alike, and
+            nothing pulls them back (measured on the synthetic set).
+        max_temperature: positive float, the upper bound of `τ`. Default 4.0.
         kernel_initializer: initializer of `hidden_kernel` and
-            `channel_kernel`. Default `"glorot_uniform"`. (MA-CNN overwrites
-            the initial weights anyway by pre-training each `d_i` to a
-            channel-cluster indicator vector.)
+            `channel_kernel`. Default `"glorot_uniform"`.
         bias_initializer: initializer of both biases. Default `"zeros"`.
         **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
 
@@ -120,9 +114,9 @@ class ChannelGrouping(keras.layers.Layer):
         self,
         num_parts,
         hidden_units=None,
-        normalization="softmax",
-        sharpness=4.0,
-        response_scale=0.1,
+        initial_temperature=2.0,
+        max_temperature=4.0,
+        min_temperature=1.0,
         kernel_initializer="glorot_uniform",
         bias_initializer="zeros",
         **kwargs,
@@ -137,25 +131,33 @@ class ChannelGrouping(keras.layers.Layer):
                 "`hidden_units` must be None or an int >= 1. "
                 f"Received: hidden_units={hidden_units!r}"
             )
-        if normalization not in NORMALIZATIONS:
+        if not _is_positive_number(max_temperature):
             raise ValueError(
-                f"`normalization` must be one of {NORMALIZATIONS}. "
-                f"Received: normalization={normalization!r}"
+                "`max_temperature` must be a positive number. "
+                f"Received: max_temperature={max_temperature!r}"
             )
-        if not _is_positive_number(sharpness):
+        if (
+            not isinstance(min_temperature, numbers.Real) or isinstance(min_temperature, bool)
+            or not 0 <= min_temperature < max_temperature
+        ):
             raise ValueError(
-                f"`sharpness` must be a positive number. Received: sharpness={sharpness!r}"
+                "`min_temperature` must be a number in [0, max_temperature). "
+                f"Received: min_temperature={min_temperature!r}"
             )
-        if not _is_positive_number(response_scale):
+        if (
+            not _is_positive_number(initial_temperature)
+            or not min_temperature < initial_temperature < max_temperature
+        ):
             raise ValueError(
-                "`response_scale` must be a positive number. "
-                f"Received: response_scale={response_scale!r}"
+                "`initial_temperature` must be a number between `min_temperature` and "
+                f"`max_temperature` ({min_temperature}, {max_temperature}). "
+                f"Received: initial_temperature={initial_temperature!r}"
             )
         self.num_parts = int(num_parts)
         self.hidden_units = None if hidden_units is None else int(hidden_units)
-        self.normalization = normalization
-        self.sharpness = float(sharpness)
-        self.response_scale = float(response_scale)
+        self.initial_temperature = float(initial_temperature)
+        self.max_temperature = float(max_temperature)
+        self.min_temperature = float(min_temperature)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
 
@@ -175,7 +177,7 @@ class ChannelGrouping(keras.layers.Layer):
 
     def build(self, input_shape):
         channels = self._check_input_shape(input_shape)[-1]
-        hidden = channels if self.hidden_units is None else self.hidden_units
+        hidden = max(channels // 16, 8) if self.hidden_units is None else self.hidden_units
         parts = self.num_parts
 
         def weight(name, shape, initializer):
@@ -188,6 +190,17 @@ class ChannelGrouping(keras.layers.Layer):
         self.hidden_bias = weight("hidden_bias", (parts, hidden), self.bias_initializer)
         self.channel_kernel = weight("channel_kernel", (parts, hidden, channels), self.kernel_initializer)
         self.channel_bias = weight("channel_bias", (parts, channels), self.bias_initializer)
+        span = self.max_temperature - self.min_temperature
+        ratio = (self.initial_temperature - self.min_temperature) / span
+        self.temperature_logit = weight(
+            "temperature_logit", (parts,),
+            keras.initializers.Constant(math.log(ratio / (1.0 - ratio))),
+        )
+
+    def temperatures(self):
+        """`τ_i`, the inverse temperature of each part's softmax, `(P,)` float32."""
+        span = self.max_temperature - self.min_temperature
+        return self.min_temperature + span * ops.sigmoid(self.temperature_logit)
 
     def call(self, inputs):
         features = ops.cast(inputs, "float32")
@@ -196,17 +209,17 @@ class ChannelGrouping(keras.layers.Layer):
         channel_weights = ops.sigmoid(
             ops.einsum("bph,phc->bpc", hidden, self.channel_kernel) + self.channel_bias
         )
-        response = ops.einsum("bhwc,bpc->bhwp", features, channel_weights)
-        if self.normalization == "softmax":
-            response = response / features.shape[-1]  # Σ_c -> mean_c
-            logits = self.sharpness * ops.log(
-                ops.softplus(ops.tanh(self.response_scale * response))
-            )
-        else:
-            logits = ops.log_sigmoid(response)  # softmax(log σ) = σ / Σ σ
-        # Softmax over the H·W positions of each map.
-        logits = logits - ops.max(logits, axis=(1, 2), keepdims=True)
-        exp = ops.exp(logits)
+        response = ops.einsum("bhwc,bpc->bhwp", features, channel_weights) / features.shape[-1]
+        mean = ops.mean(response, axis=(1, 2), keepdims=True)
+        centred = response - mean
+        variance = ops.mean(ops.square(centred), axis=(1, 2), keepdims=True)
+        mean_square = variance + ops.square(mean)
+        standardised = centred * ops.rsqrt(
+            variance + RELATIVE_EPSILON * mean_square + ABSOLUTE_EPSILON
+        )
+        logits = self.temperatures() * standardised
+        # Softmax over the H·W positions of each map (|logits| ≤ τ_max·sqrt(H·W): no overflow).
+        exp = ops.exp(logits - ops.max(logits, axis=(1, 2), keepdims=True))
         attention_maps = exp / ops.sum(exp, axis=(1, 2), keepdims=True)
         part_features = ops.einsum("bhwp,bhwc->bpc", attention_maps, features)
         return {
@@ -238,9 +251,9 @@ class ChannelGrouping(keras.layers.Layer):
             **super().get_config(),
             "num_parts": self.num_parts,
             "hidden_units": self.hidden_units,
-            "normalization": self.normalization,
-            "sharpness": self.sharpness,
-            "response_scale": self.response_scale,
+            "initial_temperature": self.initial_temperature,
+            "max_temperature": self.max_temperature,
+            "min_temperature": self.min_temperature,
             "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
             "bias_initializer": keras.initializers.serialize(self.bias_initializer),
         }

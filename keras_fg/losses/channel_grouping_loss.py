@@ -72,23 +72,27 @@ def _scaled_square(offset, size, normalize):
     return offset * offset
 
 
-def diversity_loss(maps, margin=0.02):
-    """Diversity loss of MA-CNN: pushes the part maps apart.
+def diversity_loss(maps, margin=2.0):
+    """Diversity loss of MA-CNN: a hinge on the overlap of the part maps.
 
-        Div(M_i) = Σ_{(x,y)} m_i(x,y) · [ max_{k≠i} m_k(x,y) − margin ]
+        Div(M_i) = Σ_{(x,y)} m_i(x,y) · max(0, max_{k≠i} m_k(x,y) − mrg / (H·W))
         loss     = mean_b Σ_i Div(M_i)
 
-    The gradient flows through both `m_i` and the largest of the other
-    maps. With a single part there is no `k ≠ i`, and the loss is defined
-    as 0.
+    The margin is in units of the uniform map's value `1 / (H·W)`, so that it
+    means the same on every grid: `margin=2` counts another part's map only
+    where it holds more than twice its uniform share. For maps that each sum
+    to one, `Div(M_i) ∈ [0, 1)`: two maps that put mass `a` on the same cell
+    cost about `a²` each, maps that are no more than `margin` times uniform
+    wherever another map lives cost nothing, and maps with disjoint supports
+    cost exactly 0. (Without the hinge, `Σ m_i · (max m_k − mrg)` has the
+    margin enter as the constant `−mrg · P`, which changes no gradient.)
 
-    Note that the margin enters linearly, as `−margin · Σ_i Σ_{x,y} m_i`:
-    for maps that each sum to one this is the constant `−margin · P`, so
-    the margin then shifts the value of the loss but not its gradient.
+    The gradient flows through both `m_i` and the largest of the other
+    maps. With a single part there is no `k ≠ i`, and the loss is 0.
 
     Args:
-        maps: tensor `(B, H, W, P)` of attention maps.
-        margin: float, `mrg`. Default 0.02, as in MA-CNN.
+        maps: tensor `(B, H, W, P)` of attention maps, each summing to one.
+        margin: float ≥ 0, `mrg` in multiples of `1 / (H·W)`. Default 2.0.
 
     Returns:
         A float32 scalar.
@@ -96,11 +100,13 @@ def diversity_loss(maps, margin=0.02):
     maps = _as_maps(maps)
     if maps.shape[-1] == 1:
         return ops.zeros((), "float32")
+    shape = ops.shape(maps)
+    threshold = margin / ops.cast(shape[1] * shape[2], "float32")
     # The largest other map is the top value, except where m_i is the top.
     top_two, _ = ops.top_k(maps, k=2)
     first, second = top_two[..., :1], top_two[..., 1:]
     largest_other = ops.where(maps >= first, second, first)
-    return ops.mean(ops.sum(maps * (largest_other - margin), axis=(1, 2, 3)))
+    return ops.mean(ops.sum(maps * ops.relu(largest_other - threshold), axis=(1, 2, 3)))
 
 
 @keras.saving.register_keras_serializable(package="keras_fg")
@@ -108,7 +114,7 @@ class ChannelGroupingLoss:
     """MA-CNN channel grouping loss `L_cng = Σ_i Dis(M_i) + λ · Div(M_i)`.
 
         Dis(M_i) = Σ_{(x,y)} m_i(x,y) · [ (x − t_x)² + (y − t_y)² ]
-        Div(M_i) = Σ_{(x,y)} m_i(x,y) · [ max_{k≠i} m_k(x,y) − mrg ]
+        Div(M_i) = Σ_{(x,y)} m_i(x,y) · max(0, max_{k≠i} m_k(x,y) − mrg / (H·W))
         L_cng    = mean_b Σ_i ( Dis(M_i) + λ · Div(M_i) )
 
     See `distance_loss` and `diversity_loss` for the details (peak without
@@ -121,15 +127,14 @@ class ChannelGroupingLoss:
     as Keras' own losses do.
 
     Args:
-        margin: float, `mrg` of the diversity term. Default 0.02, as in
-            MA-CNN.
-        diversity_weight: float ≥ 0, `λ`. Default 2.0, the paper's value
-            (public re-implementations use 1–2). With cell coordinates on a
-            large grid the distance term is far larger than the diversity
-            term (which is below 1 for normalised maps);
-            `normalize_coordinates=True` brings them to comparable scales.
+        margin: float ≥ 0, `mrg` of the diversity hinge, in multiples of
+            the uniform value `1 / (H·W)`. Default 2.0.
+        diversity_weight: float ≥ 0, `λ`. Default 1.0. Div is below 1 per
+            part for maps that sum to one, as Dis is with coordinates in
+            `[0, 1]`.
         normalize_coordinates: bool, measure distances in `[0, 1]` instead
-            of in grid cells. Default False.
+            of in grid cells (where Dis grows with the square of the grid
+            and swamps Div). Default True.
 
     Call arguments:
         maps: tensor `(B, H, W, P)` of attention maps, each summing to one
@@ -152,9 +157,9 @@ class ChannelGroupingLoss:
           ICCV 2017.
     """
 
-    def __init__(self, margin=0.02, diversity_weight=2.0, normalize_coordinates=False):
-        if not isinstance(margin, numbers.Real) or isinstance(margin, bool):
-            raise ValueError(f"`margin` must be a number. Received: margin={margin!r}")
+    def __init__(self, margin=2.0, diversity_weight=1.0, normalize_coordinates=True):
+        if not isinstance(margin, numbers.Real) or isinstance(margin, bool) or margin < 0:
+            raise ValueError(f"`margin` must be a number >= 0. Received: margin={margin!r}")
         if (
             not isinstance(diversity_weight, numbers.Real)
             or isinstance(diversity_weight, bool)

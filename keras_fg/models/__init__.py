@@ -5,6 +5,6 @@ from keras_fg.models.dasrbn import DASRBN
 from keras_fg.models.factory import MODELS, create_model, list_models
 from keras_fg.models.fine_grained_model import FineGrainedModel
 from keras_fg.models.gap_classifier import GAPClassifier
-from keras_fg.models.macnn import MACNN, cluster_channels
+from keras_fg.models.macnn import MACNN, ChannelGroupingInitializer, cluster_channels
 from keras_fg.models.phase_schedule import PhaseSchedule
 from keras_fg.models.head_training import FeatureHead, extract_features, split_at_backbone, train_head

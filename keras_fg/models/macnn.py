@@ -1,5 +1,8 @@
 """MA-CNN: channel grouping into part attention, part classifiers and the joint loss."""
 
+import time
+import warnings
+
 import keras
 import numpy as np
 from keras import ops
@@ -42,12 +45,14 @@ class MACNN(FineGrainedModel):
         backbone: a headless feature extractor from `keras_fg.models.create_backbone`.
         num_classes: number of classes.
         num_parts: number of parts P.
-        hidden_units: width of the channel-grouping FCs (`ChannelGrouping`).
-        normalization: how part maps are normalised over positions (`ChannelGrouping`).
+        hidden_units: width of the channel-grouping FCs (`ChannelGrouping`; default
+            `max(C // 16, 8)`).
+        initial_temperature, min_temperature, max_temperature: the part maps' learned
+            inverse temperature `τ`, its starting value and bounds (`ChannelGrouping`).
         part_loss_weight: α, weight of the summed part cross-entropies.
         channel_grouping_weight: β, weight of L_cng.
         diversity_weight: λ, weight of Div inside L_cng.
-        margin: mrg of Div.
+        margin: mrg of Div's hinge, in multiples of the uniform map's value `1 / (H·W)`.
         part_backbone: a backbone for the part crops (its input size is the crop size), or
             `None` to leave the crops out.
         box_fraction: the crop box's side as a fraction of the image side (the release:
@@ -71,11 +76,13 @@ class MACNN(FineGrainedModel):
         num_classes,
         num_parts=4,
         hidden_units=None,
-        normalization="softmax",
+        initial_temperature=2.0,
+        min_temperature=1.0,
+        max_temperature=4.0,
         part_loss_weight=1.0,
         channel_grouping_weight=1.0,
-        diversity_weight=2.0,
-        margin=0.02,
+        diversity_weight=1.0,
+        margin=2.0,
         normalize_coordinates=True,
         part_backbone=None,
         box_fraction=128 / 448,
@@ -94,7 +101,8 @@ class MACNN(FineGrainedModel):
         images = image_input(backbone)
         feature_map = run_backbone(backbone, images, freeze_batchnorm)
         grouping = ChannelGrouping(
-            num_parts, hidden_units=hidden_units, normalization=normalization,
+            num_parts, hidden_units=hidden_units, initial_temperature=initial_temperature,
+            max_temperature=max_temperature, min_temperature=min_temperature,
             name="channel_grouping",
         )(feature_map)
         part_features = grouping["part_features"]  # (B, P, C)
@@ -123,7 +131,9 @@ class MACNN(FineGrainedModel):
         self.backbone = backbone
         self.num_parts = num_parts
         self.hidden_units = hidden_units
-        self.normalization = normalization
+        self.initial_temperature = float(initial_temperature)
+        self.max_temperature = float(max_temperature)
+        self.min_temperature = float(min_temperature)
         self.part_loss_weight = float(part_loss_weight)
         self.channel_grouping_weight = float(channel_grouping_weight)
         self.diversity_weight = float(diversity_weight)
@@ -158,7 +168,8 @@ class MACNN(FineGrainedModel):
         return self.get_layer("channel_grouping").trainable_weights
 
     def initialize_channel_grouping(
-        self, images, max_images=512, epochs=100, learning_rate=1e-2, seed=0, verbose=0
+        self, images, max_images=256, epochs=30, learning_rate=3e-3, target_smoothing=0.1,
+        seed=0, verbose=0,
     ):
         """MA-CNN's clustering initialisation of the channel grouping.
 
@@ -166,7 +177,14 @@ class MACNN(FineGrainedModel):
         images gives a vector `[t_x¹, t_y¹, ..., t_xᴺ, t_yᴺ]` (coordinates in [0, 1]).
         k-means splits the channels into P groups by these vectors, and each part's FCs are
         then trained (binary cross-entropy, on the backbone features of the same images) to
-        output its group's indicator vector `d_i = 1[c ∈ group i]`.
+        output its group's indicator vector, smoothed so that no sigmoid saturates:
+
+            target_ic = 1 − s  if c ∈ group i,  s  otherwise          (s = target_smoothing)
+
+        The optimum is a pre-activation of `±log((1 − s) / s)` (±2.2 for s = 0.1), from where
+        the part losses can still move every channel weight. The clustering only means
+        something on features that have learned: with pretrained backbone weights run it
+        before training, from scratch after the first epochs (`ChannelGroupingInitializer`).
 
         Args:
             images: a NumPy array of images, or a `tf.data.Dataset` of images or
@@ -174,6 +192,7 @@ class MACNN(FineGrainedModel):
             max_images: at most this many images are used.
             epochs: epochs of FC pre-training on the cached features.
             learning_rate: Adam learning rate of the FC pre-training.
+            target_smoothing: `s` in (0, 0.5), the target of channels outside the group.
             seed: seed of the k-means initialisation.
             verbose: verbosity of the pre-training `fit`.
 
@@ -184,16 +203,35 @@ class MACNN(FineGrainedModel):
         grouping_layer = self.get_layer("channel_grouping")
         feature_model = keras.Model(self.input, grouping_layer.input)
         features = _predict_up_to(feature_model, images, max_images)
-        groups = cluster_channels(features, self.num_parts, seed=seed)
+        return self.initialize_channel_grouping_from_features(
+            features, epochs=epochs, learning_rate=learning_rate,
+            target_smoothing=target_smoothing, seed=seed, verbose=verbose,
+        )
 
+    def initialize_channel_grouping_from_features(
+        self, features, epochs=30, learning_rate=3e-3, target_smoothing=0.1, seed=0, verbose=0
+    ):
+        """`initialize_channel_grouping` on backbone feature maps `(N, H, W, C)` at hand."""
+        if not 0 < target_smoothing < 0.5:
+            raise ValueError(
+                "`target_smoothing` must be in (0, 0.5). "
+                f"Received: target_smoothing={target_smoothing!r}"
+            )
+        features = np.asarray(features, dtype="float32")
+        groups = cluster_channels(features, self.num_parts, seed=seed)
+        grouping_layer = self.get_layer("channel_grouping")
         feature_input = keras.Input(shape=features.shape[1:])
         weights = grouping_layer(feature_input)["channel_weights"]
         pretrain = keras.Model(feature_input, weights)
         pretrain.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="binary_crossentropy")
-        targets = np.broadcast_to(groups, (len(features),) + groups.shape).astype("float32")
-        history = pretrain.fit(
-            features, targets, epochs=epochs, batch_size=32, verbose=verbose, shuffle=True
-        )
+        soft = groups * (1 - 2 * target_smoothing) + target_smoothing
+        targets = np.broadcast_to(soft, (len(features),) + groups.shape).astype("float32")
+        with warnings.catch_warnings():
+            # The temperature is not part of this objective, hence has no gradient here.
+            warnings.filterwarnings("ignore", message="Gradients do not exist")
+            history = pretrain.fit(
+                features, targets, epochs=epochs, batch_size=32, verbose=verbose, shuffle=True
+            )
         return {
             "groups": groups,
             "group_sizes": groups.sum(axis=1).astype(int).tolist(),
@@ -205,7 +243,9 @@ class MACNN(FineGrainedModel):
             **super().get_config(),
             "num_parts": self.num_parts,
             "hidden_units": self.hidden_units,
-            "normalization": self.normalization,
+            "initial_temperature": self.initial_temperature,
+            "max_temperature": self.max_temperature,
+            "min_temperature": self.min_temperature,
             "part_loss_weight": self.part_loss_weight,
             "channel_grouping_weight": self.channel_grouping_weight,
             "diversity_weight": self.diversity_weight,
@@ -213,6 +253,42 @@ class MACNN(FineGrainedModel):
             "normalize_coordinates": self.normalize_coordinates,
             "box_fraction": self.box_fraction,
         }
+class ChannelGroupingInitializer(keras.callbacks.Callback):
+    """Runs `MACNN.initialize_channel_grouping` at the start of epoch `at_epoch`.
+
+    At epoch 0 with a pretrained backbone; after the first epochs when the backbone learns
+    from scratch, so that the channels' peaks mean something. A training resumed after
+    `at_epoch` does not run it again (the checkpointed weights hold it).
+
+    Args:
+        images: the images to cluster on (see `MACNN.initialize_channel_grouping`).
+        at_epoch: int ≥ 0, the epoch (0-based) before which to run.
+        **kwargs: passed to `initialize_channel_grouping`.
+    """
+
+    def __init__(self, images, at_epoch=0, verbose=1, **kwargs):
+        super().__init__()
+        if not isinstance(at_epoch, int) or at_epoch < 0:
+            raise ValueError(f"`at_epoch` must be an int >= 0. Received: at_epoch={at_epoch!r}")
+        self.images = images
+        self.at_epoch = at_epoch
+        self.verbose = verbose
+        self.options = kwargs
+        self.result = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch != self.at_epoch:
+            return
+        started = time.time()
+        self.result = self.model.initialize_channel_grouping(self.images, **self.options)
+        if self.verbose:
+            print(
+                f"Channel grouping initialised by clustering before epoch {epoch + 1}: groups of "
+                f"{self.result['group_sizes']} channels, pre-training loss "
+                f"{self.result['loss']:.3f} ({time.time() - started:.0f} s)"
+            )
+
+
 def _part_crop_features(images, maps, part_backbone, box_fraction, num_parts, freeze_batchnorm):
     """`(B, P·C')`: the pooled part-backbone features of each part's crop."""
     crop_size = tuple(part_backbone.input_shape[1:3])
