@@ -127,8 +127,10 @@ def summarise():
     for path in sorted(RUNS.glob("*_seed*.json")):
         run = json.loads(path.read_text())
         summary.setdefault(run["row"], []).append(run)
+    order = ["floor", *(name for name, _ in TRICKS)]
     table = {}
-    for row, runs in summary.items():
+    for row in sorted(summary, key=lambda r: (order.index(r) if r in order else len(order), r)):
+        runs = summary[row]
         entry = {"seeds": sorted(r["seed"] for r in runs),
                  "num_valid_queries": runs[0]["evaluation"]["num_valid_queries"],
                  "wall_seconds_mean": round(float(np.mean([r["wall_seconds"] for r in runs])), 1),
@@ -154,20 +156,20 @@ def summarise():
 
 
 def markdown(table):
-    lines = ["| row | seeds | rank-1 | mAP | rank-1 (flip) | mAP (flip) | rank-1 (flip + re-rank) "
-             "| mAP (flip + re-rank) | minutes |", "| --- " * 9 + "|"]
+    """Rows as `rank-1 / mAP` (mean ± standard deviation over seeds) for each variant."""
+    names = {"plain": "plain", "flip": "flip", "plain_re_ranking": "re-ranked",
+             "flip_re_ranking": "flip + re-ranked"}
+    lines = ["| row | seeds | " + " | ".join(f"{names[v]}: rank-1 / mAP" for v in VARIANTS)
+             + " | minutes per run |", "| --- " * (len(VARIANTS) + 3) + "|"]
 
     def cell(entry, variant, metric):
         mean, std = entry[f"{variant}_{metric}_mean"], entry[f"{variant}_{metric}_std"]
         return f"{100 * mean:.1f}" + ("" if std is None else f" ± {100 * std:.1f}")
 
     for row, entry in table.items():
-        lines.append(
-            f"| {row} | {len(entry['seeds'])} | {cell(entry, 'plain', 'rank1')} | "
-            f"{cell(entry, 'plain', 'mAP')} | {cell(entry, 'flip', 'rank1')} | "
-            f"{cell(entry, 'flip', 'mAP')} | {cell(entry, 'flip_re_ranking', 'rank1')} | "
-            f"{cell(entry, 'flip_re_ranking', 'mAP')} | {entry['wall_seconds_mean'] / 60:.1f} |"
-        )
+        cells = [f"{cell(entry, v, 'rank1')} / {cell(entry, v, 'mAP')}" for v in VARIANTS]
+        lines.append(f"| {row} | {len(entry['seeds'])} | " + " | ".join(cells)
+                     + f" | {entry['wall_seconds_mean'] / 60:.0f} |")
     return "\n".join(lines)
 
 
