@@ -1,6 +1,5 @@
 """The re-ID recipe: last stride 1 gives the stated grid; each switch changes what it says."""
 
-import keras
 import numpy as np
 import pytest
 
