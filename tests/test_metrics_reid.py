@@ -275,3 +275,22 @@ def test_bad_inputs_give_clear_errors():
         evaluate_reid(q, q_ids, q_cams, g, g_ids, g_cams, ranks=(0, 5))
     with pytest.raises(ValueError, match="batch_size"):
         evaluate_reid(q, q_ids, q_cams, g, g_ids, g_cams, batch_size=0)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_re_ranked_scores_match_brute_force(metric):
+    # The whole re-ranked evaluation: the authors' re-ranking, then the protocol query by query.
+    data = planted_reid_data(np.random.default_rng(5), num_ids=8, gallery_per_id=8, noise=1.8)
+    query_features, query_ids, query_cameras, gallery_features, gallery_ids, gallery_cameras = data
+    features = np.concatenate([query_features, gallery_features])
+    if metric == "cosine":
+        features = features / np.linalg.norm(features, axis=1, keepdims=True)
+    squared = np.array([[np.sum((a - b) ** 2) for b in features] for a in features])
+    distances = reference_re_ranking(squared, len(query_features), 20, 6, 0.3)
+    expected = brute_force_market1501(
+        distances, query_ids, query_cameras, gallery_ids, gallery_cameras, (1, 5, 10)
+    )
+    results = evaluate_reid(*data, metric=metric, re_ranking=True)
+    for key, value in expected.items():
+        np.testing.assert_allclose(results[key], value, rtol=0, atol=1e-6, err_msg=key)
+    assert results != evaluate_reid(*data, metric=metric)  # The re-ranking did re-rank.

@@ -38,6 +38,11 @@ def test_short_reid_run_on_mini_mars_ranks_above_chance(mars_dir, tmp_path):
     for key in ("rank1", "rank5", "rank10", "mAP", "mINP"):
         assert 0.0 <= evaluation[key] <= 1.0
     assert evaluation["num_query_images"] == 32 and evaluation["num_gallery_images"] == 529
+    assert sorted(evaluation["variants"]) == [
+        "flip", "flip_re_ranking", "plain", "plain_re_ranking"
+    ]
+    assert evaluation["rank1"] == evaluation["variants"]["plain"]["rank1"]
+    assert evaluation["variants"]["plain"]["num_valid_queries"] == 23
     chance = chance_rank1(load_dataset("market1501", mars_dir, "query"),
                           load_dataset("market1501", mars_dir, "gallery"))
     assert evaluation["rank1"] > 2 * chance, (evaluation["rank1"], chance)

@@ -374,8 +374,9 @@ def family_options(args):
         options.update(stream_dim=args.stream_dim, lstm_units=args.lstm_units)
     if args.task == "reid":
         options.update(
-            bnneck=True, triplet_weight=args.triplet_weight, triplet_margin=args.triplet_margin,
-            metric_loss=args.metric_loss,
+            bnneck=args.bnneck, triplet_weight=args.triplet_weight,
+            triplet_margin=args.triplet_margin, metric_loss=args.metric_loss,
+            center_loss_weight=args.center_loss_weight, last_stride=args.last_stride,
         )
     return options
 

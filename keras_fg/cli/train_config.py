@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from keras_fg.data.datasets import FORMATS
-from keras_fg.models.backbones import list_backbones
+from keras_fg.models.backbones import BACKBONES, list_backbones
 from keras_fg.models.factory import list_models
 
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
@@ -61,7 +61,8 @@ def build_parser():
                       help="evaluate on at most this many images (quick runs)")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--model", choices=list_models(), default="macnn", help="model family")
+    model.add_argument("--model", choices=list_models(), default=None,
+                       help="model family (default: macnn; gap for --task reid)")
     model.add_argument("--backbone", choices=list_backbones(),
                        help="default: tiny for synthetic data, mobilenetv2 otherwise")
     model.add_argument("--weights", default=None,
@@ -82,7 +83,8 @@ def build_parser():
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, help="default: 30 on synthetic data, 12 otherwise")
     optim.add_argument("--batch-size", type=int, default=32, help="global batch size")
-    optim.add_argument("--learning-rate", type=float, default=3e-3)
+    optim.add_argument("--learning-rate", type=float, default=None,
+                       help="default: 3e-3; 3.5e-4 for --task reid")
     optim.add_argument("--optimizer", choices=("sgd", "adamw"), default="adamw")
     optim.add_argument("--momentum", type=float, default=0.9, help="sgd momentum (Nesterov)")
     optim.add_argument("--weight-decay", type=float, default=1e-4)
@@ -92,7 +94,8 @@ def build_parser():
                        help="train only the head (backbone frozen) for the first N epochs")
     optim.add_argument("--backbone-lr-multiplier", type=float, default=1.0,
                        help="the backbone learns at learning-rate times this")
-    optim.add_argument("--label-smoothing", type=float, default=0.0, help="of every cross-entropy")
+    optim.add_argument("--label-smoothing", type=float, default=None,
+                       help="of every cross-entropy (default: 0; 0.1 for --task reid)")
     optim.add_argument("--class-weight", choices=("none", "balanced"), default="none",
                        help="balanced: weight each class by N / (classes x its images), "
                             "for imbalanced data")
@@ -125,12 +128,25 @@ def build_parser():
     reid.add_argument("--metric-loss", choices=("triplet", "circle"), default="triplet",
                       help="metric-learning loss on the embedding, beside the BNNeck cross-entropy")
     reid.add_argument("--triplet-weight", type=float, default=1.0,
-                      help="weight of the metric-learning loss")
+                      help="weight of the metric-learning loss (0: none)")
+    # The "bag of tricks" (Luo et al. 2019), each on by default and each switchable off;
+    # warm-up is --warmup-epochs (0: off) and label smoothing --label-smoothing (0: off).
+    reid.add_argument("--random-erasing", action=argparse.BooleanOptionalAction, default=None,
+                      help="random erasing of training images (default: on)")
+    reid.add_argument("--last-stride", type=int, choices=(1, 2), default=None,
+                      help="stride of the backbone's last downsampling step (default: 1, where "
+                           "the backbone offers it: a 16x8 grid at 256x128 for mobilenetv2)")
+    reid.add_argument("--bnneck", action=argparse.BooleanOptionalAction, default=None,
+                      help="BatchNormalization between the metric losses and the classifier "
+                           "(default: on)")
+    reid.add_argument("--center-loss-weight", type=float, default=None,
+                      help="weight of the center loss (default: 5e-4; 0: off)")
     reid.add_argument("--triplet-margin", type=float, default=0.3, help="triplet margin")
     reid.add_argument("--reid-metric", choices=("cosine", "euclidean"), default="cosine")
     reid.add_argument("--re-ranking", action="store_true", help="k-reciprocal re-ranking")
     reid.add_argument("--flip-test", action="store_true",
-                      help="average each embedding with its horizontal flip's")
+                      help="average each embedding with its horizontal flip's (evaluation.json "
+                           "reports all four of plain/flip x with/without re-ranking anyway)")
 
     run = parser.add_argument_group("run")
     run.add_argument("--output", metavar="DIR", default=None,
@@ -218,6 +234,7 @@ def resolve(args):
         raise ValueError(f"--task reid needs --format market1501. Received: --format {args.format}")
     if args.backbone is None:
         args.backbone = "tiny" if args.format == "synthetic" else "mobilenetv2"
+    resolve_task_defaults(args)
     if args.image_size is None:
         if args.format == "synthetic":
             args.image_size = [64]
@@ -250,6 +267,32 @@ def resolve(args):
         raise ValueError(f"--macnn-init-epoch must be in [0, --epochs). "
                          f"Received: {args.macnn_init_epoch}")
     return args
+
+
+def resolve_task_defaults(args):
+    """Defaults that differ between classification and re-identification.
+
+    Re-identification defaults to the "bag of tricks" baseline (Luo et al., CVPR-W 2019): GAP,
+    warm-up, random erasing, label smoothing 0.1, last stride 1, BNNeck, batch-hard triplet
+    and center loss; Adam(W) at 3.5e-4.
+    """
+    reid = args.task == "reid"
+    defaults = {
+        "model": "gap" if reid else "macnn",
+        "learning_rate": 3.5e-4 if reid else 3e-3,
+        "label_smoothing": 0.1 if reid else 0.0,
+        "random_erasing": reid,
+        "bnneck": reid,
+        "center_loss_weight": 5e-4 if reid else 0.0,
+        "last_stride": 1 if reid and BACKBONES[args.backbone].last_stride_layers else 2,
+    }
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.last_stride == 1 and not BACKBONES[args.backbone].last_stride_layers:
+        raise ValueError(f"--last-stride 1 is not offered for --backbone {args.backbone}")
+    if args.center_loss_weight < 0:
+        raise ValueError(f"--center-loss-weight must be >= 0. Received: {args.center_loss_weight}")
 
 
 def detect_format(root):

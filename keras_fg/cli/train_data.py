@@ -185,9 +185,12 @@ class ReidData:
 
         self.sampler.epoch = epoch
         batches = len(self.sampler.epoch_batches(epoch))
+        augment = list(args.augment or [])
+        if args.random_erasing and "random_erasing" not in augment:
+            augment.append("random_erasing")
         return make_pipeline(
             self.train, size, args.batch_size, training=True, seed=_epoch_seed(args.seed, epoch),
-            sampler=self.sampler, augment=["random_erasing"] + list(args.augment or []),
+            sampler=self.sampler, augment=augment,
             strict=args.strict_data, skip_counter=self.counter,
         ).apply(tf.data.experimental.assert_cardinality(batches))  # Lets fit show its progress.
 
@@ -195,31 +198,45 @@ class ReidData:
         return None
 
     def embed(self, model, records, args):
-        """Embeddings of `records` in file order, and the indices that could be read."""
+        """Embeddings of `records` and of their mirror images, and the indices read."""
         indexed = ImageRecords(records.paths, np.arange(len(records)),
                                [str(i) for i in range(len(records))])
         pipeline = make_pipeline(indexed, tuple(args.image_size), args.batch_size, training=False,
                                  strict=args.strict_data, skip_counter=self.counter)
-        features, indices = [], []
+        features, flipped, indices = [], [], []
         for images, batch_indices in pipeline:
-            embedding = np.asarray(model.predict_on_batch(images)["features"])
-            if args.flip_test:
-                flipped = np.asarray(model.predict_on_batch(images[:, :, ::-1])["features"])
-                embedding = (embedding + flipped) / 2
-            features.append(embedding)
+            features.append(np.asarray(model.predict_on_batch(images)["features"]))
+            flipped.append(np.asarray(model.predict_on_batch(images[:, :, ::-1])["features"]))
             indices.append(batch_indices.numpy())
-        return np.concatenate(features), np.concatenate(indices)
+        return np.concatenate(features), np.concatenate(flipped), np.concatenate(indices)
 
     def evaluate(self, model, args):
         from keras_fg.metrics import evaluate_reid
 
-        query, query_index = self.embed(model, self.query, args)
-        gallery, gallery_index = self.embed(model, self.gallery, args)
-        result = evaluate_reid(
-            query, self.query.labels[query_index], self.query.cameras[query_index],
-            gallery, self.gallery.labels[gallery_index], self.gallery.cameras[gallery_index],
-            metric=args.reid_metric, re_ranking=args.re_ranking,
-        )
+        query, query_flipped, query_index = self.embed(model, self.query, args)
+        gallery, gallery_flipped, gallery_index = self.embed(model, self.gallery, args)
+        ids = (self.query.labels[query_index], self.query.cameras[query_index],
+               self.gallery.labels[gallery_index], self.gallery.cameras[gallery_index])
+        # Every evaluation variant is cheap beside training, so all four are reported (the
+        # re-ranked ones when re-ranking fits in memory, or was asked for); the top-level
+        # figures are the variant --flip-test / --re-ranking chose.
+        variants = {}
+        fits = len(query) + len(gallery) <= 20_000  # evaluate_reid's max_re_ranking_items
+        re_rankings = (False, True) if args.re_ranking or fits else (False,)
+
+        def variant(flip, re_ranking):
+            return "_".join(["flip" if flip else "plain"] + (["re_ranking"] if re_ranking else []))
+
+        for flip in (False, True):
+            q = (query + query_flipped) / 2 if flip else query
+            g = (gallery + gallery_flipped) / 2 if flip else gallery
+            for re_ranking in re_rankings:
+                variants[variant(flip, re_ranking)] = evaluate_reid(
+                    q, ids[0], ids[1], g, ids[2], ids[3], metric=args.reid_metric,
+                    re_ranking=re_ranking,
+                )
+        result = dict(variants[variant(args.flip_test, args.re_ranking)])
+        result["variants"] = variants
         result["num_query_images"] = len(query)
         result["num_gallery_images"] = len(gallery)
         return result

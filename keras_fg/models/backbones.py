@@ -33,6 +33,9 @@ class BackboneSpec:
         preprocessing: The `ImagePreprocessing` mode the network was trained with.
         channels: Channels `C` of the default feature map.
         stride: Input pixels per feature-map cell at the default feature layer.
+        last_stride_layers: The layers of the last downsampling step (a strided
+            convolution, and the padding layer before it if there is one), which
+            `last_stride=1` rebuilds with stride 1; empty if the option is not offered.
     """
 
     application: Callable
@@ -40,6 +43,7 @@ class BackboneSpec:
     preprocessing: str
     channels: int
     stride: int
+    last_stride_layers: tuple = ()
 
 
 def _tiny_convnet(include_top=False, weights=None, input_tensor=None, input_shape=None):
@@ -88,10 +92,15 @@ BACKBONES = {
     "vgg16": BackboneSpec(_apps.VGG16, "block5_conv3", "caffe", 512, 16),
     # MA-CNN's conv5_4 (28×28×512 at 448 px).
     "vgg19": BackboneSpec(_apps.VGG19, "block5_conv4", "caffe", 512, 16),
-    "resnet50": BackboneSpec(_apps.ResNet50, "conv5_block3_out", "caffe", 2048, 32),
+    "resnet50": BackboneSpec(
+        _apps.ResNet50, "conv5_block3_out", "caffe", 2048, 32,
+        ("conv5_block1_1_conv", "conv5_block1_0_conv"),  # main path and shortcut
+    ),
     # The last layer: the 320-channel block_16_project_BN before it is linear (no ReLU),
     # and the families reduce channels with a 1×1 convolution anyway.
-    "mobilenetv2": BackboneSpec(_apps.MobileNetV2, "out_relu", "tf", 1280, 32),
+    "mobilenetv2": BackboneSpec(
+        _apps.MobileNetV2, "out_relu", "tf", 1280, 32, ("block_13_pad", "block_13_depthwise")
+    ),
     # MobileNetV3 and EfficientNetV2 include their own preprocessing and take [0, 255].
     "mobilenetv3small": BackboneSpec(
         _named_output(_apps.MobileNetV3Small, "conv_1_activation"), "conv_1_activation", "none", 576, 32
@@ -109,7 +118,9 @@ def list_backbones():
     return sorted(BACKBONES)
 
 
-def create_backbone(name, weights=None, image_size=224, feature_layer=None, name_prefix=""):
+def create_backbone(
+    name, weights=None, image_size=224, feature_layer=None, name_prefix="", last_stride=2
+):
     """Builds a registered backbone: raw [0, 255] RGB pixels in, a feature map out.
 
     Args:
@@ -127,12 +138,19 @@ def create_backbone(name, weights=None, image_size=224, feature_layer=None, name
             the registered default, `BACKBONES[name].feature_layer`.
         name_prefix: Prepended to the model name, so that two backbones of the same
             kind can sit side by side in one model.
+        last_stride: 2 (the network as published) or 1: the last downsampling step
+            runs with stride 1, which halves the backbone's stride and doubles each side
+            of the feature map (the re-ID "last stride 1" of Luo et al. 2019), e.g.
+            16×8 instead of 8×4 at 256×128 for MobileNetV2. The weights are unchanged
+            (a strided convolution has the same kernel at stride 1) and load as usual.
+            Offered by the backbones whose `BACKBONES[name].last_stride_layers` is set.
 
     Returns:
         A Functional `keras.Model` named `f"{name_prefix}{name}_backbone"`, input
         `(B, height, width, 3)` float RGB pixels in [0, 255], output the feature map
         `(B, h, w, C)`; with the default layer `C = BACKBONES[name].channels` and
-        `h = ceil(height / BACKBONES[name].stride)` for sizes the network divides evenly.
+        `h = ceil(height / BACKBONES[name].stride)` for sizes the network divides evenly
+        (`stride / 2` with `last_stride=1`).
 
     Example:
 
@@ -145,6 +163,14 @@ def create_backbone(name, weights=None, image_size=224, feature_layer=None, name
             f"Unknown backbone. Valid names: {', '.join(list_backbones())}. Received: name={name!r}"
         )
     spec = BACKBONES[name]
+    if last_stride not in (1, 2) or isinstance(last_stride, bool):
+        raise ValueError(f"`last_stride` must be 1 or 2. Received: last_stride={last_stride!r}")
+    if last_stride == 1 and not spec.last_stride_layers:
+        offered = sorted(n for n, s in BACKBONES.items() if s.last_stride_layers)
+        raise ValueError(
+            f"`last_stride=1` is offered for {', '.join(offered)}, not for backbone {name!r}. "
+            f"Received: last_stride={last_stride}"
+        )
     input_shape = (*_height_width(image_size), 3)
     weights_file = None
     if weights is not None and weights != "imagenet":
@@ -166,6 +192,9 @@ def create_backbone(name, weights=None, image_size=224, feature_layer=None, name
         )
     if weights_file:
         _load_weights(network, weights_file, name)
+    if last_stride == 1:
+        network = _with_last_stride_1(network, spec.last_stride_layers)
+        images = network.inputs[0]
     features = network.get_layer(layer_name).output
     return keras.Model(images, features, name=f"{name_prefix}{name}_backbone")
 
@@ -201,6 +230,34 @@ def _build_network(name, spec, weights, pixels, input_shape):
             "Without internet access, pass the path of a local .weights.h5 file saved from "
             f"the headless model instead: create_backbone({name!r}, weights='path/to/file.weights.h5')."
         ) from None
+
+
+def _with_last_stride_1(network, layer_names):
+    """A copy of `network` whose last downsampling step has stride 1, with its weights.
+
+    A strided convolution becomes stride 1; a `ZeroPadding2D` before it (MobileNetV2 pads
+    bottom/right only, for stride 2) pads every side by half the kernel, so that the
+    convolution keeps the grid ("same" padding).
+    """
+    convolutions = {
+        name: network.get_layer(name)
+        for name in layer_names
+        if not isinstance(network.get_layer(name), keras.layers.ZeroPadding2D)
+    }
+
+    def clone(layer):
+        config = layer.get_config()
+        if layer.name in convolutions:
+            config["strides"] = (1, 1)
+        elif layer.name in layer_names:  # The padding of the next convolution in the list.
+            kernel = next(iter(convolutions.values())).kernel_size
+            config["padding"] = tuple((k // 2, k // 2) for k in kernel)
+        return layer.__class__.from_config(config)
+
+    rebuilt = keras.models.clone_model(network, clone_function=clone)
+    for source, target in zip(network.layers, rebuilt.layers):
+        target.set_weights(source.get_weights())
+    return rebuilt
 
 
 def _load_weights(network, path, name):

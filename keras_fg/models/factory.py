@@ -28,6 +28,7 @@ def create_model(
     feature_layer=None,
     second_backbone=None,
     part_crop_size=None,
+    last_stride=2,
     **options,
 ):
     """Builds a model family on a backbone.
@@ -46,6 +47,8 @@ def create_model(
         part_crop_size: for `"macnn"`, the side of the part crops (full MA-CNN: each part is
             cropped around its peak and classified by a part backbone of the same kind,
             sharing `weights`); `None` leaves the crops out.
+        last_stride: 1 runs the backbone's last downsampling step at stride 1 (twice the
+            feature map's height and width; see `create_backbone`).
         **options: the family's own arguments (e.g. `num_parts=4` for `"macnn"`,
             `projection_dim=8192` for `"bcnn"`) and the `FineGrainedModel` ones
             (`class_names`, `label_smoothing`, `triplet_weight`, ...).
@@ -80,6 +83,7 @@ def create_model(
             name_prefix="part_",
         )
     features = create_backbone(
-        backbone, weights=weights, image_size=image_size, feature_layer=feature_layer
+        backbone, weights=weights, image_size=image_size, feature_layer=feature_layer,
+        last_stride=last_stride,
     )
     return family(features, num_classes, name=f"{name}_{backbone}", **options)

@@ -25,6 +25,7 @@ class FineGrainedModel(keras.Model):
           + part_loss_weight · Σ_i CE_ls(part_logits_i, y)    part_loss (MA-CNN)
           + channel_grouping_weight · L_cng(attention_maps)   channel_grouping_loss (MA-CNN)
           + triplet_weight · L_metric(embedding, y)           triplet_loss or circle_loss (re-ID)
+          + center_loss_weight · ‖embedding − c_y‖²            center_loss (re-ID)
 
     with `CE_ls` the cross-entropy with label smoothing. Each term present in the family is
     reported as its own metric, next to `loss` and `accuracy`. A `loss=` given to `compile`
@@ -47,6 +48,9 @@ class FineGrainedModel(keras.Model):
         triplet_margin: the batch-hard triplet loss's margin.
         metric_loss: `"triplet"` (batch-hard triplet, Hermans et al. 2017) or `"circle"`
             (Keras' Circle loss, Sun et al. CVPR 2020, with its default γ = 80, m = 0.4).
+        center_loss_weight: weight of the center loss on the embedding (0 disables it). Its
+            class centres `centers` are a non-trainable weight, moved after every training
+            batch by Wen et al.'s rule (`keras_fg.losses.updated_centers`, α = 0.5).
     """
 
     def __init__(
@@ -59,6 +63,7 @@ class FineGrainedModel(keras.Model):
         triplet_weight=0.0,
         triplet_margin=0.3,
         metric_loss="triplet",
+        center_loss_weight=0.0,
         **kwargs,
     ):
         num_classes = check_num_classes(num_classes)
@@ -79,7 +84,19 @@ class FineGrainedModel(keras.Model):
             raise ValueError(
                 f"`metric_loss` must be 'triplet' or 'circle'. Received: metric_loss={metric_loss!r}"
             )
+        if center_loss_weight < 0:
+            raise ValueError(
+                "`center_loss_weight` must be >= 0. "
+                f"Received: center_loss_weight={center_loss_weight}"
+            )
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+        self.center_loss_weight = float(center_loss_weight)
+        if self.center_loss_weight > 0:
+            dim = outputs.get("embedding", outputs["features"]).shape[-1]
+            self.centers = self.add_weight(
+                shape=(num_classes, dim), initializer="zeros", trainable=False,
+                aggregation="mean", name="centers",
+            )
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names is not None else None
         self.label_smoothing = float(label_smoothing)
@@ -101,6 +118,8 @@ class FineGrainedModel(keras.Model):
         names = ["classification_loss"]
         if self.triplet_weight > 0:
             names.append(f"{self.metric_loss}_loss")
+        if self.center_loss_weight > 0:
+            names.append("center_loss")
         return names
 
     def cross_entropy(self, labels, logits):
@@ -149,7 +168,22 @@ class FineGrainedModel(keras.Model):
             else:
                 per_sample = batch_hard_triplet_loss(y, embedding, margin=self.triplet_margin)
             terms[f"{self.metric_loss}_loss"] = (self.triplet_weight, per_sample)
+        if self.center_loss_weight > 0:
+            from keras_fg.losses import center_loss
+
+            embedding = ops.cast(y_pred.get("embedding", y_pred["features"]), "float32")
+            labels = ops.argmax(y, axis=-1) if self._are_soft(y) else y  # MixUp: strongest.
+            per_sample = center_loss(labels, embedding, self.centers)
+            terms["center_loss"] = (self.center_loss_weight, per_sample)
         return terms
+
+    def update_centers(self, y, y_pred):
+        """Moves the center loss's class centres towards this batch's embeddings."""
+        from keras_fg.losses import updated_centers
+
+        embedding = y_pred.get("embedding", y_pred["features"])
+        labels = ops.argmax(y, axis=-1) if self._are_soft(y) else y
+        self.centers.assign(updated_centers(labels, embedding, self.centers))
 
     def compile(self, *args, **kwargs):
         super().compile(*args, **kwargs)
@@ -180,9 +214,12 @@ class FineGrainedModel(keras.Model):
         if not self._are_soft(y):  # Integer ids (B,) or (B, 1).
             y = ops.reshape(y, (-1,))
         terms = self.compute_loss_terms(y, y_pred)
-        return joint_loss(
+        total = joint_loss(
             terms, y, sample_weight, self.loss_term_trackers, self.loss_tracker, self.losses
         )
+        if training and self.center_loss_weight > 0:  # After the loss read the old centres.
+            self.update_centers(y, y_pred)
+        return total
 
     @property
     def metrics(self):
@@ -312,6 +349,7 @@ class FineGrainedModel(keras.Model):
             "triplet_weight": self.triplet_weight,
             "triplet_margin": self.triplet_margin,
             "metric_loss": self.metric_loss,
+            "center_loss_weight": self.center_loss_weight,
         }
         for name in BACKBONE_ARGUMENTS:
             if hasattr(self, name):
