@@ -23,6 +23,7 @@ CHECKS = {
     "tflite_fp16": ("max_abs_diff", 5e-2),
     "tflite_dynamic": ("top1_agreement", 0.98),
     "tflite_int8": ("top1_agreement", 0.98),
+    "tflite_int16x8": ("top1_agreement", 0.98),
 }
 
 
