@@ -108,6 +108,8 @@ KEYS = ("format", "file", "size_bytes", "latency_ms", "max_abs_diff", "top1_agre
 def run_family(family, workdir, args):
     from keras_fg.data import load_dataset
     from keras_fg.export import check_parity, export_model, export_tflite
+    from keras_fg.export.parity import model_outputs
+    from keras_fg.export.preprocess import load_images
     from keras_fg.export.run_directory import stratified_indices
 
     model, training = trained_model(family)
@@ -138,16 +140,15 @@ def run_family(family, workdir, args):
                for e in result["exports"]):  # fmt: skip
             continue
         if images is None:
-            from keras_fg.export.preprocess import load_images
-
             pixels = load_images(calibration, 224)["images"]
-            images = load_images(evaluation, 224)["encoded"]
+            images = load_images(evaluation, 224)["images"]
+            reference = model_outputs(model, images)
         path = Path(workdir) / family / f"int8_float{count}.tflite"
         details = export_tflite(
             model, path, "int8", representative_images=pixels, int8_float_layers=count,
             return_details=True,
         )  # fmt: skip
-        parity = check_parity(model, path, images, variant="tflite_int8")
+        parity = check_parity(model, path, images, variant="tflite_int8", reference=reference)
         entry = {"format": f"tflite_int8 ({count} float layers)", "file": path.name,
                  **parity, **details}  # fmt: skip
         result["exports"].append({k: entry.get(k) for k in KEYS if k in entry})

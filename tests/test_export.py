@@ -612,7 +612,8 @@ def test_int8_keeps_the_layers_the_debugger_ranks_worst_in_float(labelled_images
         for t in Interpreter(model_path=str(tmp_path / "plain_int8.tflite")).get_tensor_details()
     }
     assert all(plain_dtypes[layer["tensor"]] == np.int8 for layer in layers)
-    assert sum(d == np.int8 for d in dtypes.values()) < sum(d == np.int8 for d in plain_dtypes.values())
+    int8_tensors = [sum(d == np.int8 for d in t.values()) for t in (dtypes, plain_dtypes)]
+    assert int8_tensors[0] < int8_tensors[1]
     with pytest.raises(ValueError, match="Received: int8_float_layers=-1"):
         export_tflite(model, path, "int8", representative_images=images, int8_float_layers=-1)
 

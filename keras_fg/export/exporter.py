@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 from keras_fg.export.errors import ExportInputError, require_tensorflow_backend
-from keras_fg.export.parity import CHECKS, check_parity
+from keras_fg.export.parity import CHECKS, check_parity, model_outputs
 from keras_fg.export.preprocess import RESIZE_RULE, load_images, synthetic_images
 from keras_fg.export.saved_model import WARMUP_FILE, export_saved_model
 from keras_fg.export.tflite import LABELS_FILE, export_tflite
@@ -137,6 +137,7 @@ def export_model(
             "name": name, "version": version, "top_k": top_k, "class_names": class_names,
             "int8_float_layers": int8_float_layers,
         }
+        evaluation["reference"] = model_outputs(model, evaluation["images"])
         entries = [
             _export_one(model, fmt, staging, settings, evaluation, calibration)
             for fmt in formats
@@ -272,7 +273,11 @@ def _export_one(model, fmt, staging, settings, evaluation, calibration):
         entry.update(details)
         entry["labels"] = LABELS_FILE if settings["class_names"] else None
     entry["file"] = relative
-    parity = check_parity(model, staging / relative, evaluation["encoded"], variant=fmt)
+    # The SavedModel decodes the encoded images itself; TFLite files get the decoded pixels.
+    images = evaluation["encoded"] if fmt == "saved_model" else evaluation["images"]
+    parity = check_parity(
+        model, staging / relative, images, variant=fmt, reference=evaluation["reference"]
+    )
     entry.update({key: value for key, value in parity.items() if key != "variant"})
     return entry
 
