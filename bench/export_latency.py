@@ -182,13 +182,18 @@ def main():
     if args.quick:
         args.families, args.test_images = ["gap"], args.test_images or 200
     name = "export_latency_quick" if args.quick else "export_latency"
-    previous = RESULTS / f"{name}.json"
-    results = json.loads(previous.read_text())["families"] if previous.exists() else {}
     command = "python bench/export_latency.py " + " ".join(sys.argv[1:])
     with tempfile.TemporaryDirectory(prefix="keras_fg_export_") as workdir:
         for family in args.families:
             print(f"{family} ...", flush=True)
-            results[family] = {**run_family(family, workdir, args), "command": command}
+            result = {**run_family(family, workdir, args), "command": command}
+            CACHE.mkdir(parents=True, exist_ok=True)
+            (CACHE / f"{name}_{family}.json").write_text(json.dumps(result, indent=1))
+            # Read again just before writing: another run may have written other families.
+            previous = RESULTS / f"{name}.json"
+            results = json.loads(previous.read_text())["families"] if previous.exists() else {}
+            results = {k: v for k, v in results.items() if "training" in v}  # Trained only.
+            results[family] = result
             write_json(name, {
                 "benchmark": "export_latency",
                 "settings": "MobileNetV2 heads trained on the CUB subset (50 species), 224 px; "

@@ -114,6 +114,12 @@ def export_model(
 
     size = tuple(model.input_shape[1:3])
     class_names = class_names or getattr(model, "class_names", None)
+    num_classes = int(model.output["probabilities"].shape[-1])
+    if class_names is not None and len(class_names) != num_classes:
+        raise ExportInputError(
+            f"The model has {num_classes} classes but {len(class_names)} class names were "
+            f"given. Received: class_names={list(class_names)[:5]}..."
+        )
     if evaluation_data is not None:
         evaluation = _read_images(evaluation_data, size, max_images, "Evaluation")
     else:
@@ -147,7 +153,7 @@ def export_model(
                 "file": None if model_file is None else os.path.abspath(model_file),
                 "name": name,
                 "class": type(model).__name__,
-                "num_classes": int(model.output["probabilities"].shape[-1]),
+                "num_classes": num_classes,
                 "class_names": class_names,
                 "input_shape": list(model.input_shape[1:]),
                 "outputs": sorted(model.output),

@@ -1,4 +1,4 @@
-"""TFLite (LiteRT) export with builtin ops only: float32, float16, dynamic-range and full int8."""
+"""TFLite (LiteRT) export with builtin ops only: float32, float16, dynamic range, int8, 16x8."""
 
 import csv
 import io
