@@ -223,8 +223,11 @@ def export_section(result):
                 continue
             agreement = "" if e["top1_agreement"] is None else pct(e["top1_agreement"])
             speed = e.get("speed_vs_tflite_fp32")
+            runtime = e["format"].replace("_", " ")
+            if e["format"] == "tflite_int8" and e.get("float_layers") is not None:
+                runtime += f" ({len(e['float_layers'])} float layers)"
             lines.append(
-                f"| {name} | {e['format'].replace('_', ' ')} | {e['latency_ms']:.1f} ms "
+                f"| {name} | {runtime} | {e['latency_ms']:.1f} ms "
                 f"| {'' if speed is None else f'{speed:.2f}x'} "
                 f"| {e['size_bytes'] / 2**20:.1f} MiB | {agreement} |"
             )

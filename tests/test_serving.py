@@ -159,7 +159,7 @@ def served(exported, tmp_path_factory):
     (work / "request.pb").write_bytes(request.SerializeToString())
     result = subprocess.run(
         [sys.executable, "-I", "-c", textwrap.dedent(SERVER), str(directory), str(work)],
-        capture_output=True, text=True, timeout=180, cwd=work,
+        capture_output=True, text=True, timeout=900, cwd=work,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     answer = json.loads(result.stdout.strip().splitlines()[-1])
