@@ -27,7 +27,7 @@ from keras_fg.export import (
 )
 from keras_fg.export.exporter import format_table
 from keras_fg.export.parity import evaluate_check
-from keras_fg.export.tflite import INT8_OPS
+from keras_fg.export.tflite import INT8_FLOAT_LAYERS, INT8_OPS, read_labels
 from keras_fg.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -434,7 +434,7 @@ def test_a_non_builtin_op_fails_the_export_and_nothing_is_left_behind(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # export_model, report and command line.
 
-REPORT_KEYS = {"model", "version", "top_k", "preprocessing", "evaluation_data",
+REPORT_KEYS = {"model", "run", "version", "top_k", "preprocessing", "evaluation_data",
                "calibration_data", "checks", "exports", "passed"}
 ENTRY_KEYS = {"format", "file", "size_bytes", "latency_ms", "max_abs_diff",
               "features_max_abs_diff", "top1_agreement", "images", "check"}
@@ -494,6 +494,12 @@ def test_cli_writes_the_serving_layout_and_the_report(cli_export, jpeg_dir):
         assert entry["check"]["passed"] == (entry["check"]["shortfall"] == 0.0)
     by_format = {e["format"]: e for e in report["exports"]}
     assert by_format["saved_model"]["signatures"] == ["serving_default", "predict_images"]
+    warmup = output / "saved_model" / "birds" / "1" / by_format["saved_model"]["warmup_requests"]
+    assert warmup.is_file()
+    for entry in report["exports"][1:]:
+        assert entry["labels"] == "labels.txt"
+        assert read_labels(output / entry["file"]) == ["albatross", "ani", "auklet"]
+    assert len(by_format["tflite_int8"]["float_layers"]) == INT8_FLOAT_LAYERS
     assert by_format["saved_model"]["max_abs_diff"] < 1e-5
     assert by_format["tflite_fp32"]["max_abs_diff"] < 1e-5
     assert report["passed"] == all(e["check"]["passed"] for e in report["exports"])
@@ -550,3 +556,148 @@ def test_cli_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path, caps
     assert fill(message) in line
     assert stderr.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Class names inside the .tflite, int8 layer selection, 16x8.
+
+
+def test_tflite_carries_its_class_names_and_the_interpreter_still_runs_it(jpeg_bytes, tmp_path):
+    import zipfile
+
+    from keras_fg.export.tflite import read_labels, write_labels
+
+    names = ["Black footed Albatross", "Ani, groove billed", "Crested Auklet"]
+    model = build("gap", class_names=names)
+    labelled, bare = tmp_path / "labelled.tflite", tmp_path / "bare.tflite"
+    export_tflite(model, labelled)
+    export_tflite(model, bare, class_names=[])
+    assert read_labels(labelled) == names and read_labels(bare) is None
+    # The flatbuffer is untouched; the labels are a zip archive after it, as TFLite metadata
+    # stores associated files: any zip reader finds labels.txt, one name per line.
+    assert labelled.read_bytes()[: bare.stat().st_size] == bare.read_bytes()
+    with zipfile.ZipFile(labelled) as archive:
+        assert archive.namelist() == ["labels.txt"]
+        assert archive.read("labels.txt").decode("utf-8") == "".join(f"{n}\n" for n in names)
+    images = np.stack([decode_and_resize(data, SIZE).numpy() for data in jpeg_bytes])
+    for name, expected in run_tflite(bare, images).items():
+        np.testing.assert_array_equal(run_tflite(labelled, images)[name], expected)
+    with pytest.raises(ValueError, match="line breaks. Received: 'two\\\\nlines'"):
+        write_labels(bare, ["one", "two\nlines"])
+
+
+def test_int8_keeps_the_layers_the_debugger_ranks_worst_in_float(labelled_images, tmp_path):
+    images, labels = labelled_images
+    model = build("gap", num_classes=4)
+    path = tmp_path / "gap_int8.tflite"
+    details = export_tflite(
+        model, path, "int8", representative_images=images, int8_float_layers=3,
+        return_details=True,
+    )  # fmt: skip
+    layers = details["float_layers"]
+    assert len(layers) == 3 and details["debug_images"] == 32
+    errors = [layer["relative_error"] for layer in layers]
+    assert errors == sorted(errors, reverse=True) and errors[-1] > 0
+    assert "SOFTMAX" in details["float_op_types"] and not INT8_OPS & set(details["float_op_types"])
+    dtypes = {t["name"]: t["dtype"] for t in Interpreter(model_path=str(path)).get_tensor_details()}
+    assert all(dtypes[layer["tensor"]] == np.float32 for layer in layers)
+    # Without the denylist the same layers are int8, and the others stay int8 with it.
+    plain = export_tflite(
+        model, tmp_path / "plain_int8.tflite", "int8", representative_images=images,
+        int8_float_layers=0, return_details=True,
+    )  # fmt: skip
+    assert plain["float_layers"] == []
+    plain_dtypes = {
+        t["name"]: t["dtype"]
+        for t in Interpreter(model_path=str(tmp_path / "plain_int8.tflite")).get_tensor_details()
+    }
+    assert all(plain_dtypes[layer["tensor"]] == np.int8 for layer in layers)
+    int8_tensors = [sum(d == np.int8 for d in t.values()) for t in (dtypes, plain_dtypes)]
+    assert int8_tensors[0] < int8_tensors[1]
+    with pytest.raises(ValueError, match="Received: int8_float_layers=-1"):
+        export_tflite(model, path, "int8", representative_images=images, int8_float_layers=-1)
+
+
+def test_int16x8_has_int16_activations_and_is_closer_to_keras_than_int8(labelled_images, tmp_path):
+    images, labels = labelled_images
+    # GAP: 16x8 quantizes every op it has a kernel for, the heads' math too, and TFLite's
+    # 16x8 quantizer takes no denylist; B-CNN's signed square root and normalisation lose
+    # their decisions there (see the README's export table).
+    model = build("gap", num_classes=4)
+    model.compile(optimizer=keras.optimizers.Adam(3e-3))
+    model.fit(images, labels, epochs=20, batch_size=16, verbose=0)
+    path = tmp_path / "gap_int16x8.tflite"
+    ops_used = export_tflite(model, path, "int16x8", representative_images=images)
+    assert not [op for op in ops_used if op.startswith("Flex") or op == "CUSTOM"]
+    interpreter = Interpreter(model_path=str(path))
+    details = {t["index"]: t for t in interpreter.get_tensor_details()}
+    convolutions = [op for op in interpreter._get_ops_details() if op["op_name"] == "CONV_2D"]
+    assert convolutions
+    for op in convolutions:
+        assert details[op["inputs"][0]]["dtype"] == np.int16
+        assert details[op["inputs"][1]]["dtype"] == np.int8
+    export_tflite(model, tmp_path / "gap_int8.tflite", "int8", representative_images=images)
+    int16x8 = check_parity(model, path, images, latency_runs=1)
+    int8 = check_parity(model, tmp_path / "gap_int8.tflite", images, latency_runs=1)
+    assert int16x8["variant"] == "tflite_int16x8" and int16x8["top1_agreement"] >= 0.98, int16x8
+    assert int16x8["max_abs_diff"] < int8["max_abs_diff"] / 4, (int16x8, int8)
+    with pytest.raises(ValueError, match="'int16x8' needs `representative_images`"):
+        export_tflite(model, path, "int16x8")
+
+
+# ---------------------------------------------------------------------------------------------
+# export.py RUN_DIR.
+
+
+def test_stratified_calibration_draw_covers_every_class():
+    from keras_fg.export.run_directory import stratified_indices
+
+    labels = np.repeat(np.arange(7), [30, 3, 40, 10, 10, 2, 60])
+    chosen = stratified_indices(labels, 20)
+    assert len(chosen) >= 20 and set(labels[chosen]) == set(range(7))
+    assert np.bincount(labels[chosen]).max() == 3  # ceil(20 / 7) of each class, at most.
+    cut = stratified_indices(labels, 10, at_most=True)
+    assert len(cut) == 10 and set(labels[cut]) == set(range(7))
+    assert chosen == sorted(chosen) and len(set(chosen)) == len(chosen)
+
+
+def test_cli_exports_a_run_directory_from_its_config_alone(jpeg_dir, tmp_path, capsys):
+    from keras_fg.export.cli import main
+    from keras_fg.export.tflite import read_labels
+
+    # A class-folder dataset with train/ and test/, and a train.py run directory beside it.
+    data = tmp_path / "birds"
+    jpegs = sorted(jpeg_dir.glob("*/*.jpg"))
+    for split, chosen in (("train", jpegs), ("test", jpegs[::2])):
+        for index, path in enumerate(chosen):
+            folder = data / split / ("gull" if index % 3 else "tern")
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{index}.jpg").write_bytes(path.read_bytes())
+    run = tmp_path / "runs" / "gap-birds-20261201-0700"
+    run.mkdir(parents=True)
+    build("gap", num_classes=2).save(run / "model.keras")  # Saved without class names.
+    (run / "config.json").write_text(json.dumps(
+        {"data": str(data), "format": "folder", "image_size": [SIZE], "model": "gap"}
+    ))  # fmt: skip
+    (tmp_path / "runs" / "latest").symlink_to(run.name)
+
+    output = tmp_path / "exports"
+    status = main([str(tmp_path / "runs" / "latest"), "--output", str(output),
+                   "--formats", "tflite_fp32,tflite_int8", "--model-name", "birds"])
+    assert status in (0, 1), capsys.readouterr().err
+    report = json.loads((output / "report.json").read_text())
+    assert report["run"]["run_directory"] == str(run)
+    assert report["run"]["data"]["evaluation_split"] == "test"
+    assert report["model"]["file"] == str(run / "model.keras")
+    assert report["model"]["class_names"] == ["gull", "tern"]
+    assert report["calibration_data"]["images"] == len(jpegs)  # Fewer than 300: all of them.
+    assert report["evaluation_data"]["images"] == len(jpegs[::2])
+    int8 = report["exports"][1]
+    assert int8["format"] == "tflite_int8" and int8["file"] == "birds_int8.tflite"
+    assert "float_layers" in int8 and "float_op_types" in int8
+    for name in ("birds_fp32.tflite", "birds_int8.tflite"):
+        assert read_labels(output / name) == ["gull", "tern"]
+
+    (run / "config.json").write_text(json.dumps({"data": str(tmp_path / "gone"), "format": "cub"}))
+    assert main([str(run), "--output", str(tmp_path / "again")]) == 2
+    assert "The run's dataset" in capsys.readouterr().err

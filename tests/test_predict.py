@@ -101,7 +101,7 @@ def test_every_form_gives_the_same_top_classes(forms, images, capsys):
         for prediction, expected in zip(result["predictions"], reference["predictions"]):
             top, expected_top = prediction["top_k"][0], expected["top_k"][0]
             assert top["index"] == expected_top["index"], (form, prediction["image"])
-            # Class names: the .keras model's own, the export's report.json for the others.
+            # Class names: the .keras model's own, the labels inside the others.
             assert top["class"] == images["class_names"][top["index"]]
             np.testing.assert_allclose(
                 [guess["probability"] for guess in prediction["top_k"]],
@@ -162,12 +162,25 @@ def test_table_and_unreadable_file_skipped_by_name(forms, images, tmp_path, caps
     )
 
 
-def test_unknown_class_names_print_indices(forms, images, tmp_path, capsys):
-    alone = tmp_path / "birds_fp32.tflite"  # Without the report.json that names the classes.
+def test_tflite_alone_names_its_classes_from_the_labels_inside(forms, images, tmp_path, capsys):
+    alone = tmp_path / "birds_fp32.tflite"  # Without the report.json beside it.
     shutil.copy(forms["tflite"], alone)
     result, _ = predict_json(capsys, alone, images["folder"])
+    for prediction in result["predictions"]:
+        for guess in prediction["top_k"]:
+            assert guess["class"] == images["class_names"][guess["index"]]
+
+
+def test_unknown_class_names_print_indices(forms, images, tmp_path, capsys):
+    from keras_fg.export.tflite import read_labels
+
+    bare = tmp_path / "birds_fp32.tflite"  # The flatbuffer alone: no labels, no report.json.
+    data = forms["tflite"].read_bytes()
+    bare.write_bytes(data[: data.rindex(b"PK\x03\x04")])
+    assert read_labels(bare) is None
+    result, _ = predict_json(capsys, bare, images["folder"])
     assert all(g["class"] is None for p in result["predictions"] for g in p["top_k"])
-    status, out, _ = predict(capsys, alone, images["folder"], "--top-k", 1)
+    status, out, _ = predict(capsys, bare, images["folder"], "--top-k", 1)
     assert status == 0
     first = result["predictions"][0]["top_k"][0]
     assert out.splitlines()[1].split()[1:3] == ["1", str(first["index"])]

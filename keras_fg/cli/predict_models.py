@@ -11,7 +11,8 @@ Where the class names come from:
 - SavedModel: the `report.json` that `export.py` writes beside it
   (`DIR/report.json` for `DIR/saved_model/<name>/<version>/`), else the names its
   `top_k_class_names` output returns for the classes it ranks first;
-- `.tflite`: the `report.json` beside it, when it lists that file.
+- `.tflite`: the `labels.txt` stored inside the file (`keras_fg.export.tflite.read_labels`),
+  else the `report.json` beside it, when it lists that file.
 """
 
 import json
@@ -171,7 +172,9 @@ class TFLitePredictor(Predictor):
         self._runner = interpreter.get_signature_runner("serving_default")
         shape = self._runner.get_input_details()["images"]["shape"]
         self.image_size = (int(shape[1]), int(shape[2]))
-        self.class_names = names_from_report(path.parent / REPORT, path.name)
+        from keras_fg.export.tflite import read_labels
+
+        self.class_names = read_labels(path) or names_from_report(path.parent / REPORT, path.name)
 
     def predict(self, images):
         results = [self._runner(images=np.asarray(image, "float32")[None]) for image in images]

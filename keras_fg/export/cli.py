@@ -1,11 +1,21 @@
-"""`python export.py MODEL.keras --output DIR`: SavedModel and TFLite files, checked, reported."""
+"""`python export.py MODEL.keras|RUN_DIR --output DIR`: SavedModel and TFLite files, checked,
+reported."""
 
 import argparse
 import os
 import sys
 
 from keras_fg.export.errors import ExportError, ExportInputError
-from keras_fg.export.exporter import FORMATS, export_model, format_table, parse_formats
+from keras_fg.export.exporter import (
+    CALIBRATION_IMAGES,
+    DEFAULT_FORMATS,
+    FORMATS,
+    MAX_IMAGES,
+    export_model,
+    format_table,
+    parse_formats,
+)
+from keras_fg.export.run_directory import is_run_directory, read_run_directory
 
 FLOAT32_FORMATS = ("saved_model", "tflite_fp32")
 
@@ -21,25 +31,41 @@ def build_parser():
         "(files are written, the report says by how much); 2 on bad input. A quantized file "
         "that misses its bound is reported, not fatal.",
     )
-    parser.add_argument("model", help="the trained model, a .keras file")
+    parser.add_argument(
+        "model",
+        help="the trained model: a .keras file, or a train.py run directory (e.g. runs/latest), "
+        "whose config.json names the dataset that calibrates and checks the exports",
+    )
     parser.add_argument("--output", required=True, metavar="DIR", help="the export directory")
     parser.add_argument(
         "--formats",
-        default=",".join(FORMATS),
-        help=f"comma-separated, any of: {', '.join(FORMATS)} (default: all)",
+        default=",".join(DEFAULT_FORMATS),
+        help=f"comma-separated, any of: {', '.join(FORMATS)} "
+        f"(default: {','.join(DEFAULT_FORMATS)})",
     )
     data = parser.add_argument_group("images")
     data.add_argument(
         "--calibration-data",
         metavar="DIR",
-        help="a folder of training images (any nesting) to calibrate full-integer int8 "
-        "(default: the evaluation images; without either, int8 is skipped)",
+        help=f"a folder of training images (any nesting) to calibrate int8, at most "
+        f"{CALIBRATION_IMAGES} spread over it (default: a run directory's training split, "
+        f"{CALIBRATION_IMAGES} images, every class; else the evaluation images; without "
+        "either, int8 is skipped)",
     )
     data.add_argument(
         "--evaluation-data",
         metavar="DIR",
-        help="a folder of real images (any nesting) for the parity checks "
-        "(default: synthetic images, stated in the report)",
+        help=f"a folder of real images (any nesting) for the parity checks, at most {MAX_IMAGES} "
+        "(default: a run directory's evaluation split; else synthetic images, stated in the "
+        "report)",
+    )
+    data.add_argument(
+        "--int8-float-layers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="full-integer int8 keeps in float the N layers that the quantization debugger "
+        "ranks worst (default: the measured rule, see README)",
     )
     serving = parser.add_argument_group("serving")
     serving.add_argument("--version", type=int, default=1, help="SavedModel version (default: 1)")
@@ -72,17 +98,28 @@ def main(argv=None):
         formats = parse_formats(args.formats)
         if args.top_k < 1:
             raise ExportInputError(f"--top-k must be >= 1. Received: {args.top_k}")
-        model = load_model(args.model)
+        model_file, calibration, evaluation, class_names, run = args.model, None, None, None, None
+        if is_run_directory(args.model):
+            run = read_run_directory(args.model)
+            model_file, class_names = run["model_file"], run["class_names"]
+            calibration, evaluation = run["calibration_paths"], run["evaluation_paths"]
+        model = load_model(model_file)
+        options = {}
+        if args.int8_float_layers is not None:
+            options["int8_float_layers"] = args.int8_float_layers
         report = export_model(
             model,
             args.output,
             formats=formats,
-            calibration_data=args.calibration_data,
-            evaluation_data=args.evaluation_data,
+            calibration_data=args.calibration_data or calibration,
+            evaluation_data=args.evaluation_data or evaluation,
             version=args.version,
             model_name=args.model_name,
             top_k=args.top_k,
-            model_file=args.model,
+            model_file=model_file,
+            class_names=getattr(model, "class_names", None) or class_names,
+            run=None if run is None else {k: run[k] for k in ("run_directory", "data")},
+            **options,
         )
     except ExportInputError as error:
         print(f"export.py: error: {error}", file=sys.stderr)

@@ -8,13 +8,19 @@ import tempfile
 from pathlib import Path
 
 from keras_fg.export.errors import ExportInputError, require_tensorflow_backend
-from keras_fg.export.parity import CHECKS, check_parity
+from keras_fg.export.parity import CHECKS, check_parity, model_outputs
 from keras_fg.export.preprocess import RESIZE_RULE, load_images, synthetic_images
-from keras_fg.export.saved_model import export_saved_model
-from keras_fg.export.tflite import INT8_OPS, export_tflite
+from keras_fg.export.saved_model import WARMUP_FILE, export_saved_model
+from keras_fg.export.tflite import LABELS_FILE, export_tflite
 
-FORMATS = ("saved_model", "tflite_fp32", "tflite_fp16", "tflite_dynamic", "tflite_int8")
-MAX_IMAGES = 200  # Evaluation and calibration images read from a folder, at most.
+FORMATS = (
+    "saved_model", "tflite_fp32", "tflite_fp16", "tflite_dynamic", "tflite_int8", "tflite_int16x8"
+)
+# int16 activations run on reference kernels, several times slower than float on a CPU: an
+# option for accuracy, not a default.
+DEFAULT_FORMATS = FORMATS[:-1]
+MAX_IMAGES = 200  # Evaluation images read from a folder, at most.
+CALIBRATION_IMAGES = 300  # Calibration images read from a folder, at most.
 SYNTHETIC_IMAGES = 32
 REPORT = "report.json"
 
@@ -22,7 +28,7 @@ REPORT = "report.json"
 def export_model(
     model,
     output_dir,
-    formats=FORMATS,
+    formats=DEFAULT_FORMATS,
     calibration_data=None,
     evaluation_data=None,
     version=1,
@@ -30,13 +36,18 @@ def export_model(
     top_k=5,
     model_file=None,
     max_images=MAX_IMAGES,
+    calibration_images=CALIBRATION_IMAGES,
+    class_names=None,
+    int8_float_layers=None,
+    run=None,
 ):
     """Exports `model` to every requested format, checks each against Keras, writes a report.
 
     Layout of `output_dir`:
 
-        saved_model/<model_name>/<version>/     the SavedModel (TF Serving's layout)
-        <model_name>_<fp32|fp16|dynamic|int8>.tflite
+        saved_model/<model_name>/<version>/     the SavedModel (TF Serving's layout), with
+                                                its warm-up requests in assets.extra/
+        <model_name>_<fp32|fp16|dynamic|int8|int16x8>.tflite   with labels.txt inside
         report.json                             sizes, latencies, parity, op sets
 
     Everything is written into a temporary directory inside `output_dir` and renamed into
@@ -46,21 +57,31 @@ def export_model(
 
     Parity is measured on the images of `evaluation_data` (at most `max_images`, spread over
     the folder); without it, on synthetic images (stated in the report). Full-integer int8
-    is calibrated on `calibration_data`, else on the evaluation images; with neither folder
-    it is skipped, with the reason in the report, since calibrating on synthetic images would
-    give a model of unknown accuracy.
+    and 16x8 are calibrated on `calibration_data` (at most `calibration_images`), else on
+    the evaluation images; with neither they are skipped, with the reason in the report,
+    since calibrating on synthetic images would give a model of unknown accuracy.
+
+    Every `.tflite` file carries the class names as its associated file `labels.txt`
+    (`keras_fg.export.tflite.write_labels`), when the model or `class_names` has them.
 
     Args:
         model: a keras_fg model.
         output_dir: the export directory (created if needed).
-        formats: any of `FORMATS`.
-        calibration_data: a folder of training images (any nesting) for int8 calibration.
-        evaluation_data: a folder of real images (any nesting) for the parity checks.
+        formats: any of `FORMATS` (default `DEFAULT_FORMATS`: all but `tflite_int16x8`).
+        calibration_data: a folder of training images (any nesting), or a list of image
+            files, for int8 calibration (a list is used whole).
+        evaluation_data: a folder of real images (any nesting), or a list of image files,
+            for the parity checks (a list is used whole).
         version: the SavedModel version, an integer >= 1.
         model_name: the name in paths; default `model.name`.
         top_k: the SavedModel's top-k outputs.
         model_file: the `.keras` file the model came from, recorded in the report.
-        max_images: at most this many images are read from each folder.
+        max_images: at most this many evaluation images are read from a folder.
+        calibration_images: at most this many calibration images are read from a folder.
+        class_names: the class names; default `model.class_names`.
+        int8_float_layers: full-integer int8 keeps this many of the layers the quantization
+            debugger ranks worst in float (default: `tflite.INT8_FLOAT_LAYERS`).
+        run: what a train.py run directory gave (recorded in the report).
 
     Returns:
         The report (also written to `output_dir/report.json`).
@@ -92,8 +113,15 @@ def export_model(
     _refuse_existing_version(output, name, version)
 
     size = tuple(model.input_shape[1:3])
+    class_names = class_names or getattr(model, "class_names", None)
+    num_classes = int(model.output["probabilities"].shape[-1])
+    if class_names is not None and len(class_names) != num_classes:
+        raise ExportInputError(
+            f"The model has {num_classes} classes but {len(class_names)} class names were "
+            f"given. Received: class_names={list(class_names)[:5]}..."
+        )
     if evaluation_data is not None:
-        evaluation = _read_folder(evaluation_data, size, max_images, "Evaluation")
+        evaluation = _read_images(evaluation_data, size, max_images, "Evaluation")
     else:
         evaluation = {
             **synthetic_images(size, SYNTHETIC_IMAGES),
@@ -103,7 +131,7 @@ def export_model(
         }
     calibration = None
     if calibration_data is not None:
-        calibration = _read_folder(calibration_data, size, max_images, "Calibration")
+        calibration = _read_images(calibration_data, size, calibration_images, "Calibration")
     elif evaluation_data is not None:
         calibration = {**evaluation, "note": "no calibration folder given: the evaluation images"}
 
@@ -111,8 +139,13 @@ def export_model(
     output.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=output))
     try:
+        settings = {
+            "name": name, "version": version, "top_k": top_k, "class_names": class_names,
+            "int8_float_layers": int8_float_layers,
+        }
+        evaluation["reference"] = model_outputs(model, evaluation["images"])
         entries = [
-            _export_one(model, fmt, staging, name, version, top_k, evaluation, calibration)
+            _export_one(model, fmt, staging, settings, evaluation, calibration)
             for fmt in formats
         ]
         report = {
@@ -120,11 +153,12 @@ def export_model(
                 "file": None if model_file is None else os.path.abspath(model_file),
                 "name": name,
                 "class": type(model).__name__,
-                "num_classes": int(model.output["probabilities"].shape[-1]),
-                "class_names": getattr(model, "class_names", None),
+                "num_classes": num_classes,
+                "class_names": class_names,
                 "input_shape": list(model.input_shape[1:]),
                 "outputs": sorted(model.output),
             },
+            "run": run,
             "version": version,
             "top_k": top_k,
             "preprocessing": RESIZE_RULE,
@@ -205,31 +239,51 @@ def _number(value, template):
     return "n/a" if value is None else template.format(value)
 
 
-def _export_one(model, fmt, staging, name, version, top_k, evaluation, calibration):
+def _export_one(model, fmt, staging, settings, evaluation, calibration):
     entry = {"format": fmt}
+    name = settings["name"]
     if fmt == "saved_model":
-        relative = f"saved_model/{name}/{version}"
-        entry["signatures"] = export_saved_model(model, staging / relative, top_k=top_k)
+        relative = f"saved_model/{name}/{settings['version']}"
+        real = evaluation["source"] != "synthetic"
+        entry["signatures"] = export_saved_model(
+            model,
+            staging / relative,
+            top_k=settings["top_k"],
+            class_names=settings["class_names"],
+            warmup_image=evaluation["encoded"][0] if real else None,
+            model_name=name,
+        )
+        entry["warmup_requests"] = WARMUP_FILE
     else:
         quantization = fmt.split("_", 1)[1]
-        if quantization == "int8" and calibration is None:
+        if quantization in ("int8", "int16x8") and calibration is None:
             return {
                 **entry,
                 "file": None,
-                "skipped": "full-integer int8 needs calibration images: "
-                "pass --calibration-data (or --evaluation-data)",
+                "skipped": f"{quantization} needs calibration images: pass a run directory, "
+                "--calibration-data or --evaluation-data",
             }
         relative = f"{name}_{quantization}.tflite"
-        entry["ops"] = export_tflite(
+        options = {}
+        if quantization == "int8" and settings["int8_float_layers"] is not None:
+            options["int8_float_layers"] = settings["int8_float_layers"]
+        details = export_tflite(
             model,
             staging / relative,
             quantization,
             representative_images=None if calibration is None else calibration["images"],
+            class_names=settings["class_names"],
+            return_details=True,
+            **options,
         )
-        if quantization == "int8":
-            entry["float_ops"] = sorted(set(entry["ops"]) - INT8_OPS - {"QUANTIZE", "DEQUANTIZE"})
+        entry.update(details)
+        entry["labels"] = LABELS_FILE if settings["class_names"] else None
     entry["file"] = relative
-    parity = check_parity(model, staging / relative, evaluation["encoded"], variant=fmt)
+    # The SavedModel decodes the encoded images itself; TFLite files get the decoded pixels.
+    images = evaluation["encoded"] if fmt == "saved_model" else evaluation["images"]
+    parity = check_parity(
+        model, staging / relative, images, variant=fmt, reference=evaluation["reference"]
+    )
     entry.update({key: value for key, value in parity.items() if key != "variant"})
     return entry
 
@@ -256,13 +310,24 @@ def _refuse_existing_version(output, name, version):
             )
 
 
-def _read_folder(directory, size, max_images, role):
-    if not os.path.isdir(directory):
-        raise ExportInputError(f"{role} data folder not found: {directory}")
-    images = load_images(directory, size, max_images)
+def _read_images(source, size, max_images, role):
+    """A folder (at most `max_images`, spread over it) or a list of image files (all)."""
+    if isinstance(source, (str, os.PathLike)):
+        if not os.path.isdir(source):
+            raise ExportInputError(f"{role} data folder not found: {source}")
+        images = load_images(source, size, max_images)
+        if not len(images["images"]):
+            raise ExportInputError(f"{role} data folder {source} holds no readable images.")
+        return {**images, "source": "folder", "path": os.path.abspath(source)}
+    paths = [os.fspath(path) for path in source]
+    missing = [path for path in paths if not os.path.isfile(path)]
+    if missing:
+        raise ExportInputError(f"{role} image not found: {missing[0]}")
+    images = load_images(paths, size)
     if not len(images["images"]):
-        raise ExportInputError(f"{role} data folder {directory} holds no readable images.")
-    return {**images, "source": "folder", "path": os.path.abspath(directory)}
+        raise ExportInputError(f"None of the {len(paths)} {role.lower()} images is readable.")
+    common = os.path.commonpath([os.path.abspath(path) for path in paths])
+    return {**images, "source": "files", "path": common}
 
 
 def _describe(images):

@@ -23,10 +23,13 @@ CHECKS = {
     "tflite_fp16": ("max_abs_diff", 5e-2),
     "tflite_dynamic": ("top1_agreement", 0.98),
     "tflite_int8": ("top1_agreement", 0.98),
+    "tflite_int16x8": ("top1_agreement", 0.98),
 }
 
 
-def check_parity(model, path, images, variant=None, latency_runs=10, batch_size=32):
+def check_parity(
+    model, path, images, variant=None, latency_runs=10, batch_size=32, reference=None
+):
     """Measures how closely an exported SavedModel or `.tflite` file reproduces `model`.
 
     The Keras model and the exported file see the same pixels: encoded images are decoded
@@ -44,6 +47,8 @@ def check_parity(model, path, images, variant=None, latency_runs=10, batch_size=
             `_<quantization>.tflite`.
         latency_runs: the latency is the median over this many runs on one image.
         batch_size: images per SavedModel call.
+        reference: the Keras model's outputs on `images` (a dict with `probabilities` and
+            `features`), when already computed; default: computed here.
 
     Returns:
         A dict: `variant`, `size_bytes`, `latency_ms` (median, one image, after a warm-up;
@@ -73,7 +78,8 @@ def check_parity(model, path, images, variant=None, latency_runs=10, batch_size=
         images = np.stack([decode_and_resize(data, size).numpy() for data in encoded])
     if not len(images):
         raise ValueError("`images` is empty: parity needs at least one image.")
-    reference = model.predict(images, batch_size=batch_size, verbose=0)
+    if reference is None:
+        reference = model_outputs(model, images, batch_size)
 
     if variant == "saved_model":
         served = tf.saved_model.load(path)
@@ -134,6 +140,12 @@ def check_parity(model, path, images, variant=None, latency_runs=10, batch_size=
     }
     result["check"] = evaluate_check(variant, max_abs_diff, result["top1_agreement"])
     return result
+
+
+def model_outputs(model, images, batch_size=32):
+    """The Keras model's `probabilities` and `features` on float32 images, as NumPy arrays."""
+    outputs = model.predict(images, batch_size=batch_size, verbose=0)
+    return {name: np.asarray(outputs[name]) for name in ("probabilities", "features")}
 
 
 def evaluate_check(variant, max_abs_diff, top1_agreement):

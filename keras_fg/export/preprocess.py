@@ -64,7 +64,8 @@ def load_images(directory, size, max_images=None):
     """Reads, decodes and resizes the images of a folder for calibration or evaluation.
 
     Args:
-        directory: a folder of images, any nesting (e.g. one sub-folder per class).
+        directory: a folder of images, any nesting (e.g. one sub-folder per class), or a
+            list of image files.
         size: the model's input size, an int or `(height, width)`.
         max_images: keep at most this many, spread evenly over the sorted list so that
             every class folder is represented.
@@ -74,7 +75,7 @@ def load_images(directory, size, max_images=None):
         array `(N, height, width, 3)` (by `decode_and_resize`), and `"skipped"`, the paths
         that could not be decoded.
     """
-    paths = list_images(directory)
+    paths = list(directory) if isinstance(directory, (list, tuple)) else list_images(directory)
     if max_images is not None and len(paths) > max_images:
         paths = [paths[i] for i in np.linspace(0, len(paths) - 1, max_images).round().astype(int)]
     kept, encoded, images, skipped = [], [], [], []
