@@ -1,8 +1,7 @@
 """Export a trained keras_fg model: `python export.py MODEL.keras --output DIR` (see --help)."""
 
-import sys
-
 import os
+import sys
 
 # TensorFlow's C++ start-up lines (oneDNN, CPU features) are noise on a command line.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from common import (
     CUB_ROOT,
     FAMILIES,

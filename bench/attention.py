@@ -65,8 +65,10 @@ def run_one(family, setting, seed, epochs, folder):
         **{key: attention.get(key) for key in MEASURES[1:]},
         "per_part": attention.get("per_part"),
     }
-    print("  " + "  ".join(f"{k} {result[k]:.3f}" for k in MEASURES if result[k] is not None),
-          flush=True)
+    print(
+        "  " + "  ".join(f"{k} {result[k]:.3f}" for k in MEASURES if result[k] is not None),
+        flush=True,
+    )
     folder.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
@@ -91,8 +93,11 @@ def summarise(folder):
             for key in MEASURES:
                 values = [r[key] for r in seeds.values() if r.get(key) is not None]
                 if values:
-                    row[key] = {"mean": float(np.mean(values)), "min": float(np.min(values)),
-                                "max": float(np.max(values))}
+                    row[key] = {
+                        "mean": float(np.mean(values)),
+                        "min": float(np.min(values)),
+                        "max": float(np.max(values)),
+                    }
             row["commands"] = [seeds[s]["command"] for s in sorted(seeds)]
             summary.setdefault(family, {})[setting] = row
     return summary
@@ -117,12 +122,15 @@ def main():
                 result = run_one(family, setting, seed, args.epochs, folder)
                 if "error" in result:
                     failed.append(result["command"])
-    write_json(name, {
-        "benchmark": "attention",
-        "dataset": "train.py's synthetic fine-grained set; settings: "
-        + "; ".join(f"{k}: {' '.join(v) or 'defaults'}" for k, v in SETTINGS.items()),
-        "families": summarise(folder),
-    })
+    write_json(
+        name,
+        {
+            "benchmark": "attention",
+            "dataset": "train.py's synthetic fine-grained set; settings: "
+            + "; ".join(f"{k}: {' '.join(v) or 'defaults'}" for k, v in SETTINGS.items()),
+            "families": summarise(folder),
+        },
+    )
     if failed:
         sys.exit(f"failed: {'; '.join(failed)}")
 

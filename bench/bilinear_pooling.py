@@ -62,7 +62,9 @@ def run_worker(args):
     else:
         function = naive_bilinear
     baseline_rss = peak_rss_mb()
-    keras.ops.convert_to_numpy(function([a, b]) if function is not naive_bilinear else function(a, b))
+    keras.ops.convert_to_numpy(
+        function([a, b]) if function is not naive_bilinear else function(a, b)
+    )
     times = []
     for _ in range(args.runs):
         start = time.perf_counter()
@@ -192,9 +194,7 @@ def main():
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--projection-dims", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--skip-accuracy", action="store_true")
-    parser.add_argument(
-        "--output", type=Path, default=ROOT / "bench/results/bilinear_pooling.json"
-    )
+    parser.add_argument("--output", type=Path, default=ROOT / "bench/results/bilinear_pooling.json")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     defaults = (2, 14, 256) if args.quick else (8, 28, 512)
@@ -214,8 +214,18 @@ def main():
     results = {"machine": machine_info(), "settings": settings, "variants": {}}
     for variant in args.variants:
         command = [
-            sys.executable, __file__, "--worker", variant, "--runs", str(args.runs),
-            "--batch", str(args.batch), "--size", str(args.size), "--channels", str(args.channels),
+            sys.executable,
+            __file__,
+            "--worker",
+            variant,
+            "--runs",
+            str(args.runs),
+            "--batch",
+            str(args.batch),
+            "--size",
+            str(args.size),
+            "--channels",
+            str(args.channels),
         ]
         done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
         if done.returncode != 0:

@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from common import CUB_ROOT, FAMILIES, MOBILENET_WEIGHTS, RESULTS, ROOT, require_shared, write_json
 
 CACHE = ROOT / "bench" / "cache"

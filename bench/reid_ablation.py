@@ -84,8 +84,13 @@ def run_training(name, flags, seed, epochs):
         output = Path(workdir) / "run"
         command = [sys.executable, str(ROOT / "train.py"), *arguments, "--output", str(output)]
         start = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
-                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+        done = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        )
         seconds = time.perf_counter() - start
         if done.returncode:
             raise SystemExit(f"{name} seed {seed} failed: {shown}\n{done.stderr[-3000:]}")
@@ -131,10 +136,12 @@ def summarise():
     table = {}
     for row in sorted(summary, key=lambda r: (order.index(r) if r in order else len(order), r)):
         runs = summary[row]
-        entry = {"seeds": sorted(r["seed"] for r in runs),
-                 "num_valid_queries": runs[0]["evaluation"]["num_valid_queries"],
-                 "wall_seconds_mean": round(float(np.mean([r["wall_seconds"] for r in runs])), 1),
-                 "command": runs[0]["command"]}
+        entry = {
+            "seeds": sorted(r["seed"] for r in runs),
+            "num_valid_queries": runs[0]["evaluation"]["num_valid_queries"],
+            "wall_seconds_mean": round(float(np.mean([r["wall_seconds"] for r in runs])), 1),
+            "command": runs[0]["command"],
+        }
         for variant in VARIANTS:
             for metric in ("rank1", "mAP", "mINP"):
                 values = [r["evaluation"]["variants"][variant][metric] for r in runs]
@@ -157,10 +164,18 @@ def summarise():
 
 def markdown(table):
     """Rows as `rank-1 / mAP` (mean ± standard deviation over seeds) for each variant."""
-    names = {"plain": "plain", "flip": "flip", "plain_re_ranking": "re-ranked",
-             "flip_re_ranking": "flip + re-ranked"}
-    lines = ["| row | seeds | " + " | ".join(f"{names[v]}: rank-1 / mAP" for v in VARIANTS)
-             + " | minutes per run |", "| --- " * (len(VARIANTS) + 3) + "|"]
+    names = {
+        "plain": "plain",
+        "flip": "flip",
+        "plain_re_ranking": "re-ranked",
+        "flip_re_ranking": "flip + re-ranked",
+    }
+    lines = [
+        "| row | seeds | "
+        + " | ".join(f"{names[v]}: rank-1 / mAP" for v in VARIANTS)
+        + " | minutes per run |",
+        "| --- " * (len(VARIANTS) + 3) + "|",
+    ]
 
     def cell(entry, variant, metric):
         mean, std = entry[f"{variant}_{metric}_mean"], entry[f"{variant}_{metric}_std"]
@@ -168,15 +183,22 @@ def markdown(table):
 
     for row, entry in table.items():
         cells = [f"{cell(entry, v, 'rank1')} / {cell(entry, v, 'mAP')}" for v in VARIANTS]
-        lines.append(f"| {row} | {len(entry['seeds'])} | " + " | ".join(cells)
-                     + f" | {entry['wall_seconds_mean'] / 60:.0f} |")
+        lines.append(
+            f"| {row} | {len(entry['seeds'])} | "
+            + " | ".join(cells)
+            + f" | {entry['wall_seconds_mean'] / 60:.0f} |"
+        )
     return "\n".join(lines)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", nargs="*", default=None,
-                        help="rows to run (default: floor, the tricks, the families)")
+    parser.add_argument(
+        "--rows",
+        nargs="*",
+        default=None,
+        help="rows to run (default: floor, the tricks, the families)",
+    )
     parser.add_argument("--families", nargs="*", default=["macnn", "dasrbn"])
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=6)
@@ -199,10 +221,21 @@ def main():
                 else:
                     result = run_training(name, table[name], seed, args.epochs)
                 plain = result["evaluation"]["variants"]["plain"]
-                print(f"  rank-1 {plain['rank1']:.3f}  mAP {plain['mAP']:.3f}  "
-                      f"({result['wall_seconds'] / 60:.1f} min)", flush=True)
-                write(path, {"machine": machine_info(), "row": name, "seed": seed,
-                             "epochs": None if name == "floor" else args.epochs, **result})
+                print(
+                    f"  rank-1 {plain['rank1']:.3f}  mAP {plain['mAP']:.3f}  "
+                    f"({result['wall_seconds'] / 60:.1f} min)",
+                    flush=True,
+                )
+                write(
+                    path,
+                    {
+                        "machine": machine_info(),
+                        "row": name,
+                        "seed": seed,
+                        "epochs": None if name == "floor" else args.epochs,
+                        **result,
+                    },
+                )
     summarise()
 
 

@@ -23,10 +23,26 @@ FULL = [
     ["accuracy.py", "--families", "gap", "macnn", "--seed", "1", "--output", "accuracy_224_seed1"],
     # Diagnoses (bench/results/RESULTS.md): MA-CNN without L_cng in phase two; DASRBN's
     # head with dropout.
-    ["accuracy.py", "--families", "macnn", "--fine-tune-grouping-weight", "0",
-     "--output", "accuracy_224_macnn_diagnosis"],
-    ["accuracy.py", "--families", "dasrbn_dropout", "--head-epochs", "10",
-     "--fine-tune-epochs", "0", "--output", "accuracy_224_dasrbn_diagnosis"],
+    [
+        "accuracy.py",
+        "--families",
+        "macnn",
+        "--fine-tune-grouping-weight",
+        "0",
+        "--output",
+        "accuracy_224_macnn_diagnosis",
+    ],
+    [
+        "accuracy.py",
+        "--families",
+        "dasrbn_dropout",
+        "--head-epochs",
+        "10",
+        "--fine-tune-epochs",
+        "0",
+        "--output",
+        "accuracy_224_dasrbn_diagnosis",
+    ],
     # 448 px upsamples the 227-px images; it is measured to show that it hurts here.
     ["accuracy.py", "--image-size", "448", "--families", "gap", "--fine-tune-epochs", "0"],
     ["speed.py"],

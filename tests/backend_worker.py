@@ -58,60 +58,98 @@ def _loss(function):
 LABELS = np.array([0, 1, 0, 2, 1, 2], dtype="int32")
 CASES = {
     "bilinear_pooling": (
-        _layer(lambda: layers.BilinearPooling()), lambda r: [_normal(r, (2, 3, 3, 5))], ()),
+        _layer(lambda: layers.BilinearPooling()),
+        lambda r: [_normal(r, (2, 3, 3, 5))],
+        (),
+    ),
     "bilinear_pooling_two_streams": (
         _layer(lambda: layers.BilinearPooling()),
-        lambda r: [_normal(r, (2, 3, 3, 4)), _normal(r, (2, 3, 3, 3))], ()),
+        lambda r: [_normal(r, (2, 3, 3, 4)), _normal(r, (2, 3, 3, 3))],
+        (),
+    ),
     "bilinear_pooling_compact": (
         _layer(lambda: layers.BilinearPooling(projection_dim=16, seed=3)),
-        lambda r: [_normal(r, (2, 3, 3, 5))], ()),
+        lambda r: [_normal(r, (2, 3, 3, 5))],
+        (),
+    ),
     "channel_grouping": (
         _layer(lambda: layers.ChannelGrouping(2, hidden_units=3)),
-        lambda r: [np.abs(_normal(r, (2, 4, 4, 6)))], ()),
+        lambda r: [np.abs(_normal(r, (2, 4, 4, 6)))],
+        (),
+    ),
     "channel_grouping_sharp": (
         _layer(lambda: layers.ChannelGrouping(3, initial_temperature=3.0)),
-        lambda r: [np.abs(_normal(r, (2, 4, 4, 6)))], ()),
+        lambda r: [np.abs(_normal(r, (2, 4, 4, 6)))],
+        (),
+    ),
     **{
         f"image_preprocessing_{mode}": (
             _layer(lambda mode=mode: layers.ImagePreprocessing(mode)),
-            lambda r: [r.uniform(0, 255, (2, 4, 4, 3)).astype("float32")], ())
+            lambda r: [r.uniform(0, 255, (2, 4, 4, 3)).astype("float32")],
+            (),
+        )
         for mode in layers.ImagePreprocessing.MODES
     },
     "part_crop": (
         _layer(lambda: layers.PartCrop(5, box_fraction=0.5)),
-        lambda r: [_normal(r, (2, 16, 16, 3)), _maps(r, (2, 4, 4, 2))], ()),
+        lambda r: [_normal(r, (2, 16, 16, 3)), _maps(r, (2, 4, 4, 2))],
+        (),
+    ),
     "per_location_outer_product": (
         _layer(lambda: layers.PerLocationOuterProduct()),
-        lambda r: [_normal(r, (2, 3, 3, 4)), _normal(r, (2, 3, 3, 3))], ()),
+        lambda r: [_normal(r, (2, 3, 3, 4)), _normal(r, (2, 3, 3, 3))],
+        (),
+    ),
     **{
         f"spatial_attention_lstm_{pooling}": (
-            _layer(lambda pooling=pooling: layers.SpatialAttentionLSTM(
-                4, attention_units=3, pooling=pooling)),
-            lambda r: [_normal(r, (2, 3, 4, 5))], ())
+            _layer(
+                lambda pooling=pooling: layers.SpatialAttentionLSTM(
+                    4, attention_units=3, pooling=pooling
+                )
+            ),
+            lambda r: [_normal(r, (2, 3, 4, 5))],
+            (),
+        )
         for pooling in ("last", "attention", "mean")
     },
     "distance_loss": (
-        _loss(lambda m: losses.distance_loss(m)), lambda r: [_maps(r, (2, 5, 4, 3))], ()),
+        _loss(lambda m: losses.distance_loss(m)),
+        lambda r: [_maps(r, (2, 5, 4, 3))],
+        (),
+    ),
     "distance_loss_normalized": (
         _loss(lambda m: losses.distance_loss(m, normalize_coordinates=True)),
-        lambda r: [_maps(r, (2, 5, 4, 3))], ()),
+        lambda r: [_maps(r, (2, 5, 4, 3))],
+        (),
+    ),
     "diversity_loss": (
         _loss(lambda m: losses.diversity_loss(m, margin=0.02)),
-        lambda r: [_maps(r, (2, 5, 4, 3))], ()),
+        lambda r: [_maps(r, (2, 5, 4, 3))],
+        (),
+    ),
     "channel_grouping_loss": (
         _loss(losses.ChannelGroupingLoss(margin=0.02, diversity_weight=2.0)),
-        lambda r: [_maps(r, (2, 5, 4, 3))], ()),
+        lambda r: [_maps(r, (2, 5, 4, 3))],
+        (),
+    ),
     **{
         f"triplet_{metric}_{'soft' if soft else 'hinge'}": (
-            _loss(lambda y, e, metric=metric, soft=soft: losses.batch_hard_triplet_loss(
-                y, e, margin=0.3, soft=soft, metric=metric)),
-            lambda r: [LABELS, _normal(r, (6, 4))], (0,))
+            _loss(
+                lambda y, e, metric=metric, soft=soft: losses.batch_hard_triplet_loss(
+                    y, e, margin=0.3, soft=soft, metric=metric
+                )
+            ),
+            lambda r: [LABELS, _normal(r, (6, 4))],
+            (0,),
+        )
         for metric in losses.triplet_loss.METRICS
         for soft in (False, True)
     },
     "batch_hard_triplet_loss_object": (
         _loss(losses.BatchHardTripletLoss(margin=0.3)),
-        lambda r: [LABELS, _normal(r, (6, 4))], (0,)),
+        lambda r: [LABELS, _normal(r, (6, 4))],
+        (0,),
+    ),
 }
 
 
@@ -183,7 +221,8 @@ def _gradients(fn, layer, inputs, integer_inputs, weights):
             tape.watch([tensors[k] for k in differentiable])
             value = _objective(fn(tensors), weights)
         grads = tape.gradient(
-            value, [tensors[k] for k in differentiable] + variables,
+            value,
+            [tensors[k] for k in differentiable] + variables,
             unconnected_gradients=tf.UnconnectedGradients.ZERO,
         )
     elif backend == "torch":
@@ -218,7 +257,7 @@ def _gradients(fn, layer, inputs, integer_inputs, weights):
         raise ValueError(f"Unknown backend {backend!r}")
     grads = [np.array(keras.ops.convert_to_numpy(g)) for g in grads]
     named = {f"grad_input{k}": g for k, g in zip(differentiable, grads)}
-    named.update({f"grad_weight{k}": g for k, g in enumerate(grads[len(differentiable):])})
+    named.update({f"grad_weight{k}": g for k, g in enumerate(grads[len(differentiable) :])})
     return named
 
 
@@ -252,7 +291,9 @@ def train_macnn(steps=20):
     rng = np.random.default_rng(5)
     images = rng.uniform(0, 255, (12, IMAGE_SIZE, IMAGE_SIZE, 3)).astype("float32")
     labels = np.arange(12, dtype="int32") % 3
-    model.compile(optimizer=keras.optimizers.Adam(3e-3))  # train.py's rate: at 1e-2 L_cng stalls the first steps
+    model.compile(
+        optimizer=keras.optimizers.Adam(3e-3)
+    )  # train.py's rate: at 1e-2 L_cng stalls the first steps
     before = model.evaluate(images, labels, verbose=0, return_dict=True)["loss"]
     model.fit(images, labels, epochs=steps, batch_size=12, verbose=0, shuffle=False)
     after = model.evaluate(images, labels, verbose=0, return_dict=True)["loss"]

@@ -225,5 +225,7 @@ def test_keras_file_round_trip(tmp_path, name, image_size):
     model.save(path)
     reloaded = keras.saving.load_model(path)
     pixels = random_pixels((2, image_size, image_size, 3))
-    np.testing.assert_array_equal(reloaded.predict(pixels, verbose=0), model.predict(pixels, verbose=0))
+    np.testing.assert_array_equal(
+        reloaded.predict(pixels, verbose=0), model.predict(pixels, verbose=0)
+    )
     assert reloaded.get_layer(f"{name}_backbone").layers[-1].name == BACKBONES[name].feature_layer

@@ -13,11 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import backend_worker as worker
 import keras
 import numpy as np
 import pytest
-
-import backend_worker as worker
 
 BACKENDS = ("jax", "torch")
 TOLERANCE = 1e-5
@@ -43,16 +42,25 @@ def runs(tmp_path_factory):
         env = dict(os.environ, KERAS_BACKEND=backend, CUDA_VISIBLE_DEVICES="")
         log = open(work / f"{backend}.log", "w")
         processes[backend] = subprocess.Popen(
-            [sys.executable, str(Path(worker.__file__)), str(work / "inputs.npz"),
-             str(work / f"{backend}.npz"), str(work)],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                str(Path(worker.__file__)),
+                str(work / "inputs.npz"),
+                str(work / f"{backend}.npz"),
+                str(work),
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     results = {"tensorflow": expected, "work": work}
     for backend, process in processes.items():
         code = process.wait(timeout=WORKER_TIMEOUT)
         log = (work / f"{backend}.log").read_text()
         results[backend] = (
-            RuntimeError(f"{backend} worker exited {code}:\n{log[-4000:]}") if code else {
+            RuntimeError(f"{backend} worker exited {code}:\n{log[-4000:]}")
+            if code
+            else {
                 "arrays": dict(np.load(work / f"{backend}.npz")),
                 "report": json.loads((work / f"{backend}.npz.json").read_text()),
             }
@@ -104,7 +112,8 @@ def test_keras_files_saved_on_tensorflow_predict_the_same_on(runs, backend):
     actual = outputs_of(runs, backend)["arrays"]
     expected = {
         k.replace("tensorflow/", "loaded/", 1): v
-        for k, v in runs["tensorflow"].items() if k.startswith("tensorflow/")
+        for k, v in runs["tensorflow"].items()
+        if k.startswith("tensorflow/")
     }
     assert {k.split("/")[1] for k in expected} == set(worker.FAMILIES)
     assert mismatches(expected, actual, sorted(expected)) == []

@@ -1,12 +1,12 @@
 """Tests for BilinearPooling: math, serialisation, training, gradients, precision, TFLite."""
 
+import keras
 import numpy as np
 import pytest
-import keras
 import tensorflow as tf
+from litert_helpers import export_builtins_only
 
 from keras_fg.layers import BilinearPooling
-from litert_helpers import export_builtins_only
 
 
 def bilinear_reference(a, b, signed_sqrt=True, l2_normalize=True, epsilon=1e-8):
@@ -48,9 +48,7 @@ def test_two_inputs_match_numpy(signed_sqrt, l2_normalize):
 def test_one_input_is_pooled_with_itself(signed_sqrt):
     a, _ = random_maps()
     output = keras.ops.convert_to_numpy(BilinearPooling(signed_sqrt=signed_sqrt)(a))
-    np.testing.assert_allclose(
-        output, bilinear_reference(a, a, signed_sqrt), atol=1e-5, rtol=1e-5
-    )
+    np.testing.assert_allclose(output, bilinear_reference(a, a, signed_sqrt), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("projection_dim", [None, 16])
@@ -62,7 +60,10 @@ def test_config_round_trip(projection_dim):
     clone = BilinearPooling.from_config(config)
     assert clone.get_config() == config
     assert (clone.signed_sqrt, clone.epsilon, clone.projection_dim, clone.seed) == (
-        False, 1e-6, projection_dim, 3,
+        False,
+        1e-6,
+        projection_dim,
+        3,
     )
     a, b = random_maps()
     np.testing.assert_array_equal(

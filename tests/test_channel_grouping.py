@@ -1,13 +1,11 @@
 """Tests for ChannelGrouping: math, shapes, serialisation, training, precision, TFLite."""
 
+import keras
 import numpy as np
 import pytest
-
-import keras
-import tensorflow as tf
+from litert_helpers import export_builtins_only
 
 from keras_fg.layers import ChannelGrouping
-from litert_helpers import export_builtins_only
 
 
 def sigmoid(x):
@@ -26,7 +24,10 @@ def numpy_channel_grouping(layer, features):
     for b in range(batch):
         pooled = features[b].mean(axis=(0, 1))
         for i in range(layer.num_parts):
-            d = sigmoid(np.tanh(pooled @ hidden_kernel[i] + hidden_bias[i]) @ channel_kernel[i] + channel_bias[i])
+            d = sigmoid(
+                np.tanh(pooled @ hidden_kernel[i] + hidden_bias[i]) @ channel_kernel[i]
+                + channel_bias[i]
+            )
             response = (features[b] * d).mean(axis=-1)
             z = (response - response.mean()) / np.sqrt(
                 response.var() + 1e-3 * (response**2).mean() + 1e-6
@@ -54,7 +55,9 @@ def test_maps_match_numpy_transcription():
     expected_maps, expected_weights = numpy_channel_grouping(layer, features)
     maps = keras.ops.convert_to_numpy(outputs["attention_maps"])
     np.testing.assert_allclose(maps, expected_maps, atol=1e-5)
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(outputs["channel_weights"]), expected_weights, atol=1e-5)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(outputs["channel_weights"]), expected_weights, atol=1e-5
+    )
     # The maps are far from uniform, so the comparison above means something.
     assert maps.max() > 2 * maps.min()
     np.testing.assert_allclose(maps.sum(axis=(1, 2)), 1.0, atol=1e-5)
@@ -65,12 +68,16 @@ def test_temperature_starts_as_asked_and_stays_below_its_bound():
     layer.build((None, 4, 4, 5))
     np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.temperatures()), 0.8, rtol=1e-6)
     layer.temperature_logit.assign([-50.0, 0.0, 50.0])
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.temperatures()), [0, 1, 2], atol=1e-6)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(layer.temperatures()), [0, 1, 2], atol=1e-6
+    )
     floored = ChannelGrouping(2, initial_temperature=1.5, min_temperature=1.0, max_temperature=3.0)
     floored.build((None, 4, 4, 5))
     np.testing.assert_allclose(keras.ops.convert_to_numpy(floored.temperatures()), 1.5, rtol=1e-6)
     floored.temperature_logit.assign([-50.0, 50.0])
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(floored.temperatures()), [1, 3], atol=1e-6)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(floored.temperatures()), [1, 3], atol=1e-6
+    )
 
 
 def test_maps_do_not_depend_on_the_scale_of_the_features():
@@ -81,7 +88,10 @@ def test_maps_do_not_depend_on_the_scale_of_the_features():
     weights = layer.get_weights()
     weights[0][:] = 0
     layer.set_weights(weights)
-    maps = [keras.ops.convert_to_numpy(layer(scale * features)["attention_maps"]) for scale in (2, 1, 300)]
+    maps = [
+        keras.ops.convert_to_numpy(layer(scale * features)["attention_maps"])
+        for scale in (2, 1, 300)
+    ]
     np.testing.assert_allclose(maps[0], maps[1], rtol=1e-2, atol=1e-6)  # up to the 1e-6 floor
     np.testing.assert_allclose(maps[2], maps[1], rtol=1e-2, atol=1e-6)
     flat = layer(np.full((1, 5, 5, 6), 7.0, "float32"))["attention_maps"]
@@ -101,7 +111,9 @@ def planted_hot_spots(count=32, size=6, channels=8, seed=0):
     spots = rng.integers(0, size, (count, 2))
     for n, (row, col) in enumerate(spots):
         decoy = (row + size // 2) % size, (col + size // 2) % size
-        features[n, max(decoy[0] - 1, 0):decoy[0] + 2, max(decoy[1] - 1, 0):decoy[1] + 2, 2:] += 1.5
+        features[
+            n, max(decoy[0] - 1, 0) : decoy[0] + 2, max(decoy[1] - 1, 0) : decoy[1] + 2, 2:
+        ] += 1.5
         features[n, row, col, :2] += 3.0
     return features, spots
 
@@ -137,7 +149,9 @@ def test_part_features_pool_with_the_layers_own_maps():
             for x in range(5):
                 for y in range(4):
                     expected[b, i] += maps[b, x, y, i] * features[b, x, y]
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(outputs["part_features"]), expected, atol=1e-5)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(outputs["part_features"]), expected, atol=1e-5
+    )
 
 
 def test_weights_are_batched_and_named():
@@ -165,9 +179,15 @@ def test_symbolic_and_eager_calls_agree_on_shapes():
     symbolic = layer(keras.Input((6, 5, 8)))
     eager = layer(np.random.rand(2, 6, 5, 8).astype("float32"))
     expected = {"attention_maps": (6, 5, 3), "part_features": (3, 8), "channel_weights": (3, 8)}
-    assert {k: tuple(v.shape) for k, v in symbolic.items()} == {k: (None, *s) for k, s in expected.items()}
-    assert {k: tuple(v.shape) for k, v in eager.items()} == {k: (2, *s) for k, s in expected.items()}
-    assert layer.compute_output_shape((None, 6, 5, 8)) == {k: (None, *s) for k, s in expected.items()}
+    assert {k: tuple(v.shape) for k, v in symbolic.items()} == {
+        k: (None, *s) for k, s in expected.items()
+    }
+    assert {k: tuple(v.shape) for k, v in eager.items()} == {
+        k: (2, *s) for k, s in expected.items()
+    }
+    assert layer.compute_output_shape((None, 6, 5, 8)) == {
+        k: (None, *s) for k, s in expected.items()
+    }
 
 
 def test_config_round_trip():
@@ -198,10 +218,17 @@ def tiny_model(num_parts=2):
 def test_fit_step_updates_the_grouping_weights():
     model = tiny_model()
     classifier = keras.Model(model.input, model.output["logits"])
-    classifier.compile(optimizer=keras.optimizers.SGD(0.1), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    classifier.compile(
+        optimizer=keras.optimizers.SGD(0.1),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
     before = [w.numpy().copy() for w in model.get_layer("grouping").trainable_weights]
     history = classifier.fit(
-        np.random.rand(4, 8, 8, 3).astype("float32"), np.array([0, 1, 2, 0]), batch_size=4, epochs=1, verbose=0
+        np.random.rand(4, 8, 8, 3).astype("float32"),
+        np.array([0, 1, 2, 0]),
+        batch_size=4,
+        epochs=1,
+        verbose=0,
     )
     assert np.isfinite(history.history["loss"][0])
     after = model.get_layer("grouping").trainable_weights

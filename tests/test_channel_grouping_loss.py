@@ -1,9 +1,8 @@
 """Tests for the MA-CNN channel grouping losses (Dis, Div, L_cng)."""
 
+import keras
 import numpy as np
 import pytest
-
-import keras
 import tensorflow as tf
 
 from keras_fg.losses import ChannelGroupingLoss, distance_loss, diversity_loss
@@ -42,7 +41,9 @@ def test_losses_match_loop_transcription(normalize_coordinates):
     expected_dis, expected_div = numpy_losses(maps, 1.5, normalize_coordinates)
     dis = distance_loss(maps, normalize_coordinates=normalize_coordinates)
     div = diversity_loss(maps, margin=1.5)
-    total = ChannelGroupingLoss(margin=1.5, diversity_weight=1.5, normalize_coordinates=normalize_coordinates)(maps)
+    total = ChannelGroupingLoss(
+        margin=1.5, diversity_weight=1.5, normalize_coordinates=normalize_coordinates
+    )(maps)
     np.testing.assert_allclose(float(dis), expected_dis, rtol=1e-5)
     np.testing.assert_allclose(float(div), expected_div, rtol=1e-5)
     np.testing.assert_allclose(float(total), expected_dis + 1.5 * expected_div, rtol=1e-5)
@@ -53,7 +54,9 @@ def test_default_margin_and_weight():
     expected_dis, expected_div = numpy_losses(maps, 2.0, True)
     assert expected_div > 0  # the hinge is active somewhere, so the check means something
     np.testing.assert_allclose(float(diversity_loss(maps)), expected_div, rtol=1e-5)
-    np.testing.assert_allclose(float(ChannelGroupingLoss()(maps)), expected_dis + expected_div, rtol=1e-5)
+    np.testing.assert_allclose(
+        float(ChannelGroupingLoss()(maps)), expected_dis + expected_div, rtol=1e-5
+    )
 
 
 def blob(height, width, cells):

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from keras_fg.data import SyntheticFineGrained, load_dataset, make_pipeline
 

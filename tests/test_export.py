@@ -52,14 +52,20 @@ def build(family, num_classes=3, **options):
 def run_python(code, *args, timeout=120):
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
-        capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
     )
 
 
 def run_cli(*args):
     return subprocess.run(
         [sys.executable, str(ROOT / "export.py"), *map(str, args)],
-        capture_output=True, text=True, timeout=180, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=ROOT,
     )
 
 
@@ -243,8 +249,13 @@ def test_saved_model_cli_lists_the_signatures(served):
         [str(cli), "show", "--dir", directory, "--all"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    for expected in ("signature_def['serving_default']", "signature_def['predict_images']",
-                     "image_bytes", "top_k_class_names", "attention_maps"):
+    for expected in (
+        "signature_def['serving_default']",
+        "signature_def['predict_images']",
+        "image_bytes",
+        "top_k_class_names",
+        "attention_maps",
+    ):
         assert expected in result.stdout
 
 
@@ -295,8 +306,9 @@ def test_tflite_uses_builtins_only_and_matches_keras(family, quantization, jpeg_
 
 def test_full_macnn_with_part_crops_converts_to_builtins(jpeg_bytes, tmp_path):
     keras.utils.set_random_seed(0)
-    model = create_model("macnn", 3, backbone="tiny", image_size=SIZE, num_parts=2,
-                         part_crop_size=16)
+    model = create_model(
+        "macnn", 3, backbone="tiny", image_size=SIZE, num_parts=2, part_crop_size=16
+    )
     path = tmp_path / "macnn_crops_fp32.tflite"
     ops_used = export_tflite(model, path)
     assert not [op for op in ops_used if op.startswith("Flex") or op == "CUSTOM"]
@@ -434,10 +446,29 @@ def test_a_non_builtin_op_fails_the_export_and_nothing_is_left_behind(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # export_model, report and command line.
 
-REPORT_KEYS = {"model", "run", "version", "top_k", "preprocessing", "evaluation_data",
-               "calibration_data", "checks", "exports", "passed"}
-ENTRY_KEYS = {"format", "file", "size_bytes", "latency_ms", "max_abs_diff",
-              "features_max_abs_diff", "top1_agreement", "images", "check"}
+REPORT_KEYS = {
+    "model",
+    "run",
+    "version",
+    "top_k",
+    "preprocessing",
+    "evaluation_data",
+    "calibration_data",
+    "checks",
+    "exports",
+    "passed",
+}
+ENTRY_KEYS = {
+    "format",
+    "file",
+    "size_bytes",
+    "latency_ms",
+    "max_abs_diff",
+    "features_max_abs_diff",
+    "top1_agreement",
+    "images",
+    "check",
+}
 
 
 def test_without_images_parity_is_synthetic_and_int8_is_skipped(tmp_path):
@@ -457,8 +488,19 @@ def cli_export(tmp_path_factory, jpeg_dir):
     model_file = folder / "birds.keras"
     build("macnn", class_names=["albatross", "ani", "auklet"]).save(model_file)
     output = folder / "exports"
-    result = run_cli(model_file, "--output", output, "--evaluation-data", jpeg_dir,
-                     "--calibration-data", jpeg_dir, "--model-name", "birds", "--top-k", "2")
+    result = run_cli(
+        model_file,
+        "--output",
+        output,
+        "--evaluation-data",
+        jpeg_dir,
+        "--calibration-data",
+        jpeg_dir,
+        "--model-name",
+        "birds",
+        "--top-k",
+        "2",
+    )
     return model_file, output, result
 
 
@@ -467,8 +509,14 @@ def test_cli_writes_the_serving_layout_and_the_report(cli_export, jpeg_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (output / "saved_model" / "birds" / "1" / "saved_model.pb").is_file()
     files = sorted(os.listdir(output))
-    assert files == ["birds_dynamic.tflite", "birds_fp16.tflite", "birds_fp32.tflite",
-                     "birds_int8.tflite", "report.json", "saved_model"]
+    assert files == [
+        "birds_dynamic.tflite",
+        "birds_fp16.tflite",
+        "birds_fp32.tflite",
+        "birds_int8.tflite",
+        "report.json",
+        "saved_model",
+    ]
 
     report = json.loads((output / "report.json").read_text())
     assert set(report) == REPORT_KEYS
@@ -479,7 +527,12 @@ def test_cli_writes_the_serving_layout_and_the_report(cli_export, jpeg_dir):
     assert report["evaluation_data"] == {"source": "folder", "images": 9, "path": str(jpeg_dir)}
     assert report["calibration_data"]["images"] == 9
     assert [e["format"] for e in report["exports"]] == [
-        "saved_model", "tflite_fp32", "tflite_fp16", "tflite_dynamic", "tflite_int8"]
+        "saved_model",
+        "tflite_fp32",
+        "tflite_fp16",
+        "tflite_dynamic",
+        "tflite_int8",
+    ]
     for entry in report["exports"]:
         assert ENTRY_KEYS <= set(entry)
         path = output / entry["file"]
@@ -514,8 +567,9 @@ def test_cli_refuses_a_version_the_directory_already_holds(cli_export):
     model_file, output, first = cli_export
     assert first.returncode == 0
     before = {p: p.stat().st_mtime_ns for p in output.rglob("*")}
-    result = run_cli(model_file, "--output", output, "--model-name", "birds",
-                     "--formats", "saved_model")
+    result = run_cli(
+        model_file, "--output", output, "--model-name", "birds", "--formats", "saved_model"
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     (message,) = error_lines(result.stderr)
@@ -538,10 +592,14 @@ def test_cli_reports_a_corrupt_model_file_in_one_line(tmp_path):
     "args,message",
     [
         (["missing.keras", "--output", "{tmp}/out"], "Model file not found: missing.keras"),
-        (["{model}", "--output", "{tmp}/out", "--formats", "saved_model,tflite_int4"],
-         "Unknown export format 'tflite_int4'; valid formats: saved_model, tflite_fp32"),
-        (["{model}", "--output", "{tmp}/out", "--evaluation-data", "{tmp}/nowhere"],
-         "Evaluation data folder not found: {tmp}/nowhere"),
+        (
+            ["{model}", "--output", "{tmp}/out", "--formats", "saved_model,tflite_int4"],
+            "Unknown export format 'tflite_int4'; valid formats: saved_model, tflite_fp32",
+        ),
+        (
+            ["{model}", "--output", "{tmp}/out", "--evaluation-data", "{tmp}/nowhere"],
+            "Evaluation data folder not found: {tmp}/nowhere",
+        ),
     ],
 )
 def test_cli_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path, capsys):
@@ -682,8 +740,17 @@ def test_cli_exports_a_run_directory_from_its_config_alone(jpeg_dir, tmp_path, c
     (tmp_path / "runs" / "latest").symlink_to(run.name)
 
     output = tmp_path / "exports"
-    status = main([str(tmp_path / "runs" / "latest"), "--output", str(output),
-                   "--formats", "tflite_fp32,tflite_int8", "--model-name", "birds"])
+    status = main(
+        [
+            str(tmp_path / "runs" / "latest"),
+            "--output",
+            str(output),
+            "--formats",
+            "tflite_fp32,tflite_int8",
+            "--model-name",
+            "birds",
+        ]
+    )
     assert status in (0, 1), capsys.readouterr().err
     report = json.loads((output / "report.json").read_text())
     assert report["run"]["run_directory"] == str(run)

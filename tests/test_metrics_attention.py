@@ -16,7 +16,9 @@ def reference_measures(maps, boxes, image_size):
     for i in range(height):
         for j in range(width):
             cx, cy = (j + 0.5) * cell_w, (i + 0.5) * cell_h
-            inside[i, j] = (x - cell_w <= cx <= x + w + cell_w) and (y - cell_h <= cy <= y + h + cell_h)
+            inside[i, j] = (x - cell_w <= cx <= x + w + cell_w) and (
+                y - cell_h <= cy <= y + h + cell_h
+            )
     peak = np.unravel_index(np.argmax(maps), maps.shape)
     return {
         "peak_mass": maps.max(),
@@ -29,8 +31,9 @@ def reference_measures(maps, boxes, image_size):
 def test_measures_match_the_definitions_on_random_maps():
     rng = np.random.default_rng(0)
     maps = rng.random((6, 7, 5, 3)) ** 4  # non-square grid, peaky maps
-    boxes = np.column_stack([rng.uniform(0, 80, 6), rng.uniform(0, 60, 6),
-                             rng.uniform(2, 30, 6), rng.uniform(2, 30, 6)])
+    boxes = np.column_stack(
+        [rng.uniform(0, 80, 6), rng.uniform(0, 60, 6), rng.uniform(2, 30, 6), rng.uniform(2, 30, 6)]
+    )
     got = attention_measures(maps, boxes, (96, 112))
     for n in range(6):
         for p in range(3):

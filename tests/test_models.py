@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 
 from keras_fg.models import (
-    MACNN, ChannelGroupingInitializer, PhaseSchedule, cluster_channels, create_model,
+    ChannelGroupingInitializer,
+    PhaseSchedule,
+    cluster_channels,
+    create_model,
 )
 
 FAMILIES = {
@@ -186,7 +189,9 @@ def test_phase_schedule_switches_between_epochs_without_recompiling():
     model.compile(optimizer="sgd")
     images = np.random.uniform(0, 255, (8, 64, 64, 3)).astype("float32")
     seen = []
-    record = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: seen.append(model.phase))
+    record = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: seen.append(model.phase)
+    )
     schedule = PhaseSchedule(["channel_grouping", "classification"])
     model.fit(images, np.arange(8) % 4, epochs=3, verbose=0, callbacks=[schedule, record])
     assert seen == ["channel_grouping", "classification", "channel_grouping"]
@@ -357,9 +362,7 @@ def test_mirrored_strategy_step_equals_the_single_device_step(family):
 def test_full_macnn_classifies_part_crops_and_converts_to_tflite_builtins(tmp_path):
     from ai_edge_litert.interpreter import Interpreter
 
-    model = create_model(
-        "macnn", 4, backbone="tiny", image_size=64, num_parts=2, part_crop_size=32
-    )
+    model = create_model("macnn", 4, backbone="tiny", image_size=64, num_parts=2, part_crop_size=32)
     # Global pooled (128) + two attention-pooled parts (2 × 128) + two crops (2 × 128).
     assert model.output["features"].shape == (None, 640)
     images = np.random.uniform(0, 255, (8, 64, 64, 3)).astype("float32")
@@ -494,7 +497,9 @@ def test_partial_multi_optimizer_trains_a_frozen_backbones_head_and_reloads(tmp_
     model.set_backbone_trainable(True)
     model.fit(images, labels, epochs=1, verbose=0)
     assert int(slow.iterations) == 1 and int(model.optimizer.iterations) == 2
-    assert any(not np.array_equal(b, a.numpy()) for b, a in zip(backbone, model.backbone.trainable_weights))
+    assert any(
+        not np.array_equal(b, a.numpy()) for b, a in zip(backbone, model.backbone.trainable_weights)
+    )
     model.save(tmp_path / "model.keras")
     reloaded = keras.saving.load_model(tmp_path / "model.keras")
     assert isinstance(reloaded.optimizer, PartialMultiOptimizer)

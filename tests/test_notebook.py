@@ -39,7 +39,9 @@ def test_quickstart_runs_and_shows_attention_and_a_tflite_prediction(monkeypatch
     notebook.cells.append(nbformat.v4.new_code_cell("import sys; print(sys.prefix)"))
     # Raises CellExecutionError, with the failing cell's traceback, on any error.
     NotebookClient(
-        notebook, kernel_name="python3", timeout=600,
+        notebook,
+        kernel_name="python3",
+        timeout=600,
         resources={"metadata": {"path": str(NOTEBOOKS)}},
     ).execute()
     code = [cell for cell in notebook.cells if cell.cell_type == "code"]
@@ -68,8 +70,11 @@ def test_quickstart_runs_and_shows_attention_and_a_tflite_prediction(monkeypatch
         assert "Skipping the real-bird part: not found:" in output
 
     tflite = text_of(next(c for c in code if "Interpreter(" in c.source))
-    names = re.findall(r"^(?:LiteRT|Keras) prediction: (\d+_[a-z]+_(?:front|rear)_(?:upper|lower))\b",
-                       tflite, re.MULTILINE)
+    names = re.findall(
+        r"^(?:LiteRT|Keras) prediction: (\d+_[a-z]+_(?:front|rear)_(?:upper|lower))\b",
+        tflite,
+        re.MULTILINE,
+    )
     assert len(names) == 2 and names[0] == names[1], tflite
     difference = float(re.search(r"max \|Keras - LiteRT\| probability: (\S+)", tflite).group(1))
     assert difference < 1e-4

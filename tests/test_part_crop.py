@@ -1,12 +1,12 @@
 """Tests for PartCrop: boxes, bilinear crops, serialisation, gradients, TFLite."""
 
+import keras
 import numpy as np
 import pytest
-import keras
 import tensorflow as tf
+from litert_helpers import export_builtins_only
 
 from keras_fg.layers import PartCrop
-from litert_helpers import export_builtins_only
 
 
 def boxes_reference(maps, image_size, box_fraction):

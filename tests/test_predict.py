@@ -68,15 +68,22 @@ def forms(images, tmp_path_factory):
     folder = tmp_path_factory.mktemp("model")
     keras.utils.set_random_seed(0)
     model = create_model(
-        "macnn", CLASSES, backbone="tiny", image_size=SIZE, num_parts=2,
+        "macnn",
+        CLASSES,
+        backbone="tiny",
+        image_size=SIZE,
+        num_parts=2,
         class_names=images["class_names"],
     )
     model.compile(optimizer=keras.optimizers.Adam(3e-3))
     model.fit(images["train"], images["labels"], batch_size=16, epochs=4, verbose=0)
     model.save(folder / "model.keras")
     export_model(
-        model, folder / "exports", formats=("saved_model", "tflite_fp32"),
-        evaluation_data=images["folder"], model_name="birds",
+        model,
+        folder / "exports",
+        formats=("saved_model", "tflite_fp32"),
+        evaluation_data=images["folder"],
+        model_name="birds",
     )
     return {
         "keras": folder / "model.keras",
@@ -112,10 +119,18 @@ def test_every_form_gives_the_same_top_classes(forms, images, capsys):
 
 def test_json_schema_and_attention_overlays(forms, images, tmp_path, capsys):
     output = tmp_path / "out"
-    result, _ = predict_json(capsys, forms["keras"], images["folder"], "--top-k", 3,
-                             "--output", output)
+    result, _ = predict_json(
+        capsys, forms["keras"], images["folder"], "--top-k", 3, "--output", output
+    )
     assert set(result) == {
-        "model", "form", "image_size", "task", "top_k", "predictions", "skipped", "output"
+        "model",
+        "form",
+        "image_size",
+        "task",
+        "top_k",
+        "predictions",
+        "skipped",
+        "output",
     }
     assert (result["task"], result["top_k"], result["skipped"]) == ("classification", 3, [])
     assert json.loads((output / "predictions.json").read_text()) == result
@@ -188,8 +203,15 @@ def test_unknown_class_names_print_indices(forms, images, tmp_path, capsys):
 
 def test_gallery_ranking_is_the_same_for_every_form(forms, market_dir, capsys):
     results = {
-        form: predict_json(capsys, path, market_dir / "query", "--gallery",
-                           market_dir / "bounding_box_test", "--top-k", 5)[0]
+        form: predict_json(
+            capsys,
+            path,
+            market_dir / "query",
+            "--gallery",
+            market_dir / "bounding_box_test",
+            "--top-k",
+            5,
+        )[0]
         for form, path in forms.items()
     }
     for result in results.values():
@@ -210,15 +232,29 @@ def test_gallery_ranking_on_mini_market1501(market_dir, mobilenet_weights, tmp_p
     """
     keras.utils.set_random_seed(0)
     model = create_model(
-        "gap", 16, backbone="mobilenetv2", weights=str(mobilenet_weights), image_size=(128, 64),
+        "gap",
+        16,
+        backbone="mobilenetv2",
+        weights=str(mobilenet_weights),
+        image_size=(128, 64),
         bnneck=True,
     )
     model.save(tmp_path / "reid.keras")
     gallery = ["--gallery", market_dir / "bounding_box_test"]
     result, _ = predict_json(capsys, tmp_path / "reid.keras", market_dir / "query", *gallery)
     assert set(result) == {
-        "model", "form", "image_size", "task", "metric", "gallery", "gallery_size", "top_k",
-        "rank1", "queries_with_match", "queries", "skipped",
+        "model",
+        "form",
+        "image_size",
+        "task",
+        "metric",
+        "gallery",
+        "gallery_size",
+        "top_k",
+        "rank1",
+        "queries_with_match",
+        "queries",
+        "skipped",
     }
     assert (result["task"], result["gallery_size"], result["top_k"]) == ("reid", 32, 10)
     assert len(result["queries"]) == result["queries_with_match"] == 32
@@ -294,7 +330,10 @@ def test_bad_input_is_one_line_and_exit_status_2(case, message, images, tmp_path
 def test_command_line_exit_status(tmp_path):
     completed = subprocess.run(
         [sys.executable, str(ROOT / "predict.py"), str(tmp_path / "absent.keras"), str(tmp_path)],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
     )
     assert completed.returncode == 2
     assert f"predict.py: error: Model not found: {tmp_path / 'absent.keras'}" in completed.stderr

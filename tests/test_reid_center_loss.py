@@ -31,13 +31,15 @@ def test_loss_and_update_match_numpy():
     centers = rng.normal(size=(5, 7)).astype("float32")
     np.testing.assert_allclose(
         keras.ops.convert_to_numpy(center_loss(labels, embeddings, centers)),
-        numpy_center_loss(labels, embeddings, centers), rtol=1e-5,
+        numpy_center_loss(labels, embeddings, centers),
+        rtol=1e-5,
     )
     for alpha in (0.5, 1.0):
         new = updated_centers(labels[:, None], embeddings, centers, alpha)
         new = keras.ops.convert_to_numpy(new)
-        np.testing.assert_allclose(new, numpy_updated_centers(labels, embeddings, centers, alpha),
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            new, numpy_updated_centers(labels, embeddings, centers, alpha), rtol=1e-5, atol=1e-6
+        )
         np.testing.assert_array_equal(new[4], centers[4])
 
 
@@ -68,8 +70,15 @@ def test_model_trains_the_term_moves_the_centres_and_reloads(tmp_path):
     rng = np.random.default_rng(2)
     x = rng.uniform(0, 255, (16, 32, 16, 3)).astype("float32")
     y = np.repeat(np.arange(4), 4)
-    model = create_model("gap", 4, backbone="tiny", image_size=(32, 16), bnneck=True,
-                         triplet_weight=1.0, center_loss_weight=5e-4)
+    model = create_model(
+        "gap",
+        4,
+        backbone="tiny",
+        image_size=(32, 16),
+        bnneck=True,
+        triplet_weight=1.0,
+        center_loss_weight=5e-4,
+    )
     assert model.loss_term_names() == ["classification_loss", "triplet_loss", "center_loss"]
     assert not any(v is model.centers for v in model.trainable_variables)
     model.compile(optimizer=keras.optimizers.SGD(0.0))  # Only the centres may move.
@@ -78,8 +87,10 @@ def test_model_trains_the_term_moves_the_centres_and_reloads(tmp_path):
     history = model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
     np.testing.assert_allclose(history.history["center_loss"][0], expected_loss, rtol=1e-4)
     np.testing.assert_allclose(
-        model.centers.numpy(), numpy_updated_centers(y, embedding, np.zeros((4, 128)), 0.5),
-        rtol=1e-4, atol=1e-5,
+        model.centers.numpy(),
+        numpy_updated_centers(y, embedding, np.zeros((4, 128)), 0.5),
+        rtol=1e-4,
+        atol=1e-5,
     )
     before = model.centers.numpy()
     model.evaluate(x, y, verbose=0)  # Evaluation reads the centres, never moves them.
@@ -88,5 +99,6 @@ def test_model_trains_the_term_moves_the_centres_and_reloads(tmp_path):
     loaded = keras.saving.load_model(tmp_path / "m.keras")
     assert loaded.center_loss_weight == 5e-4
     np.testing.assert_array_equal(loaded.centers.numpy(), before)
-    np.testing.assert_allclose(loaded.predict(x, verbose=0)["features"],
-                               model.predict(x, verbose=0)["features"], atol=1e-6)
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0)["features"], model.predict(x, verbose=0)["features"], atol=1e-6
+    )

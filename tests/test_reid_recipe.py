@@ -17,13 +17,18 @@ def test_mobilenetv2_last_stride_1_doubles_the_grid(image_size, grid):
         g // 2 for g in grid
     )
     assert create_backbone("mobilenetv2", image_size=image_size, last_stride=1).output_shape == (
-        None, *grid, 1280,
+        None,
+        *grid,
+        1280,
     )
 
 
 def test_resnet50_last_stride_1_grid():
     assert create_backbone("resnet50", image_size=(64, 32), last_stride=1).output_shape == (
-        None, 4, 2, 2048,
+        None,
+        4,
+        2,
+        2048,
     )
 
 
@@ -31,8 +36,9 @@ def test_last_stride_1_keeps_the_weights_and_every_strided_response(mobilenet_we
     # Stride 1 computes the same convolution at every position, stride 2 at every other one:
     # the stride-2 map is the stride-1 map subsampled (MobileNetV2 pads bottom/right for
     # stride 2, so its outputs sit at the odd positions of the stride-1 map).
-    kwargs = dict(weights=mobilenet_weights, image_size=(64, 32),
-                  feature_layer="block_13_depthwise")
+    kwargs = dict(
+        weights=mobilenet_weights, image_size=(64, 32), feature_layer="block_13_depthwise"
+    )
     strided = create_backbone("mobilenetv2", **kwargs)
     dense = create_backbone("mobilenetv2", last_stride=1, **kwargs)
     x = np.random.default_rng(0).uniform(0, 255, (2, 64, 32, 3)).astype("float32")
@@ -50,8 +56,20 @@ def test_last_stride_bad_values():
     with pytest.raises(ValueError, match="not for backbone 'tiny'"):
         create_backbone("tiny", image_size=32, last_stride=1)
     with pytest.raises(ValueError, match="not offered for --backbone tiny"):
-        parse_args(["--task", "reid", "--data", "x", "--format", "market1501",
-                    "--backbone", "tiny", "--last-stride", "1"])
+        parse_args(
+            [
+                "--task",
+                "reid",
+                "--data",
+                "x",
+                "--format",
+                "market1501",
+                "--backbone",
+                "tiny",
+                "--last-stride",
+                "1",
+            ]
+        )
 
 
 # --------------------------------------------------------------------------- the switches
@@ -68,8 +86,22 @@ SWITCHES = {  # flag(s) that switch one trick off -> the one resolved setting it
 
 
 def reid_args(*flags, data="mini_mars"):
-    return parse_args(["--task", "reid", "--data", str(data), "--format", "market1501",
-                       "--image-size", "64", "32", "--epochs", "2", *flags])
+    return parse_args(
+        [
+            "--task",
+            "reid",
+            "--data",
+            str(data),
+            "--format",
+            "market1501",
+            "--image-size",
+            "64",
+            "32",
+            "--epochs",
+            "2",
+            *flags,
+        ]
+    )
 
 
 def test_reid_defaults_are_the_full_recipe():
@@ -91,9 +123,15 @@ def test_each_switch_changes_its_setting_and_nothing_else(switch):
 
 
 def build(args, num_classes=4):
-    return create_model(args.model, num_classes, backbone=args.backbone, weights=None,
-                        image_size=tuple(args.image_size), label_smoothing=args.label_smoothing,
-                        **family_options(args))
+    return create_model(
+        args.model,
+        num_classes,
+        backbone=args.backbone,
+        weights=None,
+        image_size=tuple(args.image_size),
+        label_smoothing=args.label_smoothing,
+        **family_options(args),
+    )
 
 
 def model_summary(model):
@@ -112,12 +150,16 @@ def test_each_model_switch_changes_what_it_says_and_nothing_else():
     assert full["terms"] == ["classification_loss", "triplet_loss", "center_loss"]
     expected = {
         "last_stride": {"grid": (2, 1)},
-        "bnneck": {"outputs": [k for k in full["outputs"] if k != "embedding"],
-                   # BatchNormalization(center=False): 1280 scales and 2 x 1280 statistics,
-                   # and the classifier gains its bias.
-                   "parameters": full["parameters"] - 3 * 1280 + 4},
-        "center_loss": {"terms": ["classification_loss", "triplet_loss"],
-                        "parameters": full["parameters"] - 4 * 1280},
+        "bnneck": {
+            "outputs": [k for k in full["outputs"] if k != "embedding"],
+            # BatchNormalization(center=False): 1280 scales and 2 x 1280 statistics,
+            # and the classifier gains its bias.
+            "parameters": full["parameters"] - 3 * 1280 + 4,
+        },
+        "center_loss": {
+            "terms": ["classification_loss", "triplet_loss"],
+            "parameters": full["parameters"] - 4 * 1280,
+        },
         "label_smoothing": {"label_smoothing": 0.0},
         "triplet": {"terms": ["classification_loss", "center_loss"]},
     }

@@ -1,7 +1,7 @@
+import keras
 import numpy as np
 import pytest
 
-import keras
 from keras_fg.layers import SpatialAttentionLSTM
 
 

@@ -15,8 +15,20 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = [
-    "--synthetic-train", "96", "--synthetic-test", "32", "--synthetic-classes", "4",
-    "--epochs", "1", "--batch-size", "16", "--verbose", "0", "--macnn-init", "none",
+    "--synthetic-train",
+    "96",
+    "--synthetic-test",
+    "32",
+    "--synthetic-classes",
+    "4",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "16",
+    "--verbose",
+    "0",
+    "--macnn-init",
+    "none",
 ]
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
 
@@ -24,7 +36,11 @@ ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
 def train(*args, timeout=300, check=True, cwd=ROOT):
     result = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *map(str, args)],
-        capture_output=True, text=True, timeout=timeout, env=ENV, cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=ENV,
+        cwd=cwd,
     )
     if check:
         assert result.returncode == 0, result.stderr[-4000:]
@@ -74,9 +90,28 @@ def test_config_file_sets_defaults_that_flags_override(tmp_path):
 def test_real_birds_in_cub_format(cub_dir, tmp_path):
     out = tmp_path / "cub"
     train(
-        "--data", cub_dir, "--model", "bcnn", "--backbone", "tiny", "--image-size", "64",
-        "--reduction-dim", "8", "--max-train-images", "64", "--max-test-images", "32",
-        "--epochs", "1", "--batch-size", "16", "--verbose", "0", "--output", out,
+        "--data",
+        cub_dir,
+        "--model",
+        "bcnn",
+        "--backbone",
+        "tiny",
+        "--image-size",
+        "64",
+        "--reduction-dim",
+        "8",
+        "--max-train-images",
+        "64",
+        "--max-test-images",
+        "32",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--verbose",
+        "0",
+        "--output",
+        out,
     )
     config = json.loads((out / "config.json").read_text())
     assert config["format"] == "cub"  # Detected from the folder.
@@ -97,8 +132,22 @@ def _folder_with_a_corrupt_image(root, real_jpegs):
 
 def test_corrupt_image_is_skipped_and_counted_or_stops_a_strict_run(real_jpegs, tmp_path):
     broken = _folder_with_a_corrupt_image(tmp_path / "data", real_jpegs)
-    common = ["--data", tmp_path / "data", "--model", "gap", "--backbone", "tiny",
-              "--image-size", "32", "--epochs", "1", "--batch-size", "4", "--verbose", "0"]
+    common = [
+        "--data",
+        tmp_path / "data",
+        "--model",
+        "gap",
+        "--backbone",
+        "tiny",
+        "--image-size",
+        "32",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--verbose",
+        "0",
+    ]
     result = train(*common, "--output", tmp_path / "lenient")
     evaluation = json.loads((tmp_path / "lenient" / "evaluation.json").read_text())
     assert evaluation["skipped_images"] >= 1
@@ -109,12 +158,22 @@ def test_corrupt_image_is_skipped_and_counted_or_stops_a_strict_run(real_jpegs, 
 
 
 def test_bad_input_gives_one_line_errors(tmp_path):
-    missing = one_line_error(train("--data", tmp_path / "nowhere", "--output", tmp_path / "a",
-                                   check=False))
+    missing = one_line_error(
+        train("--data", tmp_path / "nowhere", "--output", tmp_path / "a", check=False)
+    )
     assert "nowhere" in missing
     (tmp_path / "folder" / "train" / "a").mkdir(parents=True)
-    mismatch = one_line_error(train("--data", tmp_path / "folder", "--format", "cub",
-                                    "--output", tmp_path / "b", check=False))
+    mismatch = one_line_error(
+        train(
+            "--data",
+            tmp_path / "folder",
+            "--format",
+            "cub",
+            "--output",
+            tmp_path / "b",
+            check=False,
+        )
+    )
     assert "images.txt" in mismatch or "CUB" in mismatch
 
     unknown = train("--model", "resnet", check=False)
@@ -123,8 +182,9 @@ def test_bad_input_gives_one_line_errors(tmp_path):
 
     out = tmp_path / "run"
     train(*QUICK, "--model", "gap", "--output", out)
-    different = one_line_error(train(*QUICK, "--model", "gap", "--seed", "7", "--output", out,
-                                     check=False))
+    different = one_line_error(
+        train(*QUICK, "--model", "gap", "--seed", "7", "--output", out, check=False)
+    )
     assert "holds a different run" in different and "seed" in different
 
 
@@ -137,9 +197,22 @@ def test_batch_size_must_divide_across_replicas(tmp_path):
         "main(sys.argv[1:])\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", script, *QUICK, "--strategy", "mirrored", "--batch-size", "15",
-         "--output", str(tmp_path / "run")],
-        capture_output=True, text=True, timeout=300, env=ENV,
+        [
+            sys.executable,
+            "-c",
+            script,
+            *QUICK,
+            "--strategy",
+            "mirrored",
+            "--batch-size",
+            "15",
+            "--output",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
     )
     assert "does not divide across 2 replicas" in one_line_error(result)
 
@@ -152,7 +225,10 @@ def test_interrupted_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
     out = tmp_path / "resumed"
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), *args, "--output", str(out)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=ENV,
+        cwd=ROOT,
     )
     state = out / "checkpoint" / "state.json"
     deadline = time.time() + 240
@@ -190,14 +266,28 @@ def test_interrupted_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
 
 
 def test_two_runs_back_to_back_get_their_own_directories_and_one_progress_bar(tmp_path):
-    first = train(*QUICK, "--model", "gap", "--image-size", "32", "--epochs", "3",
-                  "--head-epochs", "1", "--class-weight", "balanced", "--verbose", "2",
-                  cwd=tmp_path)
+    first = train(
+        *QUICK,
+        "--model",
+        "gap",
+        "--image-size",
+        "32",
+        "--epochs",
+        "3",
+        "--head-epochs",
+        "1",
+        "--class-weight",
+        "balanced",
+        "--verbose",
+        "2",
+        cwd=tmp_path,
+    )
     # One fit over all epochs: Keras' own epoch counter, one line per epoch.
     counters = [line.split()[1] for line in first.stdout.splitlines() if line.startswith("Epoch ")]
     assert counters == ["1/3", "2/3", "3/3"], first.stdout[-2000:]
-    second = train(*QUICK, "--model", "bcnn", "--reduction-dim", "4", "--image-size", "32",
-                   cwd=tmp_path)
+    second = train(
+        *QUICK, "--model", "bcnn", "--reduction-dim", "4", "--image-size", "32", cwd=tmp_path
+    )
     runs = sorted(p for p in (tmp_path / "runs").iterdir() if p.name != "latest")
     assert [p.name.split("-")[:2] for p in runs] == [["bcnn", "synthetic"], ["gap", "synthetic"]]
     for run in runs:
@@ -243,12 +333,32 @@ def test_two_workers_on_loopback_finish_with_identical_weights(tmp_path):
     out = tmp_path / "run"
     processes = []
     for index in range(2):
-        env = dict(ENV, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
-        processes.append(subprocess.Popen(
-            [sys.executable, str(ROOT / "train.py"), *QUICK, "--model", "gap", "--epochs", "2",
-             "--strategy", "multi_worker", "--output", str(out)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
-        ))
+        env = dict(
+            ENV,
+            TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
+        )
+        processes.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(ROOT / "train.py"),
+                    *QUICK,
+                    "--model",
+                    "gap",
+                    "--epochs",
+                    "2",
+                    "--strategy",
+                    "multi_worker",
+                    "--output",
+                    str(out),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+                cwd=ROOT,
+            )
+        )
     for process in processes:
         try:
             _, stderr = process.communicate(timeout=300)

@@ -23,12 +23,34 @@ def dasrbn_run(tmp_path_factory):
     output = tmp_path_factory.mktemp("overlays") / "run"
     result = subprocess.run(
         [
-            sys.executable, str(ROOT / "train.py"), "--model", "dasrbn", "--stream-dim", "8",
-            "--lstm-units", "16", "--synthetic-train", "64", "--synthetic-test", "16",
-            "--synthetic-classes", "4", "--epochs", str(EPOCHS), "--batch-size", "16",
-            "--verbose", "0", "--output", str(output),
+            sys.executable,
+            str(ROOT / "train.py"),
+            "--model",
+            "dasrbn",
+            "--stream-dim",
+            "8",
+            "--lstm-units",
+            "16",
+            "--synthetic-train",
+            "64",
+            "--synthetic-test",
+            "16",
+            "--synthetic-classes",
+            "4",
+            "--epochs",
+            str(EPOCHS),
+            "--batch-size",
+            "16",
+            "--verbose",
+            "0",
+            "--output",
+            str(output),
         ],
-        capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+        cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return output
@@ -40,10 +62,14 @@ def image_summaries(folder):
     for path in sorted(folder.rglob("events.out.tfevents*")):
         for event in tf.compat.v1.train.summary_iterator(str(path)):
             for value in event.summary.value:
-                found.append((
-                    value.tag, event.step, value.metadata.plugin_data.plugin_name,
-                    list(value.tensor.string_val),
-                ))
+                found.append(
+                    (
+                        value.tag,
+                        event.step,
+                        value.metadata.plugin_data.plugin_name,
+                        list(value.tensor.string_val),
+                    )
+                )
     return found
 
 

@@ -114,7 +114,7 @@ def test_attention_grid_marks_each_peak_at_its_image_coordinates(parts):
     figure = viz.attention_grid(images, maps)
     columns = 1 + (parts or 1)
     for n in range(2):
-        row = figure.axes[n * columns:(n + 1) * columns]
+        row = figure.axes[n * columns : (n + 1) * columns]
         expected = [((5 - p + 0.5) * 8 - 0.5, (n + p + 0.5) * 8 - 0.5) for p in range(parts or 1)]
         on_overlays = [
             (line.get_xdata()[0], line.get_ydata()[0]) for ax in row[1:] for line in ax.lines
@@ -179,7 +179,7 @@ def test_reid_ranking_figure_frames_matches_green_and_mismatches_red(tmp_path):
     def left_frame_colour(ax):
         box = ax.get_window_extent()
         row, col = int(height - (box.y0 + box.y1) / 2), int(round(box.x0))
-        return png[row - 1:row + 2, col - 1:col + 2].reshape(-1, 3).mean(0)
+        return png[row - 1 : row + 2, col - 1 : col + 2].reshape(-1, 3).mean(0)
 
     green, red = (255 * np.array(to_rgb(c)) for c in (viz.CORRECT_COLOR, viz.WRONG_COLOR))
     np.testing.assert_allclose(left_frame_colour(figure.axes[1]), green, atol=3)

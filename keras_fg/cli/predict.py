@@ -56,12 +56,15 @@ def build_parser():
     parser.add_argument("model", help="a .keras file, a SavedModel directory or a .tflite file")
     parser.add_argument("images", help="an image, or a folder of images (any nesting)")
     parser.add_argument(
-        "--top-k", type=int, metavar="K",
+        "--top-k",
+        type=int,
+        metavar="K",
         help=f"classes listed per image (default {CLASSES_SHOWN}), or with --gallery, gallery "
         f"images listed per query (default {RANKS_SHOWN})",
     )
     parser.add_argument(
-        "--output", metavar="DIR",
+        "--output",
+        metavar="DIR",
         help="write predictions.json and a figure per image (attention overlays, or rankings)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -71,7 +74,9 @@ def build_parser():
         "--gallery", metavar="FOLDER", help="rank this folder's images for each query image"
     )
     reid.add_argument(
-        "--metric", choices=("cosine", "euclidean"), default="cosine",
+        "--metric",
+        choices=("cosine", "euclidean"),
+        default="cosine",
         help="distance between embeddings (default: cosine, as train.py evaluates)",
     )
     return parser
@@ -136,14 +141,17 @@ def classify(predictor, paths, args, output):
     best = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
     predictions = []
     for row, path in enumerate(kept):
-        entry = {"image": str(path), "top_k": [
-            {
-                "index": int(index),
-                "class": predictor.class_name(int(index)),
-                "probability": float(probabilities[row, index]),
-            }
-            for index in best[row]
-        ]}
+        entry = {
+            "image": str(path),
+            "top_k": [
+                {
+                    "index": int(index),
+                    "class": predictor.class_name(int(index)),
+                    "probability": float(probabilities[row, index]),
+                }
+                for index in best[row]
+            ],
+        }
         if output is not None and "attention_maps" in outputs:
             entry["attention_overlay"] = str(
                 write_attention_overlay(path, outputs["attention_maps"][row], entry, output, args)
@@ -169,8 +177,11 @@ def write_attention_overlay(path, attention_maps, entry, output, args):
     name = best["class"] if best["class"] is not None else str(best["index"])
     target = output / figure_name(path, args.images, "attention")
     figure = viz.attention_grid(
-        display_image(path)[None], attention_maps[None], predicted=[best["index"]],
-        class_names={best["index"]: f"{name} ({best['probability']:.1%})"}, path=target,
+        display_image(path)[None],
+        attention_maps[None],
+        predicted=[best["index"]],
+        class_names={best["index"]: f"{name} ({best['probability']:.1%})"},
+        path=target,
         cell_size=3.0,
     )
     figure.clf()
@@ -245,7 +256,8 @@ def rank_gallery(predictor, query_paths, gallery_paths, args, output):
         "top_k": min(top_k, len(kept_gallery)),
         "rank1": (
             sum(query["first_match_rank"] == 1 for query in answerable) / len(answerable)
-            if answerable else None
+            if answerable
+            else None
         ),
         "queries_with_match": len(answerable),
         "queries": queries,
@@ -287,8 +299,9 @@ def ranking_table(result):
         for ranked in query["ranking"]:
             match = {True: "yes", False: "no", None: ""}[ranked["match"]]
             image = query["image"] if ranked["rank"] == 1 else ""
-            rows.append((image, str(ranked["rank"]), f"{ranked['distance']:.4f}", match,
-                         ranked["image"]))
+            rows.append(
+                (image, str(ranked["rank"]), f"{ranked['distance']:.4f}", match, ranked["image"])
+            )
     table = format_rows(rows, right=(1, 2))
     if result["rank1"] is not None:
         count = result["queries_with_match"]
@@ -405,8 +418,9 @@ class Progress:
         filled = self.width * done // self.total
         rate = done / max(time.perf_counter() - self.started, 1e-9)
         bar = "=" * filled + ">" * (filled < self.width) + " " * (self.width - filled - 1)
-        sys.stderr.write(f"\r{self.label:<8} [{bar[:self.width]}] {done}/{self.total} "
-                         f"({rate:.1f} images/s)")
+        sys.stderr.write(
+            f"\r{self.label:<8} [{bar[: self.width]}] {done}/{self.total} ({rate:.1f} images/s)"
+        )
         sys.stderr.flush()
         self.shown = True
 

@@ -43,7 +43,8 @@ def detect_form(path):
         if (path / "saved_model.pb").is_file():
             return "saved_model", path
         versions = [
-            child for child in path.iterdir()
+            child
+            for child in path.iterdir()
             if child.name.isdigit() and (child / "saved_model.pb").is_file()
         ]
         if versions:
@@ -166,8 +167,7 @@ class TFLitePredictor(Predictor):
         interpreter = Interpreter(model_path=str(path))
         if "serving_default" not in interpreter.get_signature_list():
             raise PredictInputError(
-                f"TFLite model {path} has no 'serving_default' signature (export it with "
-                "export.py)"
+                f"TFLite model {path} has no 'serving_default' signature (export it with export.py)"
             )
         self._runner = interpreter.get_signature_runner("serving_default")
         shape = self._runner.get_input_details()["images"]["shape"]
@@ -180,7 +180,8 @@ class TFLitePredictor(Predictor):
         results = [self._runner(images=np.asarray(image, "float32")[None]) for image in images]
         return {
             name: np.concatenate([result[name] for result in results])
-            for name in OUTPUTS if name in results[0]
+            for name in OUTPUTS
+            if name in results[0]
         }
 
 

@@ -128,7 +128,9 @@ def run(args):
     # Phase switches and the backbone's unfreezing first: they set what the epoch trains.
     callbacks = []
     if args.model == "macnn":
-        callbacks.append(PhaseSchedule([p.strip() for p in args.macnn_phases.split(",") if p.strip()]))
+        callbacks.append(
+            PhaseSchedule([p.strip() for p in args.macnn_phases.split(",") if p.strip()])
+        )
     if args.head_epochs:
         callbacks.append(BackboneSchedule(args.head_epochs))
     callbacks += [
@@ -140,10 +142,14 @@ def run(args):
         from keras_fg.models import ChannelGroupingInitializer
 
         # First: the clustering sets the grouping weights that the epoch then trains.
-        callbacks.insert(0, ChannelGroupingInitializer(
-            data.pipeline(args, training=False, limit=256), at_epoch=args.macnn_init_epoch,
-            seed=args.seed,
-        ))
+        callbacks.insert(
+            0,
+            ChannelGroupingInitializer(
+                data.pipeline(args, training=False, limit=256),
+                at_epoch=args.macnn_init_epoch,
+                seed=args.seed,
+            ),
+        )
     class_weights = balanced_class_weights(data.train_labels, data.num_classes, args.class_weight)
     started = time.time()
     try:
@@ -234,7 +240,10 @@ def fit_multi_worker(model, strategy, data, args, class_weights, start_epoch, ca
             steps[state](batch)
         logs = {metric.name: float(metric.result()) for metric in model.metrics}
         callback_list.on_epoch_end(epoch, logs)
-        print(f"Epoch {epoch + 1}/{args.epochs}: " + " - ".join(f"{k}: {v:.4f}" for k, v in logs.items()))
+        print(
+            f"Epoch {epoch + 1}/{args.epochs}: "
+            + " - ".join(f"{k}: {v:.4f}" for k, v in logs.items())
+        )
     callback_list.on_train_end(logs)
 
 
@@ -308,13 +317,15 @@ def check_run_directory(output, config, resuming):
     previous = output / "config.json"
     if not previous.exists():
         if output.is_dir() and any(
-            entry.name != "workers" for entry in output.iterdir()  # Other workers' folders.
+            entry.name != "workers"
+            for entry in output.iterdir()  # Other workers' folders.
         ):
             raise RunError(f"output directory {output} is not empty and holds no keras_fg run")
         return None
     stored = json.loads(previous.read_text())
     different = sorted(
-        k for k in set(comparable(stored)) | set(comparable(config))
+        k
+        for k in set(comparable(stored)) | set(comparable(config))
         if stored.get(k) != config.get(k)
     )
     if different:
@@ -342,9 +353,14 @@ def run_directory(args, strategy):
     """The chief writes to --output; other workers of a multi-worker run to a sub-folder."""
     output = Path(args.output)
     resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is not None and resolver.task_type not in (None, "chief") and not (
-        resolver.task_type == "worker" and resolver.task_id == 0
-        and "chief" not in resolver.cluster_spec().as_dict()
+    if (
+        resolver is not None
+        and resolver.task_type not in (None, "chief")
+        and not (
+            resolver.task_type == "worker"
+            and resolver.task_id == 0
+            and "chief" not in resolver.cluster_spec().as_dict()
+        )
     ):
         output = output / "workers" / f"{resolver.task_type}-{resolver.task_id}"
     return output
@@ -364,19 +380,26 @@ def set_mixed_precision(choice):
 def family_options(args):
     options = {"dropout": args.dropout, "freeze_batchnorm": not args.train_batchnorm}
     if args.model == "macnn":
-        options.update(num_parts=args.num_parts, channel_grouping_weight=args.channel_grouping_weight,
-                       part_crop_size=args.part_crop_size, diversity_weight=args.diversity_weight,
-                       initial_temperature=args.initial_temperature,
-                       min_temperature=args.min_temperature)
+        options.update(
+            num_parts=args.num_parts,
+            channel_grouping_weight=args.channel_grouping_weight,
+            part_crop_size=args.part_crop_size,
+            diversity_weight=args.diversity_weight,
+            initial_temperature=args.initial_temperature,
+            min_temperature=args.min_temperature,
+        )
     elif args.model == "bcnn":
         options.update(projection_dim=args.projection_dim, reduction_dim=args.reduction_dim)
     elif args.model == "dasrbn":
         options.update(stream_dim=args.stream_dim, lstm_units=args.lstm_units)
     if args.task == "reid":
         options.update(
-            bnneck=args.bnneck, triplet_weight=args.triplet_weight,
-            triplet_margin=args.triplet_margin, metric_loss=args.metric_loss,
-            center_loss_weight=args.center_loss_weight, last_stride=args.last_stride,
+            bnneck=args.bnneck,
+            triplet_weight=args.triplet_weight,
+            triplet_margin=args.triplet_margin,
+            metric_loss=args.metric_loss,
+            center_loss_weight=args.center_loss_weight,
+            last_stride=args.last_stride,
         )
     return options
 
@@ -401,7 +424,9 @@ def make_optimizer(args, model, steps_per_epoch):
     def optimizer(base):
         if args.optimizer == "sgd":
             return keras.optimizers.SGD(
-                learning_rate(base), momentum=args.momentum, nesterov=True,
+                learning_rate(base),
+                momentum=args.momentum,
+                nesterov=True,
                 weight_decay=args.weight_decay or None,
             )
         return keras.optimizers.AdamW(learning_rate(base), weight_decay=args.weight_decay)

@@ -14,7 +14,13 @@ DATA_FORMATS = tuple(FORMATS) + ("synthetic",)
 # Keys that describe where or how a run executes, not what it computes: a run directory
 # may be resumed with different values of these.
 RUNTIME_KEYS = (
-    "config", "output", "resume", "strategy", "verbose", "strict_data", "epochs_override",
+    "config",
+    "output",
+    "resume",
+    "strategy",
+    "verbose",
+    "strict_data",
+    "epochs_override",
 )
 # Where run directories go by default; RUNS / "latest" names the newest.
 RUNS = Path("runs")
@@ -39,128 +45,271 @@ def build_parser():
         ),
         formatter_class=_HelpFormatter,
     )
-    parser.add_argument("--config", metavar="FILE", help="YAML or JSON file setting any flag's default")
+    parser.add_argument(
+        "--config", metavar="FILE", help="YAML or JSON file setting any flag's default"
+    )
 
     task = parser.add_argument_group("task and data")
-    task.add_argument("--task", choices=("classify", "reid"), default="classify",
-                      help="classification, or person re-identification")
+    task.add_argument(
+        "--task",
+        choices=("classify", "reid"),
+        default="classify",
+        help="classification, or person re-identification",
+    )
     task.add_argument("--data", metavar="DIR", help="dataset folder (omit for synthetic data)")
     task.add_argument("--format", choices=DATA_FORMATS, help="dataset layout (default: detected)")
-    task.add_argument("--annotation", choices=("variant", "family", "manufacturer"), default="variant",
-                      help="FGVC-Aircraft label level")
-    task.add_argument("--validation-fraction", type=float, default=None,
-                      help="folder format: hold out this fraction of each class when there is no split")
-    task.add_argument("--strict-data", action="store_true",
-                      help="stop at the first unreadable image (default: skip and count it)")
+    task.add_argument(
+        "--annotation",
+        choices=("variant", "family", "manufacturer"),
+        default="variant",
+        help="FGVC-Aircraft label level",
+    )
+    task.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=None,
+        help="folder format: hold out this fraction of each class when there is no split",
+    )
+    task.add_argument(
+        "--strict-data",
+        action="store_true",
+        help="stop at the first unreadable image (default: skip and count it)",
+    )
     task.add_argument("--synthetic-classes", type=int, default=10, help="synthetic classes")
     task.add_argument("--synthetic-train", type=int, default=2000, help="synthetic training images")
     task.add_argument("--synthetic-test", type=int, default=500, help="synthetic test images")
-    task.add_argument("--max-train-images", type=int, default=None,
-                      help="use at most this many training images (quick runs)")
-    task.add_argument("--max-test-images", type=int, default=None,
-                      help="evaluate on at most this many images (quick runs)")
+    task.add_argument(
+        "--max-train-images",
+        type=int,
+        default=None,
+        help="use at most this many training images (quick runs)",
+    )
+    task.add_argument(
+        "--max-test-images",
+        type=int,
+        default=None,
+        help="evaluate on at most this many images (quick runs)",
+    )
 
     model = parser.add_argument_group("model")
-    model.add_argument("--model", choices=list_models(), default=None,
-                       help="model family (default: macnn; gap for --task reid)")
-    model.add_argument("--backbone", choices=list_backbones(),
-                       help="default: tiny for synthetic data, mobilenetv2 otherwise")
-    model.add_argument("--weights", default=None,
-                       help='backbone weights: "imagenet" or a local .weights.h5 file (default: random)')
-    model.add_argument("--image-size", type=int, nargs="+", metavar="PIXELS",
-                       help="side, or height width (default: 64 synthetic, 224 classify, 256 128 reid)")
+    model.add_argument(
+        "--model",
+        choices=list_models(),
+        default=None,
+        help="model family (default: macnn; gap for --task reid)",
+    )
+    model.add_argument(
+        "--backbone",
+        choices=list_backbones(),
+        help="default: tiny for synthetic data, mobilenetv2 otherwise",
+    )
+    model.add_argument(
+        "--weights",
+        default=None,
+        help='backbone weights: "imagenet" or a local .weights.h5 file (default: random)',
+    )
+    model.add_argument(
+        "--image-size",
+        type=int,
+        nargs="+",
+        metavar="PIXELS",
+        help="side, or height width (default: 64 synthetic, 224 classify, 256 128 reid)",
+    )
     model.add_argument("--num-parts", type=int, default=4, help="macnn: parts")
-    model.add_argument("--part-crop-size", type=int, default=None,
-                       help="macnn: also classify each part's crop at this size (full MA-CNN)")
-    model.add_argument("--projection-dim", type=int, default=None, help="bcnn: compact bilinear size")
+    model.add_argument(
+        "--part-crop-size",
+        type=int,
+        default=None,
+        help="macnn: also classify each part's crop at this size (full MA-CNN)",
+    )
+    model.add_argument(
+        "--projection-dim", type=int, default=None, help="bcnn: compact bilinear size"
+    )
     model.add_argument("--reduction-dim", type=int, default=256, help="bcnn: 1x1 conv channels")
     model.add_argument("--stream-dim", type=int, default=32, help="dasrbn: channels of each stream")
     model.add_argument("--lstm-units", type=int, default=256, help="dasrbn: spatial LSTM units")
     model.add_argument("--dropout", type=float, default=0.0, help="dropout before the classifier")
-    model.add_argument("--train-batchnorm", action="store_true",
-                       help="let the backbone's BatchNormalization learn (default: frozen)")
+    model.add_argument(
+        "--train-batchnorm",
+        action="store_true",
+        help="let the backbone's BatchNormalization learn (default: frozen)",
+    )
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, help="default: 30 on synthetic data, 12 otherwise")
     optim.add_argument("--batch-size", type=int, default=32, help="global batch size")
-    optim.add_argument("--learning-rate", type=float, default=None,
-                       help="default: 3e-3; 3.5e-4 for --task reid")
+    optim.add_argument(
+        "--learning-rate", type=float, default=None, help="default: 3e-3; 3.5e-4 for --task reid"
+    )
     optim.add_argument("--optimizer", choices=("sgd", "adamw"), default="adamw")
     optim.add_argument("--momentum", type=float, default=0.9, help="sgd momentum (Nesterov)")
     optim.add_argument("--weight-decay", type=float, default=1e-4)
     optim.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
     optim.add_argument("--warmup-epochs", type=float, default=1.0)
-    optim.add_argument("--head-epochs", type=int, default=0,
-                       help="train only the head (backbone frozen) for the first N epochs")
-    optim.add_argument("--backbone-lr-multiplier", type=float, default=1.0,
-                       help="the backbone learns at learning-rate times this")
-    optim.add_argument("--label-smoothing", type=float, default=None,
-                       help="of every cross-entropy (default: 0; 0.1 for --task reid)")
-    optim.add_argument("--class-weight", choices=("none", "balanced"), default="none",
-                       help="balanced: weight each class by N / (classes x its images), "
-                            "for imbalanced data")
-    optim.add_argument("--augment", nargs="*", default=[],
-                       choices=("randaugment", "mixup", "cutmix", "random_erasing"),
-                       help="training augmentations")
-    optim.add_argument("--eval-resize", choices=("resize", "center_crop"), default="resize",
-                       help="evaluation transform: the whole image resized, or a centre crop")
-    optim.add_argument("--macnn-init", choices=("clustering", "none"), default="clustering",
-                       help="macnn: initialise the channel grouping by clustering channels")
-    optim.add_argument("--macnn-init-epoch", type=int, default=None,
-                       help="macnn: cluster before this epoch (default: 0 with pretrained "
-                            "--weights, else after a tenth of the epochs, when the backbone "
-                            "has learned)")
-    optim.add_argument("--macnn-phases", default="joint",
-                       help='macnn: comma-separated phases repeated over epochs, e.g. '
-                            '"channel_grouping,classification" (default: joint)')
-    optim.add_argument("--channel-grouping-weight", type=float, default=1.0,
-                       help="macnn: weight of the channel-grouping loss")
-    optim.add_argument("--diversity-weight", type=float, default=1.0,
-                       help="macnn: weight λ of Div inside the channel-grouping loss")
-    optim.add_argument("--initial-temperature", type=float, default=2.0,
-                       help="macnn: the part maps' inverse temperature at the start")
-    optim.add_argument("--min-temperature", type=float, default=1.0,
-                       help="macnn: the lower bound of the part maps' inverse temperature")
+    optim.add_argument(
+        "--head-epochs",
+        type=int,
+        default=0,
+        help="train only the head (backbone frozen) for the first N epochs",
+    )
+    optim.add_argument(
+        "--backbone-lr-multiplier",
+        type=float,
+        default=1.0,
+        help="the backbone learns at learning-rate times this",
+    )
+    optim.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=None,
+        help="of every cross-entropy (default: 0; 0.1 for --task reid)",
+    )
+    optim.add_argument(
+        "--class-weight",
+        choices=("none", "balanced"),
+        default="none",
+        help="balanced: weight each class by N / (classes x its images), for imbalanced data",
+    )
+    optim.add_argument(
+        "--augment",
+        nargs="*",
+        default=[],
+        choices=("randaugment", "mixup", "cutmix", "random_erasing"),
+        help="training augmentations",
+    )
+    optim.add_argument(
+        "--eval-resize",
+        choices=("resize", "center_crop"),
+        default="resize",
+        help="evaluation transform: the whole image resized, or a centre crop",
+    )
+    optim.add_argument(
+        "--macnn-init",
+        choices=("clustering", "none"),
+        default="clustering",
+        help="macnn: initialise the channel grouping by clustering channels",
+    )
+    optim.add_argument(
+        "--macnn-init-epoch",
+        type=int,
+        default=None,
+        help="macnn: cluster before this epoch (default: 0 with pretrained "
+        "--weights, else after a tenth of the epochs, when the backbone "
+        "has learned)",
+    )
+    optim.add_argument(
+        "--macnn-phases",
+        default="joint",
+        help="macnn: comma-separated phases repeated over epochs, e.g. "
+        '"channel_grouping,classification" (default: joint)',
+    )
+    optim.add_argument(
+        "--channel-grouping-weight",
+        type=float,
+        default=1.0,
+        help="macnn: weight of the channel-grouping loss",
+    )
+    optim.add_argument(
+        "--diversity-weight",
+        type=float,
+        default=1.0,
+        help="macnn: weight λ of Div inside the channel-grouping loss",
+    )
+    optim.add_argument(
+        "--initial-temperature",
+        type=float,
+        default=2.0,
+        help="macnn: the part maps' inverse temperature at the start",
+    )
+    optim.add_argument(
+        "--min-temperature",
+        type=float,
+        default=1.0,
+        help="macnn: the lower bound of the part maps' inverse temperature",
+    )
 
     reid = parser.add_argument_group("re-identification (--task reid)")
     reid.add_argument("--num-identities", type=int, default=8, help="P of P x K sampling")
     reid.add_argument("--num-instances", type=int, default=4, help="K of P x K sampling")
-    reid.add_argument("--metric-loss", choices=("triplet", "circle"), default="triplet",
-                      help="metric-learning loss on the embedding, beside the BNNeck cross-entropy")
-    reid.add_argument("--triplet-weight", type=float, default=1.0,
-                      help="weight of the metric-learning loss (0: none)")
+    reid.add_argument(
+        "--metric-loss",
+        choices=("triplet", "circle"),
+        default="triplet",
+        help="metric-learning loss on the embedding, beside the BNNeck cross-entropy",
+    )
+    reid.add_argument(
+        "--triplet-weight",
+        type=float,
+        default=1.0,
+        help="weight of the metric-learning loss (0: none)",
+    )
     # The "bag of tricks" (Luo et al. 2019), each on by default and each switchable off;
     # warm-up is --warmup-epochs (0: off) and label smoothing --label-smoothing (0: off).
-    reid.add_argument("--random-erasing", action=argparse.BooleanOptionalAction, default=None,
-                      help="random erasing of training images (default: on)")
-    reid.add_argument("--last-stride", type=int, choices=(1, 2), default=None,
-                      help="stride of the backbone's last downsampling step (default: 1, where "
-                           "the backbone offers it: a 16x8 grid at 256x128 for mobilenetv2)")
-    reid.add_argument("--bnneck", action=argparse.BooleanOptionalAction, default=None,
-                      help="BatchNormalization between the metric losses and the classifier "
-                           "(default: on)")
-    reid.add_argument("--center-loss-weight", type=float, default=None,
-                      help="weight of the center loss (default: 5e-4; 0: off)")
+    reid.add_argument(
+        "--random-erasing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="random erasing of training images (default: on)",
+    )
+    reid.add_argument(
+        "--last-stride",
+        type=int,
+        choices=(1, 2),
+        default=None,
+        help="stride of the backbone's last downsampling step (default: 1, where "
+        "the backbone offers it: a 16x8 grid at 256x128 for mobilenetv2)",
+    )
+    reid.add_argument(
+        "--bnneck",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="BatchNormalization between the metric losses and the classifier (default: on)",
+    )
+    reid.add_argument(
+        "--center-loss-weight",
+        type=float,
+        default=None,
+        help="weight of the center loss (default: 5e-4; 0: off)",
+    )
     reid.add_argument("--triplet-margin", type=float, default=0.3, help="triplet margin")
     reid.add_argument("--reid-metric", choices=("cosine", "euclidean"), default="cosine")
     reid.add_argument("--re-ranking", action="store_true", help="k-reciprocal re-ranking")
-    reid.add_argument("--flip-test", action="store_true",
-                      help="average each embedding with its horizontal flip's (evaluation.json "
-                           "reports all four of plain/flip x with/without re-ranking anyway)")
+    reid.add_argument(
+        "--flip-test",
+        action="store_true",
+        help="average each embedding with its horizontal flip's (evaluation.json "
+        "reports all four of plain/flip x with/without re-ranking anyway)",
+    )
 
     run = parser.add_argument_group("run")
-    run.add_argument("--output", metavar="DIR", default=None,
-                     help="run directory (default: a new runs/<model>-<data>-<time>)")
-    run.add_argument("--resume", metavar="RUN_DIR",
-                     help='resume an interrupted run: its directory, or "latest"; its '
-                          "configuration is the default, and flags may not change it")
+    run.add_argument(
+        "--output",
+        metavar="DIR",
+        default=None,
+        help="run directory (default: a new runs/<model>-<data>-<time>)",
+    )
+    run.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help='resume an interrupted run: its directory, or "latest"; its '
+        "configuration is the default, and flags may not change it",
+    )
     run.add_argument("--strategy", choices=STRATEGIES, default="auto")
-    run.add_argument("--mixed-precision", nargs="?", const="auto", default="off",
-                     choices=("off", "auto", "float16", "bfloat16"),
-                     help="mixed precision (auto: float16 on GPU, bfloat16 elsewhere)")
+    run.add_argument(
+        "--mixed-precision",
+        nargs="?",
+        const="auto",
+        default="off",
+        choices=("off", "auto", "float16", "bfloat16"),
+        help="mixed precision (auto: float16 on GPU, bfloat16 elsewhere)",
+    )
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--no-determinism", dest="deterministic", action="store_false",
-                     help="allow non-deterministic kernels (faster on some GPUs)")
+    run.add_argument(
+        "--no-determinism",
+        dest="deterministic",
+        action="store_false",
+        help="allow non-deterministic kernels (faster on some GPUs)",
+    )
     run.add_argument("--verbose", type=int, default=2, choices=(0, 1, 2))
     return parser
 
@@ -247,7 +396,9 @@ def resolve(args):
     args.image_size = [int(v) for v in args.image_size]
     for name in ("epochs", "batch_size"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1. Received: {getattr(args, name)}")
+            raise ValueError(
+                f"--{name.replace('_', '-')} must be >= 1. Received: {getattr(args, name)}"
+            )
     if args.learning_rate <= 0:
         raise ValueError(f"--learning-rate must be > 0. Received: {args.learning_rate}")
     if args.head_epochs >= args.epochs and args.head_epochs > 0:
@@ -257,15 +408,18 @@ def resolve(args):
     phases = [p.strip() for p in args.macnn_phases.split(",") if p.strip()]
     valid = ("joint", "channel_grouping", "classification")
     if not phases or any(p not in valid for p in phases):
-        raise ValueError(f"--macnn-phases takes phases from {valid}. Received: {args.macnn_phases!r}")
+        raise ValueError(
+            f"--macnn-phases takes phases from {valid}. Received: {args.macnn_phases!r}"
+        )
     if args.model != "macnn" and phases != ["joint"]:
         raise ValueError("--macnn-phases applies to --model macnn only")
     args.weights = None if args.weights in (None, "", "none", "None") else args.weights
     if args.macnn_init_epoch is None:
         args.macnn_init_epoch = 0 if args.weights else args.epochs // 10
     if not 0 <= args.macnn_init_epoch < args.epochs:
-        raise ValueError(f"--macnn-init-epoch must be in [0, --epochs). "
-                         f"Received: {args.macnn_init_epoch}")
+        raise ValueError(
+            f"--macnn-init-epoch must be in [0, --epochs). Received: {args.macnn_init_epoch}"
+        )
     return args
 
 

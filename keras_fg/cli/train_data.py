@@ -119,7 +119,9 @@ class ClassificationData:
         return self._validation
 
     def sample_images(self, args, count):
-        images, labels = next(iter(self._pipeline(_limit(self.test, count, 0), args, False, 0, count)))
+        images, labels = next(
+            iter(self._pipeline(_limit(self.test, count, 0), args, False, 0, count))
+        )
         labels = labels.numpy()
         return images.numpy(), labels.argmax(-1) if labels.ndim == 2 else labels
 
@@ -134,8 +136,9 @@ class ClassificationData:
             labels.append(batch_labels.argmax(-1) if batch_labels.ndim == 2 else batch_labels)
             if "attention_maps" in outputs and self.boxes is not None:
                 maps.append(np.asarray(outputs["attention_maps"]))
-        report = classification_report(np.concatenate(labels), np.concatenate(probabilities),
-                                       class_names=self.class_names)
+        report = classification_report(
+            np.concatenate(labels), np.concatenate(probabilities), class_names=self.class_names
+        )
         if maps and self.counter.count == 0:
             # Synthetic data: pointing game and mass inside the true part, beside chance.
             report["attention"] = attention_report(
@@ -152,13 +155,15 @@ class ReidData:
 
     def __init__(self, args):
         self.counter = SkipCounter()
-        self.train = _limit(load_dataset("market1501", args.data, "train"), args.max_train_images,
-                            args.seed)
+        self.train = _limit(
+            load_dataset("market1501", args.data, "train"), args.max_train_images, args.seed
+        )
         self.query = load_dataset("market1501", args.data, "query")
         self.gallery = load_dataset("market1501", args.data, "gallery")
         self.class_names = self.train.class_names
-        self.sampler = PKSampler(self.train.labels, args.num_identities, args.num_instances,
-                                 seed=args.seed)
+        self.sampler = PKSampler(
+            self.train.labels, args.num_identities, args.num_instances, seed=args.seed
+        )
 
     @property
     def num_classes(self):
@@ -179,8 +184,14 @@ class ReidData:
         size = tuple(args.image_size)
         if not training:
             source = _limit(self.train, limit, args.seed) if limit else self.train
-            return make_pipeline(source, size, args.batch_size, training=False,
-                                 strict=args.strict_data, skip_counter=self.counter)
+            return make_pipeline(
+                source,
+                size,
+                args.batch_size,
+                training=False,
+                strict=args.strict_data,
+                skip_counter=self.counter,
+            )
         import tensorflow as tf
 
         self.sampler.epoch = epoch
@@ -189,9 +200,15 @@ class ReidData:
         if args.random_erasing and "random_erasing" not in augment:
             augment.append("random_erasing")
         return make_pipeline(
-            self.train, size, args.batch_size, training=True, seed=_epoch_seed(args.seed, epoch),
-            sampler=self.sampler, augment=augment,
-            strict=args.strict_data, skip_counter=self.counter,
+            self.train,
+            size,
+            args.batch_size,
+            training=True,
+            seed=_epoch_seed(args.seed, epoch),
+            sampler=self.sampler,
+            augment=augment,
+            strict=args.strict_data,
+            skip_counter=self.counter,
         ).apply(tf.data.experimental.assert_cardinality(batches))  # Lets fit show its progress.
 
     def validation_pipeline(self, args):
@@ -199,10 +216,17 @@ class ReidData:
 
     def embed(self, model, records, args):
         """Embeddings of `records` and of their mirror images, and the indices read."""
-        indexed = ImageRecords(records.paths, np.arange(len(records)),
-                               [str(i) for i in range(len(records))])
-        pipeline = make_pipeline(indexed, tuple(args.image_size), args.batch_size, training=False,
-                                 strict=args.strict_data, skip_counter=self.counter)
+        indexed = ImageRecords(
+            records.paths, np.arange(len(records)), [str(i) for i in range(len(records))]
+        )
+        pipeline = make_pipeline(
+            indexed,
+            tuple(args.image_size),
+            args.batch_size,
+            training=False,
+            strict=args.strict_data,
+            skip_counter=self.counter,
+        )
         features, flipped, indices = [], [], []
         for images, batch_indices in pipeline:
             features.append(np.asarray(model.predict_on_batch(images)["features"]))
@@ -215,8 +239,12 @@ class ReidData:
 
         query, query_flipped, query_index = self.embed(model, self.query, args)
         gallery, gallery_flipped, gallery_index = self.embed(model, self.gallery, args)
-        ids = (self.query.labels[query_index], self.query.cameras[query_index],
-               self.gallery.labels[gallery_index], self.gallery.cameras[gallery_index])
+        ids = (
+            self.query.labels[query_index],
+            self.query.cameras[query_index],
+            self.gallery.labels[gallery_index],
+            self.gallery.cameras[gallery_index],
+        )
         # Every evaluation variant is cheap beside training, so all four are reported (the
         # re-ranked ones when re-ranking fits in memory, or was asked for); the top-level
         # figures are the variant --flip-test / --re-ranking chose.
@@ -232,7 +260,13 @@ class ReidData:
             g = (gallery + gallery_flipped) / 2 if flip else gallery
             for re_ranking in re_rankings:
                 variants[variant(flip, re_ranking)] = evaluate_reid(
-                    q, ids[0], ids[1], g, ids[2], ids[3], metric=args.reid_metric,
+                    q,
+                    ids[0],
+                    ids[1],
+                    g,
+                    ids[2],
+                    ids[3],
+                    metric=args.reid_metric,
                     re_ranking=re_ranking,
                 )
         result = dict(variants[variant(args.flip_test, args.re_ranking)])
@@ -243,10 +277,17 @@ class ReidData:
 
     def sample_images(self, args, count):
         records = self.query.subset(np.arange(min(count, len(self.query))))
-        images, _ = next(iter(make_pipeline(
-            ImageRecords(records.paths, np.zeros(len(records)), ["0"]), tuple(args.image_size),
-            count, training=False, skip_counter=self.counter,
-        )))
+        images, _ = next(
+            iter(
+                make_pipeline(
+                    ImageRecords(records.paths, np.zeros(len(records)), ["0"]),
+                    tuple(args.image_size),
+                    count,
+                    training=False,
+                    skip_counter=self.counter,
+                )
+            )
+        )
         return images.numpy(), None
 
     def skipped_images(self):

@@ -2,8 +2,14 @@
 
 import numpy as np
 
-from keras_fg.data.records import ImageRecords, check_split, read_table, readable_name
-from keras_fg.data.records import require_dir, require_file
+from keras_fg.data.records import (
+    ImageRecords,
+    check_split,
+    read_table,
+    readable_name,
+    require_dir,
+    require_file,
+)
 
 NAME = "CUB-200-2011"
 SPLITS = ("train", "test")

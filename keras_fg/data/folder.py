@@ -4,8 +4,13 @@ from pathlib import Path
 
 import numpy as np
 
-from keras_fg.data.records import IMAGE_EXTENSIONS, ImageRecords, check_split, read_table
-from keras_fg.data.records import require_dir, require_file
+from keras_fg.data.records import (
+    IMAGE_EXTENSIONS,
+    ImageRecords,
+    check_split,
+    read_table,
+    require_dir,
+)
 
 NAME = "ImageFolder"
 # Split sub-folders a root may hold instead of class folders; "val" also answers to these names.

@@ -14,7 +14,12 @@ from keras_fg.export.saved_model import WARMUP_FILE, export_saved_model
 from keras_fg.export.tflite import LABELS_FILE, export_tflite
 
 FORMATS = (
-    "saved_model", "tflite_fp32", "tflite_fp16", "tflite_dynamic", "tflite_int8", "tflite_int16x8"
+    "saved_model",
+    "tflite_fp32",
+    "tflite_fp16",
+    "tflite_dynamic",
+    "tflite_int8",
+    "tflite_int16x8",
 )
 # int16 activations run on reference kernels, several times slower than float on a CPU: an
 # option for accuracy, not a default.
@@ -140,13 +145,15 @@ def export_model(
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=output))
     try:
         settings = {
-            "name": name, "version": version, "top_k": top_k, "class_names": class_names,
+            "name": name,
+            "version": version,
+            "top_k": top_k,
+            "class_names": class_names,
             "int8_float_layers": int8_float_layers,
         }
         evaluation["reference"] = model_outputs(model, evaluation["images"])
         entries = [
-            _export_one(model, fmt, staging, settings, evaluation, calibration)
-            for fmt in formats
+            _export_one(model, fmt, staging, settings, evaluation, calibration) for fmt in formats
         ]
         report = {
             "model": {

@@ -27,9 +27,7 @@ CHECKS = {
 }
 
 
-def check_parity(
-    model, path, images, variant=None, latency_runs=10, batch_size=32, reference=None
-):
+def check_parity(model, path, images, variant=None, latency_runs=10, batch_size=32, reference=None):
     """Measures how closely an exported SavedModel or `.tflite` file reproduces `model`.
 
     The Keras model and the exported file see the same pixels: encoded images are decoded

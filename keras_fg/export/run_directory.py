@@ -62,16 +62,19 @@ def read_run_directory(path, calibration_images=300, evaluation_images=200, seed
             **result,
             "calibration_paths": None,
             "evaluation_paths": None,
-            "data": {"format": data_format or "synthetic", "note": "the run trained on "
-                     "synthetic data: no dataset to calibrate or evaluate on"},
+            "data": {
+                "format": data_format or "synthetic",
+                "note": "the run trained on synthetic data: no dataset to calibrate or evaluate on",
+            },
         }
     root = _find_dataset(data, run)
     options = {}
     if data_format == "aircraft" and config.get("annotation"):
         options["annotation"] = config["annotation"]
     if data_format == "folder" and config.get("validation_fraction"):
-        options.update(validation_fraction=config["validation_fraction"],
-                       seed=config.get("seed", 0))
+        options.update(
+            validation_fraction=config["validation_fraction"], seed=config.get("seed", 0)
+        )
     from keras_fg.data import load_dataset
 
     try:
@@ -94,8 +97,12 @@ def read_run_directory(path, calibration_images=300, evaluation_images=200, seed
         "class_names": list(train.class_names),
         "calibration_paths": [train.paths[i] for i in calibration],
         "evaluation_paths": [evaluation.paths[i] for i in chosen],
-        "data": {"format": data_format, "root": str(root), "calibration_split": "train",
-                 "evaluation_split": split},
+        "data": {
+            "format": data_format,
+            "root": str(root),
+            "calibration_split": "train",
+            "evaluation_split": split,
+        },
     }
 
 

@@ -151,7 +151,12 @@ def _synthetic_jpeg(size):
     """A smooth colour gradient as a JPEG: a warm-up image when no real one is given."""
     height, width = size
     y, x = np.mgrid[0:height, 0:width]
-    pixels = np.stack([255 * x / max(width - 1, 1), 255 * y / max(height - 1, 1),
-                       np.full((height, width), 128.0)], axis=-1)
+    pixels = np.stack(
+        [
+            255 * x / max(width - 1, 1),
+            255 * y / max(height - 1, 1),
+            np.full((height, width), 128.0),
+        ],
+        axis=-1,
+    )
     return tf.io.encode_jpeg(pixels.astype("uint8")).numpy()
-

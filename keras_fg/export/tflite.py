@@ -27,10 +27,21 @@ TFLITE_OUTPUTS = ("probabilities", "features", "attention_maps")
 # images for B-CNN (int8 loses the small values its signed square root magnifies) and
 # 90–93 % for the others; with this split, 94–97 %. An int8 DIV also fails at run time
 # whenever its divisor quantizes to zero (the norm of all-zero features: a black frame).
-INT8_OPS = frozenset({
-    "CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "BATCH_MATMUL", "ADD", "MEAN",
-    "AVERAGE_POOL_2D", "MAX_POOL_2D", "PAD", "RESHAPE", "CONCATENATION",
-})
+INT8_OPS = frozenset(
+    {
+        "CONV_2D",
+        "DEPTHWISE_CONV_2D",
+        "FULLY_CONNECTED",
+        "BATCH_MATMUL",
+        "ADD",
+        "MEAN",
+        "AVERAGE_POOL_2D",
+        "MAX_POOL_2D",
+        "PAD",
+        "RESHAPE",
+        "CONCATENATION",
+    }
+)
 # Full-integer int8 keeps in float the layers that the quantization debugger ranks worst:
 # INT8_FLOAT_LAYERS of them, ranked by the error of each quantized layer on its own
 # (its inputs taken from the quantized model), relative to the spread of its float output,
@@ -115,8 +126,10 @@ def export_tflite(
         raise ValueError(f"Quantization {quantization!r} needs `representative_images`.")
     if int8_float_layers is None:
         int8_float_layers = INT8_FLOAT_LAYERS
-    if isinstance(int8_float_layers, bool) or not isinstance(int8_float_layers, int) or (
-        int8_float_layers < 0
+    if (
+        isinstance(int8_float_layers, bool)
+        or not isinstance(int8_float_layers, int)
+        or (int8_float_layers < 0)
     ):
         raise ValueError(
             f"`int8_float_layers` must be an integer >= 0. "

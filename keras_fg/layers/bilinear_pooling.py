@@ -119,9 +119,7 @@ class BilinearPooling(keras.layers.Layer):
             kwargs["dtype"] = "float32"
         super().__init__(**kwargs)
         if not isinstance(epsilon, numbers.Real) or isinstance(epsilon, bool) or epsilon <= 0:
-            raise ValueError(
-                f"`epsilon` must be a positive number. Received: epsilon={epsilon!r}"
-            )
+            raise ValueError(f"`epsilon` must be a positive number. Received: epsilon={epsilon!r}")
         if projection_dim is not None and (
             not isinstance(projection_dim, numbers.Integral)
             or isinstance(projection_dim, bool)
@@ -131,9 +129,7 @@ class BilinearPooling(keras.layers.Layer):
                 "`projection_dim` must be None or a positive int. "
                 f"Received: projection_dim={projection_dim!r}"
             )
-        if seed is not None and (
-            not isinstance(seed, numbers.Integral) or isinstance(seed, bool)
-        ):
+        if seed is not None and (not isinstance(seed, numbers.Integral) or isinstance(seed, bool)):
             raise ValueError(f"`seed` must be None or an int. Received: seed={seed!r}")
         self.signed_sqrt = signed_sqrt
         self.l2_normalize = l2_normalize

@@ -123,9 +123,7 @@ class ChannelGrouping(keras.layers.Layer):
     ):
         super().__init__(**kwargs)
         if not _is_int(num_parts) or num_parts < 1:
-            raise ValueError(
-                f"`num_parts` must be an int >= 1. Received: num_parts={num_parts!r}"
-            )
+            raise ValueError(f"`num_parts` must be an int >= 1. Received: num_parts={num_parts!r}")
         if hidden_units is not None and (not _is_int(hidden_units) or hidden_units < 1):
             raise ValueError(
                 "`hidden_units` must be None or an int >= 1. "
@@ -137,7 +135,8 @@ class ChannelGrouping(keras.layers.Layer):
                 f"Received: max_temperature={max_temperature!r}"
             )
         if (
-            not isinstance(min_temperature, numbers.Real) or isinstance(min_temperature, bool)
+            not isinstance(min_temperature, numbers.Real)
+            or isinstance(min_temperature, bool)
             or not 0 <= min_temperature < max_temperature
         ):
             raise ValueError(
@@ -182,18 +181,21 @@ class ChannelGrouping(keras.layers.Layer):
 
         def weight(name, shape, initializer):
             # autocast=False: the attention math reads its weights in float32.
-            return self.add_weight(
-                name=name, shape=shape, initializer=initializer, autocast=False
-            )
+            return self.add_weight(name=name, shape=shape, initializer=initializer, autocast=False)
 
-        self.hidden_kernel = weight("hidden_kernel", (parts, channels, hidden), self.kernel_initializer)
+        self.hidden_kernel = weight(
+            "hidden_kernel", (parts, channels, hidden), self.kernel_initializer
+        )
         self.hidden_bias = weight("hidden_bias", (parts, hidden), self.bias_initializer)
-        self.channel_kernel = weight("channel_kernel", (parts, hidden, channels), self.kernel_initializer)
+        self.channel_kernel = weight(
+            "channel_kernel", (parts, hidden, channels), self.kernel_initializer
+        )
         self.channel_bias = weight("channel_bias", (parts, channels), self.bias_initializer)
         span = self.max_temperature - self.min_temperature
         ratio = (self.initial_temperature - self.min_temperature) / span
         self.temperature_logit = weight(
-            "temperature_logit", (parts,),
+            "temperature_logit",
+            (parts,),
             keras.initializers.Constant(math.log(ratio / (1.0 - ratio))),
         )
 

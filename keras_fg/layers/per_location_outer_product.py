@@ -65,9 +65,11 @@ class PerLocationOuterProduct(keras.layers.Layer):
         return inputs, inputs
 
     def build(self, input_shape):
-        shapes = input_shape if isinstance(input_shape, (list, tuple)) and isinstance(
-            input_shape[0], (list, tuple)
-        ) else [input_shape, input_shape]
+        shapes = (
+            input_shape
+            if isinstance(input_shape, (list, tuple)) and isinstance(input_shape[0], (list, tuple))
+            else [input_shape, input_shape]
+        )
         if len(shapes) != 2:
             raise ValueError(
                 f"PerLocationOuterProduct takes one tensor or a list of two. "
@@ -111,7 +113,9 @@ class PerLocationOuterProduct(keras.layers.Layer):
     def compute_output_spec(self, inputs):
         a, _ = self._split(inputs)
         shape = self.compute_output_shape(
-            [tuple(t.shape) for t in inputs] if isinstance(inputs, (list, tuple)) else tuple(a.shape)
+            [tuple(t.shape) for t in inputs]
+            if isinstance(inputs, (list, tuple))
+            else tuple(a.shape)
         )
         return keras.KerasTensor(shape, dtype="float32")
 

@@ -120,9 +120,7 @@ class SpatialAttentionLSTM(keras.layers.Layer):
                 f"Received: attention_units={attention_units}"
             )
         if pooling not in _POOLINGS:
-            raise ValueError(
-                f"`pooling` must be one of {_POOLINGS}. Received: pooling={pooling!r}"
-            )
+            raise ValueError(f"`pooling` must be one of {_POOLINGS}. Received: pooling={pooling!r}")
         super().__init__(**kwargs)
         # Inputs are not cast down to float16 under mixed precision; `call` casts them up.
         self.autocast = False

@@ -1,5 +1,6 @@
 """Evaluation metrics: classification accuracy, attention against true regions, re-identification."""
 
+from keras_fg.metrics.attention import attention_measures, attention_report, dilated_box_cells
 from keras_fg.metrics.classification import (
     MeanPerClassAccuracy,
     classification_report,
@@ -9,4 +10,3 @@ from keras_fg.metrics.classification import (
 )
 from keras_fg.metrics.re_ranking import k_reciprocal_re_ranking
 from keras_fg.metrics.reid import evaluate_reid, pairwise_distances
-from keras_fg.metrics.attention import attention_measures, attention_report, dilated_box_cells

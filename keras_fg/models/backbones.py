@@ -14,7 +14,7 @@ import functools
 import numbers
 import os
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import keras
 
@@ -64,9 +64,9 @@ def _tiny_convnet(include_top=False, weights=None, input_tensor=None, input_shap
     for index, filters in enumerate((32, 64, 64, 128), start=1):
         if index > 1:
             x = keras.layers.MaxPooling2D(name=f"pool{index - 1}")(x)
-        x = keras.layers.Conv2D(
-            filters, 3, padding="same", activation="relu", name=f"conv{index}"
-        )(x)
+        x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu", name=f"conv{index}")(
+            x
+        )
     return keras.Model(keras.utils.get_source_inputs(images), x, name="tiny")
 
 
@@ -93,7 +93,11 @@ BACKBONES = {
     # MA-CNN's conv5_4 (28×28×512 at 448 px).
     "vgg19": BackboneSpec(_apps.VGG19, "block5_conv4", "caffe", 512, 16),
     "resnet50": BackboneSpec(
-        _apps.ResNet50, "conv5_block3_out", "caffe", 2048, 32,
+        _apps.ResNet50,
+        "conv5_block3_out",
+        "caffe",
+        2048,
+        32,
         ("conv5_block1_1_conv", "conv5_block1_0_conv"),  # main path and shortcut
     ),
     # The last layer: the 320-channel block_16_project_BN before it is linear (no ReLU),
@@ -103,10 +107,18 @@ BACKBONES = {
     ),
     # MobileNetV3 and EfficientNetV2 include their own preprocessing and take [0, 255].
     "mobilenetv3small": BackboneSpec(
-        _named_output(_apps.MobileNetV3Small, "conv_1_activation"), "conv_1_activation", "none", 576, 32
+        _named_output(_apps.MobileNetV3Small, "conv_1_activation"),
+        "conv_1_activation",
+        "none",
+        576,
+        32,
     ),
     "mobilenetv3large": BackboneSpec(
-        _named_output(_apps.MobileNetV3Large, "conv_1_activation"), "conv_1_activation", "none", 960, 32
+        _named_output(_apps.MobileNetV3Large, "conv_1_activation"),
+        "conv_1_activation",
+        "none",
+        960,
+        32,
     ),
     "efficientnetv2b0": BackboneSpec(_apps.EfficientNetV2B0, "top_activation", "none", 1280, 32),
     "tiny": BackboneSpec(_tiny_convnet, "conv4", "unit", 128, 8),

@@ -66,12 +66,8 @@ class DASRBN(FineGrainedModel):
         feature_b = feature_a
         if second_backbone is not None:
             feature_b = second_stream(second_backbone, images, feature_a, freeze_batchnorm)
-        stream_a = keras.layers.Conv2D(stream_dim, 1, activation="relu", name="stream_a")(
-            feature_a
-        )
-        stream_b = keras.layers.Conv2D(stream_dim, 1, activation="relu", name="stream_b")(
-            feature_b
-        )
+        stream_a = keras.layers.Conv2D(stream_dim, 1, activation="relu", name="stream_a")(feature_a)
+        stream_b = keras.layers.Conv2D(stream_dim, 1, activation="relu", name="stream_b")(feature_b)
         bilinear = PerLocationOuterProduct(name="bilinear_outcomes")([stream_a, stream_b])
         recurrent = SpatialAttentionLSTM(
             lstm_units, attention_units=attention_units, name="spatial_attention_lstm"

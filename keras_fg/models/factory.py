@@ -75,15 +75,19 @@ def create_model(
         )
     if part_crop_size is not None:
         if name != "macnn":
-            raise ValueError(
-                f"`part_crop_size` applies to 'macnn' only. Received: model={name!r}"
-            )
+            raise ValueError(f"`part_crop_size` applies to 'macnn' only. Received: model={name!r}")
         options["part_backbone"] = create_backbone(
-            backbone, weights=weights, image_size=part_crop_size, feature_layer=feature_layer,
+            backbone,
+            weights=weights,
+            image_size=part_crop_size,
+            feature_layer=feature_layer,
             name_prefix="part_",
         )
     features = create_backbone(
-        backbone, weights=weights, image_size=image_size, feature_layer=feature_layer,
+        backbone,
+        weights=weights,
+        image_size=image_size,
+        feature_layer=feature_layer,
         last_stride=last_stride,
     )
     return family(features, num_classes, name=f"{name}_{backbone}", **options)

@@ -94,8 +94,11 @@ class FineGrainedModel(keras.Model):
         if self.center_loss_weight > 0:
             dim = outputs.get("embedding", outputs["features"]).shape[-1]
             self.centers = self.add_weight(
-                shape=(num_classes, dim), initializer="zeros", trainable=False,
-                aggregation="mean", name="centers",
+                shape=(num_classes, dim),
+                initializer="zeros",
+                trainable=False,
+                aggregation="mean",
+                name="centers",
             )
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names is not None else None
@@ -225,9 +228,7 @@ class FineGrainedModel(keras.Model):
     def metrics(self):
         # Keras' own "loss" tracker counts each batch by its shape (see `sample_ones`); the
         # model reports its own `loss_tracker` instead.
-        metrics = [
-            m for m in super().metrics if m.name != "loss" or m is self.loss_tracker
-        ]
+        metrics = [m for m in super().metrics if m.name != "loss" or m is self.loss_tracker]
         if getattr(self, "loss", None) is not None:  # The joint terms are not computed then.
             unused = {id(tracker) for tracker in self.loss_term_trackers.values()}
             metrics = [m for m in metrics if id(m) not in unused]

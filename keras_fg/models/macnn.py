@@ -101,15 +101,21 @@ class MACNN(FineGrainedModel):
         images = image_input(backbone)
         feature_map = run_backbone(backbone, images, freeze_batchnorm)
         grouping = ChannelGrouping(
-            num_parts, hidden_units=hidden_units, initial_temperature=initial_temperature,
-            max_temperature=max_temperature, min_temperature=min_temperature,
+            num_parts,
+            hidden_units=hidden_units,
+            initial_temperature=initial_temperature,
+            max_temperature=max_temperature,
+            min_temperature=min_temperature,
             name="channel_grouping",
         )(feature_map)
         part_features = grouping["part_features"]  # (B, P, C)
         channels = feature_map.shape[-1]
         part_logits = keras.layers.EinsumDense(
-            "bpc,pck->bpk", output_shape=(num_parts, num_classes), bias_axes="pk",
-            name="part_classifiers", dtype="float32",
+            "bpc,pck->bpk",
+            output_shape=(num_parts, num_classes),
+            bias_axes="pk",
+            name="part_classifiers",
+            dtype="float32",
         )(part_features)
         pooled = keras.layers.GlobalAveragePooling2D(name="global_pool", dtype="float32")(
             feature_map
@@ -120,8 +126,14 @@ class MACNN(FineGrainedModel):
         fused_inputs = [pooled, flat_parts]
         if part_backbone is not None:
             fused_inputs.append(
-                _part_crop_features(images, grouping["attention_maps"], part_backbone,
-                                    box_fraction, num_parts, freeze_batchnorm)
+                _part_crop_features(
+                    images,
+                    grouping["attention_maps"],
+                    part_backbone,
+                    box_fraction,
+                    num_parts,
+                    freeze_batchnorm,
+                )
             )
         fused = keras.layers.Concatenate(name="fuse_parts")(fused_inputs)
         outputs = classification_head(fused, num_classes, dropout, bnneck)
@@ -151,15 +163,11 @@ class MACNN(FineGrainedModel):
     def compute_loss_terms(self, y, y_pred):
         terms = super().compute_loss_terms(y, y_pred)
         part_logits = y_pred["part_logits"]
-        part_loss = sum(
-            self.cross_entropy(y, part_logits[:, i]) for i in range(self.num_parts)
-        )
+        part_loss = sum(self.cross_entropy(y, part_logits[:, i]) for i in range(self.num_parts))
         maps = ops.cast(y_pred["attention_maps"], "float32")
         grouping_loss = distance_loss(
             maps, normalize_coordinates=self.normalize_coordinates
-        ) + self.diversity_weight * diversity_loss(
-            maps, margin=self.margin
-        )
+        ) + self.diversity_weight * diversity_loss(maps, margin=self.margin)
         terms["part_loss"] = (self.part_loss_weight, part_loss)
         terms["channel_grouping_loss"] = (self.channel_grouping_weight, grouping_loss)
         return terms
@@ -168,8 +176,14 @@ class MACNN(FineGrainedModel):
         return self.get_layer("channel_grouping").trainable_weights
 
     def initialize_channel_grouping(
-        self, images, max_images=256, epochs=30, learning_rate=3e-3, target_smoothing=0.1,
-        seed=0, verbose=0,
+        self,
+        images,
+        max_images=256,
+        epochs=30,
+        learning_rate=3e-3,
+        target_smoothing=0.1,
+        seed=0,
+        verbose=0,
     ):
         """MA-CNN's clustering initialisation of the channel grouping.
 
@@ -204,8 +218,12 @@ class MACNN(FineGrainedModel):
         feature_model = keras.Model(self.input, grouping_layer.input)
         features = _predict_up_to(feature_model, images, max_images)
         return self.initialize_channel_grouping_from_features(
-            features, epochs=epochs, learning_rate=learning_rate,
-            target_smoothing=target_smoothing, seed=seed, verbose=verbose,
+            features,
+            epochs=epochs,
+            learning_rate=learning_rate,
+            target_smoothing=target_smoothing,
+            seed=seed,
+            verbose=verbose,
         )
 
     def initialize_channel_grouping_from_features(
@@ -253,6 +271,8 @@ class MACNN(FineGrainedModel):
             "normalize_coordinates": self.normalize_coordinates,
             "box_fraction": self.box_fraction,
         }
+
+
 class ChannelGroupingInitializer(keras.callbacks.Callback):
     """Runs `MACNN.initialize_channel_grouping` at the start of epoch `at_epoch`.
 

@@ -23,7 +23,9 @@ class PhaseSchedule(keras.callbacks.Callback):
     def __init__(self, schedule, verbose=0):
         super().__init__()
         if not callable(schedule) and not schedule:
-            raise ValueError(f"`schedule` must be a non-empty list or a callable. Received: {schedule!r}")
+            raise ValueError(
+                f"`schedule` must be a non-empty list or a callable. Received: {schedule!r}"
+            )
         self.schedule = schedule
         self.verbose = verbose
 
