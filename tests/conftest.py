@@ -50,9 +50,15 @@ def real_jpegs():
 
 @pytest.fixture(autouse=True)
 def _seed():
-    """Every test starts from the same random state."""
+    """Every test starts from the same random state and the float32 policy.
+
+    train.py's `run()` sets a global mixed-precision policy when a recipe asks for one (the
+    re-ID GPU recipe says `mixed_precision: auto`); tests that call it in-process must not
+    leave it to the tests after them.
+    """
     import keras
 
     keras.utils.set_random_seed(0)
     np.random.seed(0)
     yield
+    keras.mixed_precision.set_global_policy("float32")
