@@ -154,6 +154,26 @@ def test_part_features_pool_with_the_layers_own_maps():
     )
 
 
+@pytest.mark.parametrize("feature_gradient", [False, True])
+def test_maps_pass_gradients_to_the_features_only_when_asked(feature_gradient):
+    import tensorflow as tf
+
+    features = tf.constant(np.random.normal(1, 1, (2, 5, 4, 6)).astype("float32"))
+    layer = randomized(ChannelGrouping(2, feature_gradient=feature_gradient), features.numpy())
+    # Weighted so that no gradient cancels (the maps sum to one, a plain sum has none).
+    weights = tf.constant(np.random.uniform(0, 1, (1, 5, 4, 2)).astype("float32"))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(features)
+        outputs = layer(features)
+        map_loss = tf.reduce_sum(outputs["attention_maps"] * weights)
+        part_loss = tf.reduce_sum(outputs["part_features"])
+    map_gradient = tape.gradient(map_loss, features)
+    assert (map_gradient is not None and np.abs(map_gradient).max() > 1e-6) == feature_gradient
+    # The grouping FCs learn from the maps either way, the features from the part features.
+    assert all(g is not None for g in tape.gradient(map_loss, layer.trainable_weights[:4]))
+    assert np.abs(tape.gradient(part_loss, features)).max() > 1e-3
+
+
 def test_weights_are_batched_and_named():
     layer = ChannelGrouping(4)
     layer.build((None, 7, 7, 10))
@@ -198,6 +218,7 @@ def test_config_round_trip():
         min_temperature=0.1,
         max_temperature=3.0,
         kernel_initializer="he_normal",
+        feature_gradient=True,
         name="grouping",
     )
     restored = ChannelGrouping.from_config(layer.get_config())

@@ -387,6 +387,7 @@ def family_options(args):
             diversity_weight=args.diversity_weight,
             initial_temperature=args.initial_temperature,
             min_temperature=args.min_temperature,
+            maps_train_backbone=args.maps_train_backbone,
         )
     elif args.model == "bcnn":
         options.update(projection_dim=args.projection_dim, reduction_dim=args.reduction_dim)

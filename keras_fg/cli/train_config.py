@@ -227,6 +227,12 @@ def build_parser():
         default=1.0,
         help="macnn: the lower bound of the part maps' inverse temperature",
     )
+    optim.add_argument(
+        "--maps-train-backbone",
+        action="store_true",
+        help="macnn: let the channel-grouping loss and the part maps' gradients train the "
+        "backbone too (default: they train the channel grouping only, as in the paper)",
+    )
 
     reid = parser.add_argument_group("re-identification (--task reid)")
     reid.add_argument("--num-identities", type=int, default=8, help="P of P x K sampling")

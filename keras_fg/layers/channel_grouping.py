@@ -30,8 +30,9 @@ class ChannelGrouping(keras.layers.Layer):
     the positions of the map and turned into an attention map by a softmax
     at a learned inverse temperature; the map then pools the part feature:
 
-        d_i   = sigmoid(FC_i2(tanh(FC_i1(GAP(F)))))          channel weights, (B, C)
-        r_i   = mean_c(d_ic · F_c)                             response, (B, H, W)
+        F̄     = stop_gradient(F)                              (see `feature_gradient`)
+        d_i   = sigmoid(FC_i2(tanh(FC_i1(GAP(F̄)))))          channel weights, (B, C)
+        r_i   = mean_c(d_ic · F̄_c)                             response, (B, H, W)
         z_i   = (r_i − mean_xy r_i) / sqrt(var_xy r_i + ε · mean_xy r_i² + 10⁻⁶)
         τ_i   = τ_min + (τ_max − τ_min) · sigmoid(θ_i)         inverse temperature
         M_i   = softmax_xy(τ_i · z_i)                          attention map, (B, H, W)
@@ -80,6 +81,15 @@ class ChannelGrouping(keras.layers.Layer):
         kernel_initializer: initializer of `hidden_kernel` and
             `channel_kernel`. Default `"glorot_uniform"`.
         bias_initializer: initializer of both biases. Default `"zeros"`.
+        feature_gradient: bool, whether gradients through the maps (from
+            `L_cng` and from the part losses via `M_i`) reach the input
+            features `F`. Default `False`: the maps are computed from
+            `stop_gradient(F)`, so they are shaped by the channel-grouping
+            FCs alone, as in MA-CNN's alternation, where `L_cng` never
+            trains the convolutions; the backbone still learns from every
+            classifier through `p_i`, which pools the live `F`. With `True`,
+            `L_cng` also pulls on the backbone, which stalled early learning
+            on the synthetic set (pointing game 69 % against 80 % without).
         **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
 
     Call arguments:
@@ -119,6 +129,7 @@ class ChannelGrouping(keras.layers.Layer):
         min_temperature=1.0,
         kernel_initializer="glorot_uniform",
         bias_initializer="zeros",
+        feature_gradient=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -159,6 +170,7 @@ class ChannelGrouping(keras.layers.Layer):
         self.min_temperature = float(min_temperature)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.feature_gradient = bool(feature_gradient)
 
     def _check_input_shape(self, input_shape):
         input_shape = tuple(input_shape)
@@ -206,12 +218,15 @@ class ChannelGrouping(keras.layers.Layer):
 
     def call(self, inputs):
         features = ops.cast(inputs, "float32")
-        pooled = ops.mean(features, axis=(1, 2))  # GAP(F), (B, C)
+        # The maps read the features without passing gradients back to them (see
+        # `feature_gradient`); the part features pool the live features below.
+        source = features if self.feature_gradient else ops.stop_gradient(features)
+        pooled = ops.mean(source, axis=(1, 2))  # GAP(F), (B, C)
         hidden = ops.tanh(ops.einsum("bc,pch->bph", pooled, self.hidden_kernel) + self.hidden_bias)
         channel_weights = ops.sigmoid(
             ops.einsum("bph,phc->bpc", hidden, self.channel_kernel) + self.channel_bias
         )
-        response = ops.einsum("bhwc,bpc->bhwp", features, channel_weights) / features.shape[-1]
+        response = ops.einsum("bhwc,bpc->bhwp", source, channel_weights) / features.shape[-1]
         mean = ops.mean(response, axis=(1, 2), keepdims=True)
         centred = response - mean
         variance = ops.mean(ops.square(centred), axis=(1, 2), keepdims=True)
@@ -258,4 +273,5 @@ class ChannelGrouping(keras.layers.Layer):
             "min_temperature": self.min_temperature,
             "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
             "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+            "feature_gradient": self.feature_gradient,
         }

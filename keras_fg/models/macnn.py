@@ -49,6 +49,10 @@ class MACNN(FineGrainedModel):
             `max(C // 16, 8)`).
         initial_temperature, min_temperature, max_temperature: the part maps' learned
             inverse temperature `τ`, its starting value and bounds (`ChannelGrouping`).
+        maps_train_backbone: let the gradients through the part maps (L_cng's and the part
+            losses') reach the backbone (`ChannelGrouping(feature_gradient=...)`). Default
+            `False`: as in the paper, L_cng trains only the channel grouping, and the
+            backbone learns from the classifiers.
         part_loss_weight: α, weight of the summed part cross-entropies.
         channel_grouping_weight: β, weight of L_cng.
         diversity_weight: λ, weight of Div inside L_cng.
@@ -79,6 +83,7 @@ class MACNN(FineGrainedModel):
         initial_temperature=2.0,
         min_temperature=1.0,
         max_temperature=4.0,
+        maps_train_backbone=False,
         part_loss_weight=1.0,
         channel_grouping_weight=1.0,
         diversity_weight=1.0,
@@ -106,6 +111,7 @@ class MACNN(FineGrainedModel):
             initial_temperature=initial_temperature,
             max_temperature=max_temperature,
             min_temperature=min_temperature,
+            feature_gradient=maps_train_backbone,
             name="channel_grouping",
         )(feature_map)
         part_features = grouping["part_features"]  # (B, P, C)
@@ -146,6 +152,7 @@ class MACNN(FineGrainedModel):
         self.initial_temperature = float(initial_temperature)
         self.max_temperature = float(max_temperature)
         self.min_temperature = float(min_temperature)
+        self.maps_train_backbone = bool(maps_train_backbone)
         self.part_loss_weight = float(part_loss_weight)
         self.channel_grouping_weight = float(channel_grouping_weight)
         self.diversity_weight = float(diversity_weight)
@@ -264,6 +271,7 @@ class MACNN(FineGrainedModel):
             "initial_temperature": self.initial_temperature,
             "max_temperature": self.max_temperature,
             "min_temperature": self.min_temperature,
+            "maps_train_backbone": self.maps_train_backbone,
             "part_loss_weight": self.part_loss_weight,
             "channel_grouping_weight": self.channel_grouping_weight,
             "diversity_weight": self.diversity_weight,
