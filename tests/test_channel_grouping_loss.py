@@ -23,26 +23,27 @@ def numpy_losses(maps, margin, normalize_coordinates):
     y_scale = max(width - 1, 1) if normalize_coordinates else 1
     dis = div = 0.0
     for b in range(batch):
+        peaks = [maps[b, :, :, k].max() for k in range(parts)]
         for i in range(parts):
             m = maps[b, :, :, i]
             t_x, t_y = np.unravel_index(np.argmax(m), m.shape)
             for x in range(height):
                 for y in range(width):
                     dis += m[x, y] * (((x - t_x) / x_scale) ** 2 + ((y - t_y) / y_scale) ** 2)
-                    others = [maps[b, x, y, k] for k in range(parts) if k != i]
+                    others = [maps[b, x, y, k] / peaks[k] for k in range(parts) if k != i]
                     if others:
-                        div += m[x, y] * max(0.0, max(others) - margin / (height * width))
+                        div += m[x, y] * max(0.0, max(others) - margin)
     return dis / batch, div / batch
 
 
 @pytest.mark.parametrize("normalize_coordinates", [False, True])
 def test_losses_match_loop_transcription(normalize_coordinates):
     maps = random_maps()
-    expected_dis, expected_div = numpy_losses(maps, 1.5, normalize_coordinates)
+    expected_dis, expected_div = numpy_losses(maps, 0.6, normalize_coordinates)
     dis = distance_loss(maps, normalize_coordinates=normalize_coordinates)
-    div = diversity_loss(maps, margin=1.5)
+    div = diversity_loss(maps, margin=0.6)
     total = ChannelGroupingLoss(
-        margin=1.5, diversity_weight=1.5, normalize_coordinates=normalize_coordinates
+        margin=0.6, diversity_weight=1.5, normalize_coordinates=normalize_coordinates
     )(maps)
     np.testing.assert_allclose(float(dis), expected_dis, rtol=1e-5)
     np.testing.assert_allclose(float(div), expected_div, rtol=1e-5)
@@ -51,7 +52,7 @@ def test_losses_match_loop_transcription(normalize_coordinates):
 
 def test_default_margin_and_weight():
     maps = random_maps()
-    expected_dis, expected_div = numpy_losses(maps, 2.0, True)
+    expected_dis, expected_div = numpy_losses(maps, 0.25, True)
     assert expected_div > 0  # the hinge is active somewhere, so the check means something
     np.testing.assert_allclose(float(diversity_loss(maps)), expected_div, rtol=1e-5)
     np.testing.assert_allclose(
@@ -71,21 +72,25 @@ def test_diversity_is_zero_apart_and_positive_once_parts_overlap_beyond_the_marg
     first = blob(6, 6, [(0, 0), (0, 1), (1, 0), (1, 1)])
     apart = np.stack([first, blob(6, 6, [(4, 4), (4, 5), (5, 4), (5, 5)])], -1)[None]
     assert float(diversity_loss(apart.astype("float32"))) == 0.0
-    # Two uniform maps, 1/36 per cell: below a margin of 2 uniform shares (2/36) nothing is
-    # counted; above a margin of half a share the hinge counts the excess.
+    # Two uniform maps stand at their peak everywhere: each part's whole mass overlaps, less
+    # the margin. Flattening the maps cannot hide an overlap.
     flat = np.full((1, 6, 6, 2), 1 / 36, "float32")
-    assert float(diversity_loss(flat, margin=2.0)) == 0.0
-    np.testing.assert_allclose(float(diversity_loss(flat, margin=0.5)), 2 * 0.5 / 36, rtol=1e-5)
+    np.testing.assert_allclose(float(diversity_loss(flat, margin=0.25)), 2 * 0.75, rtol=1e-5)
     shared = np.stack([first, blob(6, 6, [(1, 1), (1, 2), (2, 1), (2, 2)])], -1)[None]
-    # One cell shared at 1/4 each: 2 parts · 1/4 · (1/4 − 2/36).
+    # One cell shared, at 1/4 of each part's mass and at its peak: 2 parts · 1/4 · (1 − 0.25).
     np.testing.assert_allclose(
-        float(diversity_loss(shared.astype("float32"))), 2 * 0.25 * (0.25 - 2 / 36), rtol=1e-5
+        float(diversity_loss(shared.astype("float32"))), 2 * 0.25 * 0.75, rtol=1e-5
     )
+    # A part's faint tail (0.025 per cell against its 0.9 peak, below the margin) does not
+    # charge the part it lies on; the tail itself, 0.1 of its mass on the other's peak, pays.
+    tail = blob(6, 6, [(3, 3)]) * 0.9 + first * 0.1
+    faint = np.stack([first, tail], -1)[None].astype("float32")
+    np.testing.assert_allclose(float(diversity_loss(faint)), 0.1 * 0.75, rtol=1e-5)
 
 
 def test_single_part_has_zero_diversity():
     maps = random_maps(parts=1)
-    expected_dis, _ = numpy_losses(maps, 2.0, True)
+    expected_dis, _ = numpy_losses(maps, 0.25, True)
     assert float(diversity_loss(maps)) == 0.0
     np.testing.assert_allclose(float(ChannelGroupingLoss()(maps)), expected_dis, rtol=1e-5)
 
@@ -94,7 +99,7 @@ def test_ties_between_parts():
     # Two identical maps: for each, the largest other map is itself.
     maps = random_maps(parts=1)
     maps = np.concatenate([maps, maps], axis=-1)
-    _, expected_div = numpy_losses(maps, 2.0, False)
+    _, expected_div = numpy_losses(maps, 0.25, False)
     np.testing.assert_allclose(float(diversity_loss(maps)), expected_div, rtol=1e-5)
 
 
@@ -133,7 +138,7 @@ def test_gradients_are_finite_on_uniform_maps():
 
 
 def test_config_round_trip():
-    loss = ChannelGroupingLoss(margin=3.0, diversity_weight=0.5, normalize_coordinates=False)
+    loss = ChannelGroupingLoss(margin=0.3, diversity_weight=0.5, normalize_coordinates=False)
     assert ChannelGroupingLoss.from_config(loss.get_config()).get_config() == loss.get_config()
     restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(loss))
     assert isinstance(restored, ChannelGroupingLoss)
@@ -145,6 +150,7 @@ def test_config_round_trip():
     [
         ({"margin": "0.02"}, "Received: margin='0.02'"),
         ({"margin": -1.0}, "Received: margin=-1.0"),
+        ({"margin": 1.0}, "Received: margin=1.0"),
         ({"diversity_weight": -1.0}, "Received: diversity_weight=-1.0"),
         ({"normalize_coordinates": 1}, "Received: normalize_coordinates=1"),
     ],

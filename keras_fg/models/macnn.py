@@ -56,7 +56,7 @@ class MACNN(FineGrainedModel):
         part_loss_weight: α, weight of the summed part cross-entropies.
         channel_grouping_weight: β, weight of L_cng.
         diversity_weight: λ, weight of Div inside L_cng.
-        margin: mrg of Div's hinge, in multiples of the uniform map's value `1 / (H·W)`.
+        margin: mrg of Div's hinge, as a fraction of the other part's peak (`diversity_loss`).
         part_backbone: a backbone for the part crops (its input size is the crop size), or
             `None` to leave the crops out.
         box_fraction: the crop box's side as a fraction of the image side (the release:
@@ -87,7 +87,7 @@ class MACNN(FineGrainedModel):
         part_loss_weight=1.0,
         channel_grouping_weight=1.0,
         diversity_weight=1.0,
-        margin=2.0,
+        margin=0.25,
         normalize_coordinates=True,
         part_backbone=None,
         box_fraction=128 / 448,
