@@ -135,10 +135,22 @@ def evaluate_images(model, image_size):
 
     test = load_dataset("cub", CUB_ROOT, "test")
     data = make_pipeline(test, image_size, 32, training=False)
-    logits = model.predict(data, verbose=0)["logits"]
+    outputs = model.predict(data, verbose=0)
     flipped = data.map(lambda images, labels: (images[:, :, ::-1], labels))
-    logits_flip = model.predict(flipped, verbose=0)["logits"]
-    return report(test.labels, logits), report(test.labels, (logits + logits_flip) / 2)
+    outputs_flip = model.predict(flipped, verbose=0)
+    logits, logits_flip = outputs["logits"], outputs_flip["logits"]
+    results = {
+        "fine_tuned": report(test.labels, logits),
+        "fine_tuned_flip_tta": report(test.labels, (logits + logits_flip) / 2),
+    }
+    if "part_logits" in outputs:
+        results["fine_tuned_with_part_logits"] = report(test.labels, with_parts(outputs))
+    return results
+
+
+def with_parts(outputs):
+    """MA-CNN's fused score: the full classifier's logits plus the mean of the part classifiers'."""
+    return outputs["logits"] + outputs["part_logits"].mean(axis=1)
 
 
 def run_family(family, features, args, extraction_seconds):
@@ -170,9 +182,12 @@ def run_family(family, features, args, extraction_seconds):
         model, x, y, epochs=args.head_epochs, batch_size=64, seed=args.seed, verbose=0
     )
     head_seconds = time.perf_counter() - start
-    logits = head.predict(features["test"], batch_size=64, verbose=0)["logits"]
+    outputs = head.predict(features["test"], batch_size=64, verbose=0)
+    logits = outputs["logits"]
     logits_flip = head.predict(features["test_flip"], batch_size=64, verbose=0)["logits"]
     labels = features["test_labels"]
+    if "part_logits" in outputs:
+        extra["head_phase_with_part_logits"] = report(labels, with_parts(outputs))
     result = {
         "model": model_name,
         "options": options,
@@ -195,9 +210,7 @@ def run_family(family, features, args, extraction_seconds):
             args.fine_tune_lr,
             args.fine_tune_grouping_weight,
         )
-        result["fine_tuned"], result["fine_tuned_flip_tta"] = evaluate_images(
-            model, args.image_size
-        )
+        result.update(evaluate_images(model, args.image_size))
         result["fine_tune_seconds"] = seconds
         result["train_seconds"] += seconds
         print(f"{family}: fine-tuned {result['fine_tuned']} in {seconds:.0f} s", flush=True)

@@ -10,6 +10,7 @@ else in README.md changes).
 import json
 import re
 
+import numpy as np
 from common import RESULTS, ROOT
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -97,6 +98,7 @@ def accuracy_section(results):
                     best[kind] = (top1, model_name(r) + how, size, r["train_seconds"])
         commands = sorted({r["command"] for r in result["families"].values()})
         notes += [f"`{c}` — {machine_line(result)}" for c in commands]
+    lines += seed_summary(results)
     lines.append("")
     for kind, (top1, name, size, seconds) in sorted(best.items(), reverse=True):
         reached = "reached" if top1 >= 0.91 and seconds <= 1800 else "not reached"
@@ -105,6 +107,36 @@ def accuracy_section(results):
             f"**{reached}** — best {pct(top1)}, {name} at {size} px, {seconds / 60:.1f} min."
         )
     return lines + [""] + [f"- {n}" for n in notes] + [""]
+
+
+def seed_summary(results):
+    """Mean top-1 of each model and recipe run on several seeds, with every seed's figure."""
+    runs = {}
+    for result in results:
+        for r in result["families"].values():
+            tuned = "fine_tuned" in r
+            recipe = (r["recipe"]["head_phase"], r["recipe"].get("fine_tune_phase"))
+            key = (model_name(r), result["image_size"], recipe)
+            final = r["fine_tuned" if tuned else "head_phase"]["top1"]
+            runs.setdefault(key, {})[r["recipe"].get("seed", 0)] = final
+    rows = [(name, size, seeds) for (name, size, _), seeds in runs.items() if len(seeds) > 1]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "Runs repeated on several seeds (same recipe): final top-1, mean and per seed.",
+        "",
+        "| model | px | seeds | mean top-1 | per seed | spread |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, size, seeds in sorted(rows, key=lambda row: -np.mean(list(row[2].values()))):
+        values = [seeds[k] for k in sorted(seeds)]
+        per_seed = ", ".join(f"{k}: {pct(seeds[k])}" for k in sorted(seeds))
+        lines.append(
+            f"| {name} | {size} | {len(values)} | **{pct(np.mean(values))}** | {per_seed} "
+            f"| {100 * (max(values) - min(values)):.1f} points |"
+        )
+    return lines
 
 
 def growth_lines(models):
