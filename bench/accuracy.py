@@ -23,6 +23,8 @@ averages the logits of each test image and its flip.
     python bench/accuracy.py                               # all families, both phases
     python bench/accuracy.py --families gap --fine-tune-epochs 0    # phase one only
     python bench/accuracy.py --quick                       # GAP + full B-CNN, 5 head epochs
+    python bench/accuracy.py --families macnn --fine-tune-epochs 0 --options '{"dropout": 0.5}' \
+        --output accuracy_224_macnn_variants                # a variant, kept apart
 
 Writes bench/results/accuracy_<size>.json (accuracy_quick.json with --quick).
 """
@@ -160,6 +162,7 @@ def run_family(family, features, args, extraction_seconds):
 
     keras.utils.set_random_seed(args.seed)
     model_name, options = FAMILIES[family]
+    options = {**options, **args.options}
     model = create_model(
         model_name,
         50,
@@ -235,6 +238,12 @@ def main():
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--options",
+        type=json.loads,
+        default={},
+        help="model options over the family's, as JSON: e.g. '{\"margin\": 0.5}'",
+    )
+    parser.add_argument(
         "--cache-dir",
         default=str(Path(tempfile.gettempdir()) / "keras_fg_bench_cache"),
         help="where the backbone features are cached (default: the system's temporary folder)",
@@ -289,6 +298,7 @@ def recipe(args):
             else "none"
         ),
         "seed": args.seed,
+        **({"model_options": args.options} if args.options else {}),
     }
 
 

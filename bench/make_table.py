@@ -80,6 +80,8 @@ def accuracy_section(results):
             recipe = r["recipe"]["head_phase"]
             if tuned:
                 recipe += f"; then {r['recipe']['fine_tune_phase']}"
+            if r["recipe"].get("model_options"):
+                recipe += f"; options {json.dumps(r['recipe']['model_options'])}"
             if r["recipe"].get("seed"):
                 recipe += f"; seed {r['recipe']['seed']}"
             tta = (r["fine_tuned_flip_tta"] if tuned else r["head_phase_flip_tta"])["top1"]
@@ -115,7 +117,11 @@ def seed_summary(results):
     for result in results:
         for r in result["families"].values():
             tuned = "fine_tuned" in r
-            recipe = (r["recipe"]["head_phase"], r["recipe"].get("fine_tune_phase"))
+            recipe = (
+                r["recipe"]["head_phase"],
+                r["recipe"].get("fine_tune_phase"),
+                json.dumps(r["recipe"].get("model_options", {}), sort_keys=True),
+            )
             key = (model_name(r), result["image_size"], recipe)
             final = r["fine_tuned" if tuned else "head_phase"]["top1"]
             runs.setdefault(key, {})[r["recipe"].get("seed", 0)] = final
