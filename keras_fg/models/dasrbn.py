@@ -23,7 +23,7 @@ class DASRBN(FineGrainedModel):
         x_hw = sign(z) √|z|,  z = vec(a_hw ⊗ b_hw)                per location, norm kept
         α = softmax_hw(w2ᵀ tanh(W1 x_hw + b1))                    attention over locations
         h^k = 2-D LSTM over HW·α ⊙ x, swept from corner k         (`SpatialAttentionLSTM`)
-        r = [Σ_hw α_hw h^k_hw]_k,  g = GAP(F_a)                   recurrent and global branch
+        r = [Σ_hw α_hw h^k_hw]_k ⊕ Σ_hw α_hw x_hw,  g = GAP(F_a)  recurrent and global branch
         f = [LN(r), LN(g)]                                        each branch normalised
         logits = W f + b
         L = CE(logits) + λ (CE(W_r LN(r) + b_r) + CE(W_g LN(g) + b_g))
@@ -50,6 +50,8 @@ class DASRBN(FineGrainedModel):
         lstm_units: hidden units of each sweep of the spatial LSTM. Defaults to 32.
         attention_units: hidden units of the attention MLP. Defaults to 32.
         directions: number of sweeps, from 1, 2 or 4 corners. Defaults to 4.
+        attended_bilinear: add `Σ_hw α_hw x_hw`, the attention-pooled bilinear outcomes, to
+            the recurrent branch. Defaults to `True`.
         global_features: add the global branch g. Defaults to `True`.
         branch_loss_weight: λ, weight of the branches' auxiliary cross-entropies (0: none).
             Defaults to 1.0.
@@ -72,6 +74,7 @@ class DASRBN(FineGrainedModel):
         lstm_units=32,
         attention_units=32,
         directions=4,
+        attended_bilinear=True,
         global_features=True,
         branch_loss_weight=1.0,
         dropout=0.0,
@@ -108,7 +111,11 @@ class DASRBN(FineGrainedModel):
             name="spatial_attention_lstm",
         )(bilinear)
         # === Branches and classifiers ===
-        branches = [_normalized(recurrent["features"], "recurrent")]
+        recurrent_features = recurrent["features"]
+        if attended_bilinear:
+            attended = ops.einsum("bhw,bhwc->bc", recurrent["attention_maps"], bilinear)
+            recurrent_features = ops.concatenate([recurrent_features, attended], axis=-1)
+        branches = [_normalized(recurrent_features, "recurrent")]
         if global_features:
             pooled = keras.layers.GlobalAveragePooling2D(name="global_pool", dtype="float32")(
                 feature_a
@@ -133,6 +140,7 @@ class DASRBN(FineGrainedModel):
         self.lstm_units = lstm_units
         self.attention_units = attention_units
         self.directions = directions
+        self.attended_bilinear = attended_bilinear
         self.global_features = global_features
         self.branch_loss_weight = float(branch_loss_weight)
         self.dropout = dropout
@@ -163,6 +171,7 @@ class DASRBN(FineGrainedModel):
             "lstm_units": self.lstm_units,
             "attention_units": self.attention_units,
             "directions": self.directions,
+            "attended_bilinear": self.attended_bilinear,
             "global_features": self.global_features,
             "branch_loss_weight": self.branch_loss_weight,
         }
