@@ -114,7 +114,9 @@ class DASRBN(FineGrainedModel):
         # === Branches and classifiers ===
         recurrent_features = recurrent["features"]
         if attended_bilinear:
-            attended = ops.einsum("bhw,bhwc->bc", recurrent["attention_maps"], bilinear)
+            # A product and a sum, not an einsum: TFLite cannot convert that einsum.
+            alpha = ops.expand_dims(recurrent["attention_maps"], -1)
+            attended = ops.sum(alpha * bilinear, axis=(1, 2))
             recurrent_features = ops.concatenate([recurrent_features, attended], axis=-1)
         branches = [_normalized(recurrent_features, "recurrent")]
         if global_features:
