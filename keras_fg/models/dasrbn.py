@@ -56,7 +56,8 @@ class DASRBN(FineGrainedModel):
         branch_loss_weight: λ, weight of the branches' auxiliary cross-entropies (0: none).
             Defaults to 1.0.
         dropout: dropout rate before the classifiers. Defaults to 0.5 (CUB subset head on
-            cached MobileNetV2 features, seed 0: 89.2 % top-1 against 87.9 % without).
+            cached MobileNetV2 features, seed 0: 89.2 % and 88.7 % top-1 in two runs, against
+            87.9 % without).
         bnneck: add a BNNeck (re-identification).
         freeze_batchnorm: run the backbones' BatchNormalization in inference mode.
         **kwargs: the `FineGrainedModel` options.
