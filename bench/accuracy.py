@@ -50,21 +50,26 @@ from common import (
 # Family name in the results -> (create_model name, options). Each one-backbone form.
 
 
-def load_features(image_size, cache_dir, limit=None):
-    """Cached backbone features: train, train flipped, test, test flipped, and labels."""
+def load_features(image_size, cache_dir, limit=None, family="gap"):
+    """Cached backbone features: train, train flipped, test, test flipped, and labels.
+
+    `family="dasrbn"` caches its two-depth backbone's output (the last map and block 13's,
+    pooled to the same grid); every other family reads the last map.
+    """
     import keras
 
     from keras_fg.data import load_dataset, make_pipeline
     from keras_fg.models import create_model, extract_features
 
-    tag = f"cub_mobilenetv2_{image_size}" + (f"_limit{limit}" if limit else "")
+    depths = "_two_depths" if family == "dasrbn" else ""
+    tag = f"cub_mobilenetv2{depths}_{image_size}" + (f"_limit{limit}" if limit else "")
     path = cache_dir / f"{tag}.npz"
     if path.exists():
         with np.load(path) as cached:
             arrays = {k: cached[k] for k in cached.files if not k.startswith("seconds_")}
             seconds = {k[8:]: float(cached[k]) for k in cached.files if k.startswith("seconds_")}
         return arrays, {"extraction_seconds": seconds, "from_cache": path.name}  # In --cache-dir.
-    model = create_model("gap", 50, weights=str(MOBILENET_WEIGHTS), image_size=image_size)
+    model = create_model(family, 50, weights=str(MOBILENET_WEIGHTS), image_size=image_size)
     dtype = "float16" if image_size > 300 else "float32"
     arrays, seconds = {}, {}
     for split in ("train", "test"):
@@ -171,6 +176,10 @@ def run_family(family, features, args, extraction_seconds):
         **options,
     )
     head = split_at_backbone(model)[1]
+    if head.input_shape[-1] != features["train"].shape[-1]:  # DASRBN's two depths.
+        features, info = load_features(args.image_size, Path(args.cache_dir), family=model_name)
+        seconds = info.get("extraction_seconds", {})
+        extraction_seconds = seconds.get("train", 0.0) + seconds.get("train_flip", 0.0)
     x = np.concatenate([features["train"], features["train_flip"]])
     y = np.concatenate([features["train_labels"]] * 2)
     start = time.perf_counter()

@@ -100,6 +100,11 @@ CASES = {
         lambda r: [_normal(r, (2, 3, 3, 4)), _normal(r, (2, 3, 3, 3))],
         (),
     ),
+    "per_location_outer_product_unnormalized": (
+        _layer(lambda: layers.PerLocationOuterProduct(l2_normalize=False)),
+        lambda r: [_normal(r, (2, 3, 3, 4)), _normal(r, (2, 3, 3, 3))],
+        (),
+    ),
     **{
         f"spatial_attention_lstm_{pooling}": (
             _layer(
@@ -112,6 +117,15 @@ CASES = {
         )
         for pooling in ("last", "attention", "mean")
     },
+    "spatial_attention_lstm_four_sweeps": (
+        _layer(
+            lambda: layers.SpatialAttentionLSTM(
+                4, attention_units=3, pooling="attention", directions=4
+            )
+        ),
+        lambda r: [_normal(r, (2, 3, 4, 5))],
+        (),
+    ),
     "distance_loss": (
         _loss(lambda m: losses.distance_loss(m)),
         lambda r: [_maps(r, (2, 5, 4, 3))],

@@ -229,3 +229,34 @@ def test_keras_file_round_trip(tmp_path, name, image_size):
         reloaded.predict(pixels, verbose=0), model.predict(pixels, verbose=0)
     )
     assert reloaded.get_layer(f"{name}_backbone").layers[-1].name == BACKBONES[name].feature_layer
+
+
+def test_two_depth_backbone_returns_the_earlier_block_pooled_to_the_grid():
+    from keras_fg.models.backbones import earlier_channels
+
+    backbone = create_backbone("tiny", image_size=32, earlier_feature_layer="default")
+    assert backbone.output_shape == (None, 4, 4, 128 + 64)
+    assert earlier_channels(backbone) == 64
+    assert earlier_channels(create_backbone("tiny", image_size=32)) is None
+    images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    both = backbone.predict(images, verbose=0)
+    conv3 = keras.Model(backbone.input, backbone.get_layer("conv3").output).predict(
+        images, verbose=0
+    )
+    pooled = conv3.reshape(2, 4, 2, 4, 2, 64).mean(axis=(2, 4))
+    np.testing.assert_allclose(both[..., 128:], pooled, atol=1e-5)
+    # Any named block: conv1 (32×32) is pooled by 8.
+    first = create_backbone("tiny", image_size=32, earlier_feature_layer="conv1")
+    assert first.output_shape == (None, 4, 4, 128 + 32)
+
+
+@pytest.mark.parametrize(
+    "name, layer, message",
+    [
+        ("tiny", "conv9", "earlier_feature_layer='conv9'"),
+        ("mobilenetv3small", "default", "No earlier feature layer is registered"),
+    ],
+)
+def test_two_depth_backbone_bad_layers_raise(name, layer, message):
+    with pytest.raises(ValueError, match=message):
+        create_backbone(name, image_size=32, earlier_feature_layer=layer)

@@ -21,7 +21,7 @@ FAMILIES = {
     "bcnn": {"reduction_dim": 16},
     "bcnn_compact": {"reduction_dim": 16, "projection_dim": 64},
     "macnn": {"num_parts": 2},
-    "dasrbn": {"stream_dim": 8, "lstm_units": 16, "attention_units": 8},
+    "dasrbn": {"stream_dim": 8, "lstm_units": 16, "attention_units": 8, "dropout": 0.0},
 }
 
 
@@ -342,7 +342,8 @@ def test_mirrored_strategy_step_equals_the_single_device_step(family):
     options = {
         "gap": {},
         "macnn": {"num_parts": 2},
-        "dasrbn": {"stream_dim": 4, "lstm_units": 8, "attention_units": 4},
+        # No dropout: the replicas would draw different masks.
+        "dasrbn": {"stream_dim": 4, "lstm_units": 8, "attention_units": 4, "dropout": 0.0},
     }[family]
     import json
 
@@ -504,3 +505,60 @@ def test_partial_multi_optimizer_trains_a_frozen_backbones_head_and_reloads(tmp_
     reloaded = keras.saving.load_model(tmp_path / "model.keras")
     assert isinstance(reloaded.optimizer, PartialMultiOptimizer)
     reloaded.fit(images, labels, epochs=1, verbose=0)
+
+
+def test_dasrbn_streams_read_two_depths_of_the_backbone():
+    model = build("dasrbn")
+    # The tiny backbone's last map (128 channels) and its penultimate block (64), on one grid.
+    assert model.get_layer("stream_a").input.shape == (None, 8, 8, 128)
+    assert model.get_layer("stream_b").input.shape == (None, 8, 8, 64)
+    images = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
+    probe = keras.Model(model.input, [model.get_layer(n).input for n in ("stream_a", "stream_b")])
+    feature_a, feature_b = (np.asarray(f) for f in probe.predict(images, verbose=0))
+    backbone = model.backbone
+    direct_a = backbone.get_layer("conv4").output
+    direct_b = backbone.get_layer("conv3").output
+    expected_a, expected_b = keras.Model(backbone.input, [direct_a, direct_b]).predict(
+        images, verbose=0
+    )
+    np.testing.assert_allclose(feature_a, expected_a, atol=1e-5)
+    pooled_b = expected_b.reshape(2, 8, 2, 8, 2, 64).mean(axis=(2, 4))  # 16×16 -> 8×8
+    np.testing.assert_allclose(feature_b, pooled_b, atol=1e-5)
+    # A second backbone replaces the earlier block.
+    second = build("dasrbn", second_backbone="tiny")
+    assert second.get_layer("stream_a").input.shape[-1] == 128
+    assert second.second_backbone is not None
+
+
+def _planted_location_data(n, grid, channels, classes, seed):
+    """Every cell shows a random class (a one-hot over the first `classes` channels) and
+    noise; one marked cell (channel `classes` set) holds the label. Only that cell decides."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0, 0.2, (n, *grid, channels)).astype("float32")
+    x += np.eye(channels, dtype="float32")[rng.integers(0, classes, (n, *grid))]
+    labels = rng.integers(0, classes, n).astype("int32")
+    rows, cols = rng.integers(0, grid[0], n), rng.integers(0, grid[1], n)
+    x[np.arange(n), rows, cols, :classes] = 0.0
+    x[np.arange(n), rows, cols, labels] = 1.0
+    x[np.arange(n), rows, cols, classes] = 1.0
+    return x, labels, (np.arange(n), rows, cols)
+
+
+def test_dasrbn_attention_finds_a_planted_salient_location():
+    from keras_fg.models import DASRBN
+
+    keras.utils.set_random_seed(0)
+    grid, channels, classes = (5, 6), 8, 4
+    features = keras.Input((*grid, channels))
+    identity = keras.Model(features, keras.layers.Identity()(features), name="feature_backbone")
+    model = DASRBN(identity, classes, stream_dim=4, lstm_units=8, attention_units=8, dropout=0.0)
+    x, y, _ = _planted_location_data(256, grid, channels, classes, seed=0)
+    test_x, _, planted = _planted_location_data(128, grid, channels, classes, seed=1)
+
+    def planted_mass():
+        return model.predict(test_x, verbose=0)["attention_maps"][planted].mean()
+
+    assert planted_mass() < 0.1  # About 1/30 before training.
+    model.compile(optimizer=keras.optimizers.Adam(3e-2))
+    model.fit(x, y, batch_size=32, epochs=8, verbose=0)
+    assert planted_mass() > 0.5

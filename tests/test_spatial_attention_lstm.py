@@ -9,19 +9,14 @@ def _sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def _numpy_reference(layer, x):
-    """The layer's equations, transcribed cell by cell in raster order (i, then j)."""
-    x = x.astype(np.float64)
-    batch, height, width, _ = x.shape
-    units = layer.units
-    w1, b1, w2, kernel, recurrent, bias = (np.asarray(w, np.float64) for w in layer.get_weights())
+# The corner each sweep starts from, as the grid axes (of (B, H, W, ...)) flipped to get there.
+SWEEP_FLIPS = [(), (1, 2), (2,), (1,)]
+
+
+def _raster_recurrence(attended, kernel, recurrent, bias, units):
+    """The 2-D LSTM over `attended` (B, H, W, C), cell by cell in raster order (i, then j)."""
+    batch, height, width, _ = attended.shape
     u_up, u_left = recurrent[:units], recurrent[units:]
-
-    scores = (np.tanh(x @ w1 + b1) @ w2)[..., 0].reshape(batch, -1)
-    alpha = np.exp(scores - scores.max(axis=1, keepdims=True))
-    alpha = (alpha / alpha.sum(axis=1, keepdims=True)).reshape(batch, height, width)
-    attended = height * width * alpha[..., None] * x
-
     h = np.zeros((batch, height + 1, width + 1, units))  # row/column 0 is outside the grid
     c = np.zeros_like(h)
     for i in range(height):
@@ -34,13 +29,36 @@ def _numpy_reference(layer, x):
                 + _sigmoid(gate_i) * np.tanh(g)
             )
             h[:, i + 1, j + 1] = _sigmoid(gate_o) * np.tanh(c[:, i + 1, j + 1])
-    hidden = h[:, 1:, 1:]
-    features = {
-        "last": hidden[:, -1, -1],
-        "attention": np.einsum("bhw,bhwu->bu", alpha, hidden),
-        "mean": hidden.mean(axis=(1, 2)),
-    }[layer.pooling]
-    return features, alpha, scores.reshape(batch, height, width)
+    return h[:, 1:, 1:]
+
+
+def _numpy_reference(layer, x):
+    """The layer's equations: each sweep flips the grid to its corner, runs the raster-order
+    recurrence, and flips the hidden states back."""
+    x = x.astype(np.float64)
+    batch, height, width, _ = x.shape
+    units = layer.units
+    w1, b1, w2, kernel, recurrent, bias = (np.asarray(w, np.float64) for w in layer.get_weights())
+
+    scores = (np.tanh(x @ w1 + b1) @ w2)[..., 0].reshape(batch, -1)
+    alpha = np.exp(scores - scores.max(axis=1, keepdims=True))
+    alpha = (alpha / alpha.sum(axis=1, keepdims=True)).reshape(batch, height, width)
+    attended = height * width * alpha[..., None] * x
+
+    features = []
+    for sweep, axes in enumerate(SWEEP_FLIPS[: layer.directions]):
+        flipped = np.flip(attended, axis=axes) if axes else attended
+        hidden = _raster_recurrence(flipped, kernel, recurrent[sweep], bias[sweep], units)
+        hidden = np.flip(hidden, axis=axes) if axes else hidden
+        last_cell = np.flip(hidden, axis=axes)[:, -1, -1] if axes else hidden[:, -1, -1]
+        features.append(
+            {
+                "last": last_cell,  # the sweep's last cell: the corner opposite its start
+                "attention": np.einsum("bhw,bhwu->bu", alpha, hidden),
+                "mean": hidden.mean(axis=(1, 2)),
+            }[layer.pooling]
+        )
+    return np.concatenate(features, axis=-1), alpha, scores.reshape(batch, height, width)
 
 
 def _random_inputs(shape, seed=0):
@@ -63,6 +81,28 @@ def test_matches_raster_order_numpy_recurrence(grid, pooling):
     np.testing.assert_allclose(outputs["attention_maps"], alpha, atol=1e-6)
 
 
+@pytest.mark.parametrize("pooling", ["last", "attention"])
+@pytest.mark.parametrize("directions", [2, 4])
+@pytest.mark.parametrize("grid", [(3, 5), (5, 2)])
+def test_each_sweep_matches_a_flipped_raster_order_numpy_recurrence(grid, directions, pooling):
+    x = _random_inputs((2, *grid, 3), seed=3)
+    layer = SpatialAttentionLSTM(
+        4,
+        attention_units=5,
+        pooling=pooling,
+        directions=directions,
+        bias_initializer="random_normal",
+    )
+    features = keras.ops.convert_to_numpy(layer(x)["features"])
+    expected, _, _ = _numpy_reference(layer, x)
+    assert features.shape == (2, directions * 4)
+    for sweep in range(directions):  # each sweep's slice of the features on its own
+        block = slice(4 * sweep, 4 * (sweep + 1))
+        np.testing.assert_allclose(features[:, block], expected[:, block], atol=1e-5)
+    # The sweeps have different weights and see the grid from different corners.
+    assert np.abs(features[:, :4] - features[:, 4:8]).max() > 1e-3
+
+
 def test_attention_is_softmax_of_mlp_scores_and_sums_to_one():
     x = _random_inputs((3, 3, 5, 4), seed=1)
     layer = SpatialAttentionLSTM(2, attention_units=6)
@@ -82,6 +122,7 @@ def test_config_round_trip():
         activation="relu",
         recurrent_activation="hard_sigmoid",
         pooling="attention",
+        directions=4,
         recurrent_initializer="glorot_uniform",
         kernel_regularizer="l2",
         name="salstm",
@@ -150,6 +191,7 @@ def test_keras_save_and_load_give_identical_outputs(tmp_path):
         ({"units": 2.5}, "units=2.5"),
         ({"units": 4, "attention_units": 0}, "attention_units=0"),
         ({"units": 4, "pooling": "max"}, "pooling='max'"),
+        ({"units": 4, "directions": 3}, "directions=3"),
     ],
 )
 def test_bad_arguments_raise(kwargs, message):

@@ -126,8 +126,10 @@ def build_parser():
         "--projection-dim", type=int, default=None, help="bcnn: compact bilinear size"
     )
     model.add_argument("--reduction-dim", type=int, default=256, help="bcnn: 1x1 conv channels")
-    model.add_argument("--stream-dim", type=int, default=32, help="dasrbn: channels of each stream")
-    model.add_argument("--lstm-units", type=int, default=256, help="dasrbn: spatial LSTM units")
+    model.add_argument("--stream-dim", type=int, default=16, help="dasrbn: channels of each stream")
+    model.add_argument(
+        "--lstm-units", type=int, default=32, help="dasrbn: spatial LSTM units of each sweep"
+    )
     model.add_argument("--dropout", type=float, default=0.0, help="dropout before the classifier")
     model.add_argument(
         "--train-batchnorm",

@@ -4,6 +4,13 @@ import keras
 from keras import activations, initializers, ops, regularizers
 
 _POOLINGS = ("last", "attention", "mean")
+# The corner each sweep starts from, and the grid axes flipped to start there.
+_CORNERS = {
+    "top_left": (),
+    "bottom_right": (1, 2),
+    "top_right": (2,),
+    "bottom_left": (1,),
+}
 
 
 @keras.saving.register_keras_serializable(package="keras_fg")
@@ -41,6 +48,15 @@ class SpatialAttentionLSTM(keras.layers.Layer):
     units whose two forget gates add up to more than one grow on large grids (28×28), the
     known instability of multi-dimensional LSTM cells (Leifert et al., JMLR 2016).
 
+    With `directions` > 1 the grid is swept from several corners (Graves' multi-directional
+    MDLSTM): sweep k flips the attended grid so that its corner comes first, runs the
+    recurrence above, and flips back. The sweeps share the input kernel `W` (the attended
+    grid is projected once) and each has its own `[U_up; U_left]` and bias; `"features"`
+    concatenates the sweeps' pooled states, `[f_1, …, f_D]`. All sweeps run as one
+    wavefront, stacked along the batch axis. With `pooling="attention"` every location
+    reaches the output directly, and from every corner: the attention receives a gradient
+    from each cell, not only through the last cell of one sweep.
+
     The layer computes in float32 under a mixed-precision policy (like `GroupNormalization`)
     and returns float32: such cell states can leave float16's range (±65504), and a softmax
     over hundreds of positions loses precision in float16.
@@ -61,6 +77,9 @@ class SpatialAttentionLSTM(keras.layers.Layer):
               map; every cell then reaches the output directly, a shorter gradient path on
               large grids.
             - `"mean"`: the average of all hidden states.
+        directions: 1, 2 or 4, the sweeps over the grid, starting from the corners
+            top-left; bottom-right; top-right; bottom-left, in that order (the first
+            `directions` of them). Defaults to 1.
         kernel_initializer: Initializer of the input kernel `W` and of the attention
             MLP (`W1`, `w2`). Defaults to `"glorot_uniform"`.
         recurrent_initializer: Initializer of `[U_up; U_left]`. Defaults to `"orthogonal"`.
@@ -72,15 +91,16 @@ class SpatialAttentionLSTM(keras.layers.Layer):
 
     Weights: `attention_kernel` `W1` (C, A), `attention_bias` `b1` (A,),
     `attention_vector` `w2` (A, 1), `kernel` `W` (C, 5·units), `recurrent_kernel`
-    `[U_up; U_left]` (2·units, 5·units) — the first `units` rows act on the cell above —
-    and `bias` `b` (5·units,), gates ordered `[i, f_up, f_left, o, g]`.
+    `[U_up; U_left]` (directions, 2·units, 5·units) — the first `units` rows act on the cell
+    above, in the sweep's own (flipped) frame — and `bias` `b` (directions, 5·units), gates
+    ordered `[i, f_up, f_left, o, g]`.
 
     Call arguments:
         inputs: Feature map of shape `(batch, H, W, C)`; H, W and C must be known when the
             layer is built (a static input size).
 
     Returns:
-        A dict with `"features"` `(batch, units)` and `"attention_maps"` `(batch, H, W)`,
+        A dict with `"features"` `(batch, directions·units)` and `"attention_maps"` `(batch, H, W)`,
         the map α, which sums to one over the H·W positions. Both are float32.
 
     Example:
@@ -104,6 +124,7 @@ class SpatialAttentionLSTM(keras.layers.Layer):
         activation="tanh",
         recurrent_activation="sigmoid",
         pooling="last",
+        directions=1,
         kernel_initializer="glorot_uniform",
         recurrent_initializer="orthogonal",
         bias_initializer="zeros",
@@ -121,6 +142,8 @@ class SpatialAttentionLSTM(keras.layers.Layer):
             )
         if pooling not in _POOLINGS:
             raise ValueError(f"`pooling` must be one of {_POOLINGS}. Received: pooling={pooling!r}")
+        if directions not in (1, 2, 4) or isinstance(directions, bool):
+            raise ValueError(f"`directions` must be 1, 2 or 4. Received: directions={directions!r}")
         super().__init__(**kwargs)
         # Inputs are not cast down to float16 under mixed precision; `call` casts them up.
         self.autocast = False
@@ -129,6 +152,7 @@ class SpatialAttentionLSTM(keras.layers.Layer):
         self.activation = activations.get(activation)
         self.recurrent_activation = activations.get(recurrent_activation)
         self.pooling = pooling
+        self.directions = directions
         self.kernel_initializer = initializers.get(kernel_initializer)
         self.recurrent_initializer = initializers.get(recurrent_initializer)
         self.bias_initializer = initializers.get(bias_initializer)
@@ -158,13 +182,24 @@ class SpatialAttentionLSTM(keras.layers.Layer):
         )
         self.attention_vector = add("attention_vector", (attention_units, 1), *kernel_args)
         self.kernel = add("kernel", (channels, 5 * self.units), *kernel_args)
+
+        def recurrent_initializer(shape, dtype=None):
+            # One (D·2·units, 5·units) draw: for D = 1 exactly the initializer's matrix.
+            flat = self.recurrent_initializer((shape[0] * shape[1], shape[2]), dtype=dtype)
+            return ops.reshape(flat, shape)
+
         self.recurrent_kernel = add(
             "recurrent_kernel",
-            (2 * self.units, 5 * self.units),
-            self.recurrent_initializer,
+            (self.directions, 2 * self.units, 5 * self.units),
+            recurrent_initializer,
             self.recurrent_regularizer,
         )
-        self.bias = add("bias", (5 * self.units,), self.bias_initializer, self.bias_regularizer)
+        self.bias = add(
+            "bias",
+            (self.directions, 5 * self.units),
+            self.bias_initializer,
+            self.bias_regularizer,
+        )
 
     @property
     def _math_dtype(self):
@@ -185,20 +220,28 @@ class SpatialAttentionLSTM(keras.layers.Layer):
         # Softmax over the last axis: over axis 1 TFLite would add two transposes.
         alpha = ops.softmax(ops.reshape(scores, (-1, positions)), axis=-1)
         attended = x * ops.reshape(alpha * positions, (-1, positions, 1))
-        projected = _matmul(attended, weight(self.kernel)) + weight(self.bias)
+        projected = _matmul(attended, weight(self.kernel))
+        projected = ops.reshape(projected, (-1, height, width, 5 * self.units))
+        alpha_grid = ops.reshape(alpha, (-1, height, width, 1))
+        # Every sweep is the top-left sweep of a flipped grid; the sweeps are stacked along
+        # the batch axis (sweep-major) and run as one wavefront.
+        bias = weight(self.bias)
+        corners = list(_CORNERS.values())[: self.directions]
+        projected = _stack_sweeps(
+            [_flip(projected, axes) + bias[k] for k, axes in enumerate(corners)], height, width
+        )
         # After the skew, diagonal d is column d of rows max(0, d-W+1)..min(d, H-1). Unstacking
         # the columns once keeps the backward pass from building a full-size gradient per step.
-        projected = ops.reshape(projected, (-1, height, width, 5 * self.units))
         diagonals = ops.unstack(_skew(projected), axis=2)
         if self.pooling == "attention":
-            alpha_grid = ops.reshape(alpha, (-1, height, width, 1))
+            alpha_grid = _stack_sweeps([_flip(alpha_grid, axes) for axes in corners], height, width)
             alpha_diagonals = ops.unstack(_skew(alpha_grid), axis=2)
 
         recurrent_kernel = weight(self.recurrent_kernel)
         pooled = 0.0
         for d in range(height + width - 1):
             first, last = max(0, d - width + 1), min(d, height - 1)
-            z = diagonals[d][:, first : last + 1]  # (B, n, 5·units), rows first..last
+            z = diagonals[d][:, first : last + 1]  # (D·B, n, 5·units), rows first..last
             if d == 0:
                 c_up = c_left = None
             else:
@@ -210,7 +253,7 @@ class SpatialAttentionLSTM(keras.layers.Layer):
                 left = slice(offset + 1, offset + last - first + 2)
                 h_padded, c_padded = (ops.pad(t, [[0, 0], [1, 1], [0, 0]]) for t in (h, c))
                 neighbours = ops.concatenate([h_padded[:, up], h_padded[:, left]], axis=-1)
-                z = z + _matmul(neighbours, recurrent_kernel)
+                z = z + self._recurrent_matmul(neighbours, recurrent_kernel)
                 c_up, c_left = c_padded[:, up], c_padded[:, left]
             h, c = self._cell(z, c_up, c_left)
             if self.pooling == "attention":
@@ -224,10 +267,20 @@ class SpatialAttentionLSTM(keras.layers.Layer):
             features = pooled
         else:
             features = pooled / positions
+        features = _unstack_sweeps(features, self.directions)
         return {
             "features": features,
             "attention_maps": ops.reshape(alpha, (-1, height, width)),
         }
+
+    def _recurrent_matmul(self, neighbours, recurrent_kernel):
+        """Each sweep's `[h_up, h_left] @ [U_up; U_left]`, for sweeps stacked batch-major."""
+        if self.directions == 1:
+            return _matmul(neighbours, recurrent_kernel[0])
+        _, rows, features = neighbours.shape
+        per_sweep = ops.reshape(neighbours, (self.directions, -1, features))
+        product = ops.matmul(per_sweep, recurrent_kernel)  # (D, B·n, 5·units)
+        return ops.reshape(product, (-1, rows, 5 * self.units))
 
     def _cell(self, z, c_up, c_left):
         input_gate, forget_up, forget_left, output_gate, candidate = ops.split(z, 5, axis=-1)
@@ -244,7 +297,10 @@ class SpatialAttentionLSTM(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         _check_input_shape(input_shape)
         batch, height, width, _ = input_shape
-        return {"features": (batch, self.units), "attention_maps": (batch, height, width)}
+        return {
+            "features": (batch, self.directions * self.units),
+            "attention_maps": (batch, height, width),
+        }
 
     def compute_output_spec(self, inputs):
         # The default spec would carry the policy's compute dtype (float16), not float32.
@@ -261,6 +317,7 @@ class SpatialAttentionLSTM(keras.layers.Layer):
             "activation": activations.serialize(self.activation),
             "recurrent_activation": activations.serialize(self.recurrent_activation),
             "pooling": self.pooling,
+            "directions": self.directions,
             "kernel_initializer": initializers.serialize(self.kernel_initializer),
             "recurrent_initializer": initializers.serialize(self.recurrent_initializer),
             "bias_initializer": initializers.serialize(self.bias_initializer),
@@ -299,6 +356,28 @@ def _matmul(x, kernel):
     _, rows, features = x.shape
     product = ops.matmul(ops.reshape(x, (-1, features)), kernel)
     return ops.reshape(product, (-1, rows, kernel.shape[-1]))
+
+
+def _flip(grid, axes):
+    for axis in axes:
+        grid = ops.flip(grid, axis=axis)
+    return grid
+
+
+def _stack_sweeps(grids, height, width):
+    """D grids (B, H, W, F) -> (D·B, H, W, F), sweep-major."""
+    if len(grids) == 1:
+        return grids[0]
+    return ops.reshape(ops.stack(grids, axis=0), (-1, height, width, grids[0].shape[-1]))
+
+
+def _unstack_sweeps(features, directions):
+    """(D·B, F), sweep-major -> (B, D·F): each sample's sweeps side by side."""
+    if directions == 1:
+        return features
+    units = features.shape[-1]
+    per_sweep = ops.reshape(features, (directions, -1, units))
+    return ops.reshape(ops.transpose(per_sweep, (1, 0, 2)), (-1, directions * units))
 
 
 def _skew(grid):

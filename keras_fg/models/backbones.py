@@ -36,6 +36,9 @@ class BackboneSpec:
         last_stride_layers: The layers of the last downsampling step (a strided
             convolution, and the padding layer before it if there is one), which
             `last_stride=1` rebuilds with stride 1; empty if the option is not offered.
+        earlier_feature_layer: An earlier block's layer, one downsampling step before the
+            default feature layer: the second stream of a two-depth backbone
+            (`create_backbone(..., earlier_feature_layer=...)`); empty if none is registered.
     """
 
     application: Callable
@@ -44,6 +47,7 @@ class BackboneSpec:
     channels: int
     stride: int
     last_stride_layers: tuple = ()
+    earlier_feature_layer: str = ""
 
 
 def _tiny_convnet(include_top=False, weights=None, input_tensor=None, input_shape=None):
@@ -89,9 +93,13 @@ def _named_output(application, output_name):
 
 _apps = keras.applications
 BACKBONES = {
-    "vgg16": BackboneSpec(_apps.VGG16, "block5_conv3", "caffe", 512, 16),
+    "vgg16": BackboneSpec(
+        _apps.VGG16, "block5_conv3", "caffe", 512, 16, earlier_feature_layer="block4_conv3"
+    ),
     # MA-CNN's conv5_4 (28×28×512 at 448 px).
-    "vgg19": BackboneSpec(_apps.VGG19, "block5_conv4", "caffe", 512, 16),
+    "vgg19": BackboneSpec(
+        _apps.VGG19, "block5_conv4", "caffe", 512, 16, earlier_feature_layer="block4_conv4"
+    ),
     "resnet50": BackboneSpec(
         _apps.ResNet50,
         "conv5_block3_out",
@@ -99,11 +107,20 @@ BACKBONES = {
         2048,
         32,
         ("conv5_block1_1_conv", "conv5_block1_0_conv"),  # main path and shortcut
+        "conv4_block6_out",
     ),
     # The last layer: the 320-channel block_16_project_BN before it is linear (no ReLU),
     # and the families reduce channels with a 1×1 convolution anyway.
+    # The earlier layer: block 13's expansion (576 channels, 14×14 at 224 px), the last
+    # layer before the last downsampling step.
     "mobilenetv2": BackboneSpec(
-        _apps.MobileNetV2, "out_relu", "tf", 1280, 32, ("block_13_pad", "block_13_depthwise")
+        _apps.MobileNetV2,
+        "out_relu",
+        "tf",
+        1280,
+        32,
+        ("block_13_pad", "block_13_depthwise"),
+        "block_13_expand_relu",
     ),
     # MobileNetV3 and EfficientNetV2 include their own preprocessing and take [0, 255].
     "mobilenetv3small": BackboneSpec(
@@ -121,7 +138,7 @@ BACKBONES = {
         32,
     ),
     "efficientnetv2b0": BackboneSpec(_apps.EfficientNetV2B0, "top_activation", "none", 1280, 32),
-    "tiny": BackboneSpec(_tiny_convnet, "conv4", "unit", 128, 8),
+    "tiny": BackboneSpec(_tiny_convnet, "conv4", "unit", 128, 8, earlier_feature_layer="conv3"),
 }
 
 
@@ -131,7 +148,13 @@ def list_backbones():
 
 
 def create_backbone(
-    name, weights=None, image_size=224, feature_layer=None, name_prefix="", last_stride=2
+    name,
+    weights=None,
+    image_size=224,
+    feature_layer=None,
+    name_prefix="",
+    last_stride=2,
+    earlier_feature_layer=None,
 ):
     """Builds a registered backbone: raw [0, 255] RGB pixels in, a feature map out.
 
@@ -156,6 +179,11 @@ def create_backbone(
             16×8 instead of 8×4 at 256×128 for MobileNetV2. The weights are unchanged
             (a strided convolution has the same kernel at stride 1) and load as usual.
             Offered by the backbones whose `BACKBONES[name].last_stride_layers` is set.
+        earlier_feature_layer: `None` (one feature map), `"default"` for
+            `BACKBONES[name].earlier_feature_layer`, or a layer name: the backbone then
+            returns two depths of the network side by side, `[F, pool(F_early)]`, the
+            earlier map average-pooled (or resized) to `F`'s grid. `earlier_channels`
+            tells where they split. DASRBN reads them as its two streams.
 
     Returns:
         A Functional `keras.Model` named `f"{name_prefix}{name}_backbone"`, input
@@ -208,7 +236,51 @@ def create_backbone(
         network = _with_last_stride_1(network, spec.last_stride_layers)
         images = network.inputs[0]
     features = network.get_layer(layer_name).output
+    if earlier_feature_layer is not None:
+        features = _two_depths(network, name, spec, features, earlier_feature_layer)
     return keras.Model(images, features, name=f"{name_prefix}{name}_backbone")
+
+
+TWO_DEPTHS = "two_depths"
+
+
+def earlier_channels(backbone):
+    """Channels of the earlier map in a two-depth backbone's output (its last ones), or `None`.
+
+    A backbone from `create_backbone(..., earlier_feature_layer=...)` returns
+    `[F, pool(F_early)]` along channels; this is the size of the second part.
+    """
+    layer_names = {layer.name for layer in backbone.layers}
+    if TWO_DEPTHS not in layer_names:
+        return None
+    return int(backbone.get_layer(TWO_DEPTHS).input[1].shape[-1])
+
+
+def _two_depths(network, name, spec, features, earlier_feature_layer):
+    layer_name = earlier_feature_layer
+    if layer_name == "default":
+        layer_name = spec.earlier_feature_layer
+        if not layer_name:
+            offered = sorted(n for n, s in BACKBONES.items() if s.earlier_feature_layer)
+            raise ValueError(
+                f"No earlier feature layer is registered for backbone {name!r} (registered for "
+                f"{', '.join(offered)}); name one. Received: earlier_feature_layer='default'"
+            )
+    layer_names = [layer.name for layer in network.layers]
+    if layer_name not in layer_names:
+        raise ValueError(
+            f"Unknown earlier_feature_layer for backbone {name!r} ({len(layer_names)} layers, "
+            f"listed by keras.Model.summary()). Received: earlier_feature_layer={layer_name!r}"
+        )
+    earlier = network.get_layer(layer_name).output
+    grid, earlier_grid = tuple(features.shape[1:3]), tuple(earlier.shape[1:3])
+    factor = earlier_grid[0] // grid[0]
+    if earlier_grid == (grid[0] * factor, grid[1] * factor):
+        if factor > 1:  # Average each block of cells: every earlier location is kept.
+            earlier = keras.layers.AveragePooling2D(factor, name="pool_earlier_features")(earlier)
+    else:
+        earlier = keras.layers.Resizing(*grid, name="resize_earlier_features")(earlier)
+    return keras.layers.Concatenate(name=TWO_DEPTHS)([features, earlier])
 
 
 def _height_width(image_size):

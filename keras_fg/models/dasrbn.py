@@ -1,9 +1,11 @@
-"""DASRBN: attention over per-location bilinear features, read by a 2-D spatial LSTM."""
+"""DASRBN: attention over per-location bilinear features of two streams, read by spatial LSTMs."""
 
 import keras
+from keras import ops
 
 from keras_fg.layers.per_location_outer_product import PerLocationOuterProduct
 from keras_fg.layers.spatial_attention_lstm import SpatialAttentionLSTM
+from keras_fg.models.backbones import earlier_channels
 from keras_fg.models.fine_grained_model import (
     FineGrainedModel,
     classification_head,
@@ -17,25 +19,45 @@ from keras_fg.models.fine_grained_model import (
 class DASRBN(FineGrainedModel):
     """Attention-based spatially recurrent bilinear network (Wu & Wang, DESIGN.md §1.3).
 
-        A = relu(conv1x1_a(F_a)),  B = relu(conv1x1_b(F_b))     two streams, r channels each
-        x_hw = vec(a_hw ⊗ b_hw)                                 bilinear outcome per location
-        α = softmax_hw(MLP(x_hw)),  h = 2-D LSTM over α ⊙ x     (`SpatialAttentionLSTM`)
-        f = [h, GAP(F_a)]  (the global route, optional)         logits = W f + b
+        a_hw = relu(W_a F_a,hw),  b_hw = relu(W_b F_b,hw)        two streams, r channels each
+        x_hw = sign(z) √|z|,  z = vec(a_hw ⊗ b_hw)                per location, norm kept
+        α = softmax_hw(w2ᵀ tanh(W1 x_hw + b1))                    attention over locations
+        h^k = 2-D LSTM over HW·α ⊙ x, swept from corner k         (`SpatialAttentionLSTM`)
+        r = [Σ_hw α_hw h^k_hw]_k ⊕ Σ_hw α_hw x_hw,  g = GAP(F_a)  recurrent and global branch
+        f = [LN(r), LN(g)]                                        each branch normalised
+        logits = W f + b
+        L = CE(logits) + λ (CE(W_r LN(r) + b_r) + CE(W_g LN(g) + b_g))
 
-    The two streams are two 1×1 projections of one backbone (or of two backbones, the
-    second resized to the first's grid). The attention maps α are a model output.
+    F_a is the backbone's feature map. F_b is, by default, an earlier block of the same
+    backbone pooled to F_a's grid (a two-depth backbone, `create_backbone(...,
+    earlier_feature_layer=...)`), or a second backbone's map; with neither, both streams
+    read F_a. The outer product keeps each location's magnitude (no per-location L2
+    normalisation), so the attention can tell a strong response from a weak one.
+    Attention-weighted pooling of the sweeps from the four corners gives every location
+    a direct path to the loss. Each branch is layer-normalised before the concatenation,
+    and an auxiliary classifier on each branch (weight λ, `branch_loss_weight`) keeps
+    either one from starving the other once the head fits the training set. The
+    attention map α is a model output; the branch logits are `"branch_logits"` (B, 2, K).
 
     Args:
-        backbone: a headless feature extractor from `keras_fg.models.create_backbone`.
+        backbone: a headless feature extractor from `keras_fg.models.create_backbone`;
+            a two-depth one gives the two streams.
         num_classes: number of classes.
-        second_backbone: a second stream's backbone, or `None` to project one backbone twice.
+        second_backbone: a second stream's backbone, read as F_b; `None` for the two-depth
+            backbone's earlier map (or F_a again for a one-depth backbone).
         stream_dim: r, channels of each stream before the outer product (r² per location).
-        lstm_units: hidden units of the spatial LSTM.
-        attention_units: hidden units of the attention MLP.
-        global_features: also feed the globally pooled backbone features to the classifier,
-            a shortcut that keeps the pretrained features' accuracy within reach while the
-            recurrent part learns.
-        dropout: dropout rate before the classifier.
+            Defaults to 16.
+        lstm_units: hidden units of each sweep of the spatial LSTM. Defaults to 32.
+        attention_units: hidden units of the attention MLP. Defaults to 32.
+        directions: number of sweeps, from 1, 2 or 4 corners. Defaults to 4.
+        attended_bilinear: add `Σ_hw α_hw x_hw`, the attention-pooled bilinear outcomes, to
+            the recurrent branch. Defaults to `True`.
+        global_features: add the global branch g. Defaults to `True`.
+        branch_loss_weight: λ, weight of the branches' auxiliary cross-entropies (0: none).
+            Defaults to 1.0.
+        dropout: dropout rate before the classifiers. Defaults to 0.5 (CUB subset head on
+            cached MobileNetV2 features, seed 0: 89.2 % and 88.7 % top-1 in two runs, against
+            87.9 % without).
         bnneck: add a BNNeck (re-identification).
         freeze_batchnorm: run the backbones' BatchNormalization in inference mode.
         **kwargs: the `FineGrainedModel` options.
@@ -50,46 +72,101 @@ class DASRBN(FineGrainedModel):
         backbone,
         num_classes,
         second_backbone=None,
-        stream_dim=32,
-        lstm_units=256,
-        attention_units=64,
+        stream_dim=16,
+        lstm_units=32,
+        attention_units=32,
+        directions=4,
+        attended_bilinear=True,
         global_features=True,
-        dropout=0.0,
+        branch_loss_weight=1.0,
+        dropout=0.5,
         bnneck=False,
         freeze_batchnorm=True,
         **kwargs,
     ):
         if stream_dim < 1:
             raise ValueError(f"`stream_dim` must be >= 1. Received: stream_dim={stream_dim}")
+        if branch_loss_weight < 0:
+            raise ValueError(
+                f"`branch_loss_weight` must be >= 0. Received: branch_loss_weight={branch_loss_weight}"
+            )
+        # === Streams ===
         images = image_input(backbone)
-        feature_a = run_backbone(backbone, images, freeze_batchnorm)
-        feature_b = feature_a
+        feature_map = run_backbone(backbone, images, freeze_batchnorm)
+        feature_a = feature_b = feature_map
+        earlier = earlier_channels(backbone)
+        if earlier is not None:
+            feature_a, feature_b = ops.split(feature_map, [feature_map.shape[-1] - earlier], -1)
         if second_backbone is not None:
             feature_b = second_stream(second_backbone, images, feature_a, freeze_batchnorm)
         stream_a = keras.layers.Conv2D(stream_dim, 1, activation="relu", name="stream_a")(feature_a)
         stream_b = keras.layers.Conv2D(stream_dim, 1, activation="relu", name="stream_b")(feature_b)
-        bilinear = PerLocationOuterProduct(name="bilinear_outcomes")([stream_a, stream_b])
+        bilinear = PerLocationOuterProduct(l2_normalize=False, name="bilinear_outcomes")(
+            [stream_a, stream_b]
+        )
+        # === Attention and spatial LSTM ===
         recurrent = SpatialAttentionLSTM(
-            lstm_units, attention_units=attention_units, name="spatial_attention_lstm"
+            lstm_units,
+            attention_units=attention_units,
+            pooling="attention",
+            directions=directions,
+            name="spatial_attention_lstm",
         )(bilinear)
-        features = recurrent["features"]
+        # === Branches and classifiers ===
+        recurrent_features = recurrent["features"]
+        if attended_bilinear:
+            # A product and a sum, not an einsum: TFLite cannot convert that einsum.
+            alpha = ops.expand_dims(recurrent["attention_maps"], -1)
+            attended = ops.sum(alpha * bilinear, axis=(1, 2))
+            recurrent_features = ops.concatenate([recurrent_features, attended], axis=-1)
+        branches = [_normalized(recurrent_features, "recurrent")]
         if global_features:
             pooled = keras.layers.GlobalAveragePooling2D(name="global_pool", dtype="float32")(
                 feature_a
             )
-            features = keras.layers.Concatenate(name="fuse_global")([features, pooled])
+            branches.append(_normalized(pooled, "global"))
+        features = branches[0]
+        if global_features:
+            features = keras.layers.Concatenate(name="fuse_branches")(branches)
         outputs = classification_head(features, num_classes, dropout, bnneck)
         outputs["attention_maps"] = recurrent["attention_maps"]
+        if branch_loss_weight > 0 and global_features:
+            branch_logits = [
+                _branch_classifier(branch, num_classes, dropout, name)
+                for branch, name in zip(branches, ("recurrent", "global"))
+            ]
+            outputs["branch_logits"] = ops.stack(branch_logits, axis=1)
         super().__init__(inputs=images, outputs=outputs, num_classes=num_classes, **kwargs)
+        # === Config ===
         self.backbone = backbone
         self.second_backbone = second_backbone
         self.stream_dim = stream_dim
         self.lstm_units = lstm_units
         self.attention_units = attention_units
+        self.directions = directions
+        self.attended_bilinear = attended_bilinear
         self.global_features = global_features
+        self.branch_loss_weight = float(branch_loss_weight)
         self.dropout = dropout
         self.bnneck = bnneck
         self.freeze_batchnorm = freeze_batchnorm
+
+    def loss_term_names(self):
+        # Called by the base constructor, before this one stores its arguments.
+        names = super().loss_term_names()
+        if "branch_logits" in self.output:
+            names.append("branch_loss")
+        return names
+
+    def compute_loss_terms(self, y, y_pred):
+        terms = super().compute_loss_terms(y, y_pred)
+        if "branch_logits" in y_pred:
+            branch_logits = y_pred["branch_logits"]
+            per_sample = sum(
+                self.cross_entropy(y, branch_logits[:, i]) for i in range(branch_logits.shape[1])
+            )
+            terms["branch_loss"] = (self.branch_loss_weight, per_sample)
+        return terms
 
     def get_config(self):
         return {
@@ -97,5 +174,19 @@ class DASRBN(FineGrainedModel):
             "stream_dim": self.stream_dim,
             "lstm_units": self.lstm_units,
             "attention_units": self.attention_units,
+            "directions": self.directions,
+            "attended_bilinear": self.attended_bilinear,
             "global_features": self.global_features,
+            "branch_loss_weight": self.branch_loss_weight,
         }
+
+
+def _normalized(branch, name):
+    # float32: a layer norm over 1,280 features in float16 loses the small ones.
+    return keras.layers.LayerNormalization(name=f"{name}_norm", dtype="float32")(branch)
+
+
+def _branch_classifier(branch, num_classes, dropout, name):
+    if dropout:
+        branch = keras.layers.Dropout(dropout, name=f"{name}_dropout")(branch)
+    return keras.layers.Dense(num_classes, name=f"{name}_classifier", dtype="float32")(branch)

@@ -1,6 +1,6 @@
 """One factory for every model family, so that one command line can drive them all."""
 
-from keras_fg.models.backbones import create_backbone
+from keras_fg.models.backbones import BACKBONES, create_backbone
 from keras_fg.models.bilinear_cnn import BilinearCNN
 from keras_fg.models.dasrbn import DASRBN
 from keras_fg.models.gap_classifier import GAPClassifier
@@ -43,7 +43,9 @@ def create_model(
             backbone's own default).
         second_backbone: for `"bcnn"` and `"dasrbn"`, the name of a second stream's backbone
             (same `weights` argument rules; randomly initialised unless `weights` is
-            `"imagenet"`).
+            `"imagenet"`). Without it, `"dasrbn"` reads its second stream from an earlier
+            block of `backbone` (`BACKBONES[backbone].earlier_feature_layer`) when one is
+            registered.
         part_crop_size: for `"macnn"`, the side of the part crops (full MA-CNN: each part is
             cropped around its peak and classified by a part backbone of the same kind,
             sharing `weights`); `None` leaves the crops out.
@@ -83,11 +85,18 @@ def create_model(
             feature_layer=feature_layer,
             name_prefix="part_",
         )
+    two_depths = (
+        name == "dasrbn"
+        and second_backbone is None
+        and backbone in BACKBONES
+        and bool(BACKBONES[backbone].earlier_feature_layer)
+    )
     features = create_backbone(
         backbone,
         weights=weights,
         image_size=image_size,
         feature_layer=feature_layer,
         last_stride=last_stride,
+        earlier_feature_layer="default" if two_depths else None,
     )
     return family(features, num_classes, name=f"{name}_{backbone}", **options)
