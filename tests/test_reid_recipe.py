@@ -209,3 +209,12 @@ def test_gpu_recipe_file_is_the_full_recipe(market_dir):
     assert args.random_erasing and args.bnneck and args.last_stride == 1
     assert args.label_smoothing == 0.1 and args.center_loss_weight == 5e-4
     assert args.warmup_epochs == 10 and args.batch_size == 64 and args.train_batchnorm
+
+
+def test_dropout_flag_keeps_each_familys_default_unless_given():
+    assert "dropout" not in family_options(parse_args(["--model", "dasrbn"]))
+    assert family_options(parse_args(["--model", "dasrbn", "--dropout", "0"]))["dropout"] == 0.0
+    model = build(
+        parse_args(["--model", "dasrbn", "--image-size", "64", "64", "--backbone", "tiny"])
+    )
+    assert model.dropout == 0.5

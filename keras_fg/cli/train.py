@@ -378,7 +378,9 @@ def set_mixed_precision(choice):
 
 
 def family_options(args):
-    options = {"dropout": args.dropout, "freeze_batchnorm": not args.train_batchnorm}
+    options = {"freeze_batchnorm": not args.train_batchnorm}
+    if args.dropout is not None:  # Otherwise the family's default (DASRBN's is 0.5).
+        options["dropout"] = args.dropout
     if args.model == "macnn":
         options.update(
             num_parts=args.num_parts,

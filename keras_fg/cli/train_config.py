@@ -130,7 +130,12 @@ def build_parser():
     model.add_argument(
         "--lstm-units", type=int, default=32, help="dasrbn: spatial LSTM units of each sweep"
     )
-    model.add_argument("--dropout", type=float, default=0.0, help="dropout before the classifier")
+    model.add_argument(
+        "--dropout",
+        type=float,
+        default=None,
+        help="dropout before the classifier (default: the family's own, 0.5 for dasrbn, else 0)",
+    )
     model.add_argument(
         "--train-batchnorm",
         action="store_true",
