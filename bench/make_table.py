@@ -163,9 +163,9 @@ def growth_lines(models):
     return [""] + lines if lines else []
 
 
-def speed_section(result):
+def speed_section(result, title="Speed and memory (CPU)"):
     lines = [
-        "### Speed and memory (CPU)",
+        f"### {title}",
         "",
         "Medians over steps; training updates every layer but BatchNormalization (AdamW); "
         "random images; each row in its own process (peak RSS is its own).",
@@ -308,6 +308,9 @@ def main():
         lines += accuracy_section([a for a in accuracy if a])
     if speed:
         lines += speed_section(speed)
+    families = load("speed_families")  # The families side by side, in one later session.
+    if families:
+        lines += speed_section(families, "Speed of the families side by side (CPU, one session)")
     export = load("export_latency") or load("export_latency_quick")
     if export:
         lines += export_section(export)

@@ -12,7 +12,10 @@ epoch, in its own subprocess too.
     python bench/speed.py            # the 5 families at 224 px / batch 32, and the scaling grid
     python bench/speed.py --quick    # GAP and compact B-CNN at 224 / 32, fewer steps
 
-Writes bench/results/speed.json (speed_quick.json with --quick).
+    python bench/speed.py --configs gap:224:32 bcnn:224:32 macnn:224:32 dasrbn:224:32 \
+        --skip-pipeline --output speed_families     # the families side by side, kept apart
+
+Writes bench/results/speed.json (speed_quick.json with --quick, NAME.json with --output NAME).
 """
 
 import argparse
@@ -160,6 +163,9 @@ def main():
     )
     parser.add_argument("--skip-pipeline", action="store_true")
     parser.add_argument("--repeats", type=int, default=None, help="processes per figure")
+    parser.add_argument(
+        "--output", default=None, help="results name (default: speed, or speed_quick)"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -174,7 +180,7 @@ def main():
     steps = args.steps or (3 if args.quick else 5)
     args.repeats = args.repeats or (1 if args.quick else 3)
     latency_runs = 10 if args.quick else 30
-    name = "speed_quick" if args.quick else "speed"
+    name = args.output or ("speed_quick" if args.quick else "speed")
     previous = RESULTS / f"{name}.json"
     previous = json.loads(previous.read_text()) if previous.exists() else {}
     key = lambda r: (r.get("family"), r.get("image_size"), r.get("batch_size"))  # noqa: E731
@@ -209,7 +215,7 @@ def main():
 def payload(args, steps, latency_runs, models, pipeline):
     return {
         "benchmark": "speed",
-        "command": "python bench/speed.py" + (" --quick" if args.quick else ""),
+        "command": " ".join(["python bench/speed.py", *sys.argv[1:]]),
         "settings": {
             "backbone": "mobilenetv2, shared weights, BatchNormalization frozen",
             "training": "all other layers trainable, AdamW, train_on_batch on random images",
