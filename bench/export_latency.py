@@ -9,7 +9,8 @@ loads (a layer changed) is trained again.
 Every model is exported with `keras_fg.export.export_model`, which times each file on one
 image (median) and checks it against Keras on all 1,449 test images; int8 and 16x8 are
 calibrated on 300 training images, 6 of each class. Beside the default int8 file, int8 is
-also exported keeping 0 and other numbers of the debugger's worst layers in float
+also exported keeping other numbers of layers in float (those whose int8 weights move the
+logits most)
 (`--int8-float-layers`), to show what each choice costs and buys.
 
     python bench/export_latency.py                      # gap, bcnn, macnn
@@ -33,6 +34,8 @@ from common import CUB_ROOT, FAMILIES, MOBILENET_WEIGHTS, RESULTS, ROOT, require
 
 CACHE = ROOT / "bench" / "cache"
 CALIBRATION_IMAGES = 300
+FORMATS = ("saved_model", "tflite_fp32", "tflite_fp16", "tflite_dynamic", "tflite_int8",
+           "tflite_int16x8")  # fmt: skip
 HEAD_EPOCHS = 30
 
 
@@ -48,7 +51,7 @@ def trained_model(family):
             return keras.saving.load_model(path), {"from_cache": str(path.relative_to(ROOT))}
         except Exception as error:  # A layer changed since it was saved: train it again.
             print(f"{path} does not load ({type(error).__name__}); training again", flush=True)
-    from accuracy import initialise_channel_grouping, load_features
+    from accuracy import load_features
 
     from keras_fg.data import load_dataset
     from keras_fg.models import create_model, train_head
@@ -62,7 +65,7 @@ def trained_model(family):
     )  # fmt: skip
     if model_name == "macnn":
         sample = features["train"][np.random.default_rng(0).permutation(1500)[:512]]
-        initialise_channel_grouping(model, sample, seed=0)
+        model.initialize_channel_grouping_from_features(sample, seed=0)
     start = time.perf_counter()
     train_head(
         model,
@@ -132,10 +135,11 @@ def run_family(family, workdir, args):
     )  # fmt: skip
     result["export_seconds"] = time.perf_counter() - start
     result["exports"] = [{k: e.get(k) for k in KEYS if k in e} for e in report["exports"]]
-    # The other int8 choices: how many of the debugger's worst layers stay float.
+    # The other int8 choices: how many of the most sensitive layers stay float.
     images = None
     for count in args.int8_float_layers:
-        if any(e.get("float_layers") is not None and len(e["float_layers"]) == count
+        if any(e.get("float_layers") is not None and count == sum(
+               layer.get("why") != "writes the logits" for layer in e["float_layers"])
                for e in result["exports"]):  # fmt: skip
             continue
         if images is None:
@@ -173,11 +177,11 @@ def main():
                         help="other int8 choices to measure (default: 0)")  # fmt: skip
     parser.add_argument("--test-images", type=int, default=None,
                         help="parity on this many test images (default: all 1,449)")  # fmt: skip
+    parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS,
+                        help="the files to export (default: all)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="gap, 200 test images")
     args = parser.parse_args()
     require_shared(CUB_ROOT, MOBILENET_WEIGHTS)
-    args.formats = ("saved_model", "tflite_fp32", "tflite_fp16", "tflite_dynamic",
-                    "tflite_int8", "tflite_int16x8")  # fmt: skip
     if args.quick:
         args.families, args.test_images = ["gap"], args.test_images or 200
     name = "export_latency_quick" if args.quick else "export_latency"
