@@ -262,8 +262,8 @@ def export_section(result):
         "`keras_fg.export.export_model` on MobileNetV2 models whose heads were trained on the "
         "CUB subset; latency: median of one-image calls; agreement: top-1 of each file against "
         "the Keras model on the CUB test images; int8 and 16x8 calibrated on 300 training "
-        "images (6 per class). `int8 (N float layers)`: the N layers the quantization debugger "
-        "ranks worst kept in float.",
+        "images (6 per class). `int8 (N float layers)`: the N layers whose int8 weights move the "
+        "logits most kept in float.",
         "",
         "| model | runtime | latency | speed vs TFLite fp32 | size | top-1 agreement with Keras |",
         "| --- | --- | --- | --- | --- | --- |",

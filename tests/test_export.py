@@ -27,7 +27,16 @@ from keras_fg.export import (
 )
 from keras_fg.export.exporter import format_table
 from keras_fg.export.parity import evaluate_check
-from keras_fg.export.tflite import INT8_FLOAT_LAYERS, INT8_OPS, read_labels
+from keras_fg.export.tflite import (
+    INT8_FLOAT_LAYERS,
+    INT8_OPS,
+    _bias_corrections,
+    _int8_weights,
+    _logits_layer,
+    _quantizable_layers,
+    _weight_sensitivity,
+    read_labels,
+)
 from keras_fg.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -322,7 +331,7 @@ def test_tflite_int8_of_a_trained_model_keeps_its_decisions(labelled_images, tmp
     model.compile(optimizer=keras.optimizers.Adam(3e-3))
     model.fit(images, labels, epochs=30, batch_size=16, verbose=0)
     path = tmp_path / "dasrbn_int8.tflite"
-    ops_used = export_tflite(model, path, "int8", representative_images=images)
+    ops_used = export_tflite(model, path, "int8", representative_images=images, int8_float_layers=0)
 
     assert {"QUANTIZE", "DEQUANTIZE", "CONV_2D"} <= set(ops_used)
     interpreter = Interpreter(model_path=str(path))
@@ -550,7 +559,12 @@ def test_cli_writes_the_serving_layout_and_the_report(cli_export, jpeg_dir):
     for entry in report["exports"][1:]:
         assert entry["labels"] == "labels.txt"
         assert read_labels(output / entry["file"]) == ["albatross", "ani", "auklet"]
-    assert len(by_format["tflite_int8"]["float_layers"]) == INT8_FLOAT_LAYERS
+    # The logits' layer, then the INT8_FLOAT_LAYERS most sensitive of the others (the tiny
+    # MA-CNN has fewer layers than that: all of them).
+    float_layers = by_format["tflite_int8"]["float_layers"]
+    assert float_layers[0]["why"] == "writes the logits"
+    quantizable = _quantizable_layers(keras.saving.load_model(model_file))
+    assert len(float_layers) == min(1 + INT8_FLOAT_LAYERS, len(quantizable))
     assert by_format["saved_model"]["max_abs_diff"] < 1e-5
     assert by_format["tflite_fp32"]["max_abs_diff"] < 1e-5
     assert report["passed"] == all(e["check"]["passed"] for e in report["exports"])
@@ -642,36 +656,184 @@ def test_tflite_carries_its_class_names_and_the_interpreter_still_runs_it(jpeg_b
         write_labels(bare, ["one", "two\nlines"])
 
 
-def test_int8_keeps_the_layers_the_debugger_ranks_worst_in_float(labelled_images, tmp_path):
-    images, labels = labelled_images
-    model = build("gap", num_classes=4)
-    path = tmp_path / "gap_int8.tflite"
+def planted_fragile_model():
+    """Two convolutions: `fragile`'s int8 weights lose its signal, `sturdy`'s do not.
+
+    Each output channel of `fragile` holds one weight 200 times larger than the others, on
+    an input channel that is always zero; the small weights carry the image, and int8
+    rounding per output channel (step = largest / 127) sets them to zero. `sturdy` has
+    Gaussian weights, which int8 keeps to within 0.5 %.
+    """
+    rng = np.random.default_rng(0)
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs)
+    x = keras.layers.Conv2D(8, 3, padding="same", name="sturdy")(x)
+    x = keras.layers.Conv2D(8, 3, padding="same", name="fragile")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    logits = keras.layers.Dense(4, name="classifier")(x)
+    model = keras.Model(inputs, {"logits": logits, "probabilities": keras.layers.Softmax()(logits)})
+    sturdy, fragile = model.get_layer("sturdy"), model.get_layer("fragile")
+    sturdy_kernel = rng.normal(0, 0.3, (3, 3, 3, 8))
+    sturdy_kernel[..., 0] = 0  # Output channel 0 is zero everywhere.
+    sturdy.set_weights([sturdy_kernel, np.zeros(8)])
+    kernel = rng.normal(0, 0.0003, (3, 3, 8, 8))
+    kernel[0, 0, 0, :] = 0.06  # The corner tap of channel 0: the outlier of every filter.
+    fragile.set_weights([kernel, np.zeros(8)])
+    model.get_layer("classifier").set_weights([rng.normal(0, 30, (8, 4)), np.zeros(4)])
+    return model
+
+
+def test_int8_weights_round_as_the_converter_does(tmp_path):
+    rng = np.random.default_rng(0)
+    kernel = rng.normal(0, 1, (3, 3, 4, 5)).astype("float32")
+    kernel[..., 2] *= 100  # Per output channel: a large channel does not coarsen the others.
+    expected = np.empty_like(kernel)
+    for o in range(5):
+        scale = np.abs(kernel[..., o]).max() / 127
+        expected[..., o] = np.round(kernel[..., o] / scale) * scale
+    np.testing.assert_allclose(_int8_weights(kernel, depthwise=False), expected, rtol=1e-6)
+    depthwise = rng.normal(0, 1, (3, 3, 4, 2)).astype("float32")
+    rounded = _int8_weights(depthwise, depthwise=True)
+    for c in range(4):
+        for m in range(2):
+            scale = np.abs(depthwise[:, :, c, m]).max() / 127
+            np.testing.assert_allclose(
+                rounded[:, :, c, m], np.round(depthwise[:, :, c, m] / scale) * scale, rtol=1e-6
+            )
+    # The converter's own int8 kernel, dequantized, is the same array.
+    inputs = keras.Input((8, 8, 4))
+    model = keras.Model(inputs, keras.layers.Conv2D(5, 3, use_bias=False)(inputs))
+    model.layers[-1].set_weights([kernel])
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: (
+        [rng.normal(0, 1, (1, 8, 8, 4)).astype("float32")] for _ in range(8)
+    )
+    interpreter = Interpreter(model_content=converter.convert())
+    (weights,) = [
+        t for t in interpreter.get_tensor_details() if t["shape"].tolist() == [5, 3, 3, 4]
+    ]
+    scales = weights["quantization_parameters"]["scales"]
+    stored = (
+        interpreter.get_tensor(weights["index"]).astype("float32") * scales[:, None, None, None]
+    )
+    np.testing.assert_allclose(stored.transpose(1, 2, 3, 0), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_int8_keeps_in_float_the_layer_whose_int8_weights_move_the_output(tmp_path):
+    model = planted_fragile_model()
+    images = np.random.default_rng(1).uniform(0, 255, (40, SIZE, SIZE, 3)).astype("float32")
+    ranking = _weight_sensitivity(model, images)
+    assert sorted(row["layer"] for row in ranking) == ["classifier", "fragile", "sturdy"]
+    assert ranking[0]["layer"] == "fragile"
+    assert ranking[0]["output_error"] > 10 * ranking[1]["output_error"], ranking
+    path = tmp_path / "kept.tflite"
     details = export_tflite(
-        model, path, "int8", representative_images=images, int8_float_layers=3,
+        model, path, "int8", representative_images=images, int8_float_layers=1,
         return_details=True,
     )  # fmt: skip
-    layers = details["float_layers"]
-    assert len(layers) == 3 and details["debug_images"] == 32
-    errors = [layer["relative_error"] for layer in layers]
-    assert errors == sorted(errors, reverse=True) and errors[-1] > 0
+    # The layer that writes the logits stays float too: int8 logits would tie close classes.
+    logits, kept = details["float_layers"]
+    assert (logits["layer"], logits["why"]) == ("classifier", "writes the logits")
+    assert kept["layer"] == "fragile" and kept["tensors"] and details["debug_images"] == 32
     assert "SOFTMAX" in details["float_op_types"] and not INT8_OPS & set(details["float_op_types"])
     dtypes = {t["name"]: t["dtype"] for t in Interpreter(model_path=str(path)).get_tensor_details()}
-    assert all(dtypes[layer["tensor"]] == np.float32 for layer in layers)
-    # Without the denylist the same layers are int8, and the others stay int8 with it.
+    assert all(dtypes[name] == np.float32 for name in kept["tensors"])
+    # Without the denylist the same layer is int8, and the file follows Keras less closely.
+    plain_path = tmp_path / "plain.tflite"
     plain = export_tflite(
-        model, tmp_path / "plain_int8.tflite", "int8", representative_images=images,
-        int8_float_layers=0, return_details=True,
+        model, plain_path, "int8", representative_images=images, int8_float_layers=0,
+        return_details=True,
     )  # fmt: skip
-    assert plain["float_layers"] == []
+    assert [layer["layer"] for layer in plain["float_layers"]] == ["classifier"]
     plain_dtypes = {
-        t["name"]: t["dtype"]
-        for t in Interpreter(model_path=str(tmp_path / "plain_int8.tflite")).get_tensor_details()
+        t["name"]: t["dtype"] for t in Interpreter(model_path=str(plain_path)).get_tensor_details()
     }
-    assert all(plain_dtypes[layer["tensor"]] == np.int8 for layer in layers)
-    int8_tensors = [sum(d == np.int8 for d in t.values()) for t in (dtypes, plain_dtypes)]
-    assert int8_tensors[0] < int8_tensors[1]
+    assert any(plain_dtypes[name] == np.int8 for name in kept["tensors"])
+    reference = keras.ops.convert_to_numpy(model(images)["logits"])
+    errors = [
+        np.abs(run_tflite(p, images)["probabilities"] - keras.ops.softmax(reference)).max()
+        for p in (path, plain_path)
+    ]
+    assert errors[0] < errors[1] / 3, errors
     with pytest.raises(ValueError, match="Received: int8_float_layers=-1"):
         export_tflite(model, path, "int8", representative_images=images, int8_float_layers=-1)
+
+
+def planted_shifted_model():
+    """A convolution whose int8 weights shift its output mean, read by a BatchNormalization.
+
+    Its inputs are all near 5 (a large mean, like ReLU6 channels), and each filter holds
+    one weight 50 times the others: rounding the others to that coarse int8 step moves
+    E[W x] by several units, which the normalization then scales up.
+    """
+    rng = np.random.default_rng(0)
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Rescaling(1 / 255, offset=4.5)(inputs)
+    x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False, name="shifted")(x)
+    x = keras.layers.BatchNormalization(name="shifted_bn")(x)
+    features = keras.layers.GlobalAveragePooling2D()(x)
+    logits = keras.layers.Dense(4, name="classifier")(features)
+    probabilities = keras.layers.Softmax()(logits)
+    model = keras.Model(
+        inputs, {"logits": logits, "probabilities": probabilities, "features": features}
+    )
+    kernel = rng.normal(0, 0.02, (3, 3, 3, 8))
+    kernel[1, 1, 0, :] = 1.0
+    model.get_layer("shifted").set_weights([kernel])
+    model.get_layer("shifted_bn").set_weights(
+        [np.ones(8), np.zeros(8), np.full(8, 5.0), np.full(8, 0.01)]
+    )
+    model.get_layer("classifier").set_weights([rng.normal(0, 1, (8, 4)), np.zeros(4)])
+    return model
+
+
+def test_bias_correction_matches_a_numpy_transcription_and_restores_the_model():
+    model = planted_shifted_model()
+    images = np.random.default_rng(1).uniform(0, 255, (16, SIZE, SIZE, 3)).astype("float32")
+    before = [keras.ops.convert_to_numpy(w) for w in model.weights]
+    corrections = dict(
+        (variable.path, value) for variable, value in _bias_corrections(model, images)
+    )
+    # The model is left as it was.
+    for weight, value in zip(model.weights, before):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(weight), value)
+    # δ = E[conv(x, W_q)] − E[conv(x, W)] per channel, added to the normalization's mean;
+    # the classifier, after it, is corrected with the convolution already in int8.
+    x = images / 255 + 4.5
+    kernel = before[0]
+    quantized = _int8_weights(kernel, depthwise=False)
+    conv = lambda k: tf.nn.conv2d(x, k.astype("float32"), 1, "SAME").numpy()  # noqa: E731
+    delta = (conv(quantized) - conv(kernel)).mean(axis=(0, 1, 2))
+    mean = model.get_layer("shifted_bn").moving_mean
+    np.testing.assert_allclose(corrections[mean.path], 5.0 + delta, rtol=1e-5, atol=1e-5)
+    assert np.abs(delta).max() > 0.05  # A real shift: 5 standard deviations of the BN input.
+    assert model.get_layer("classifier").bias.path in corrections
+    assert model.get_layer("shifted_bn").moving_variance.path not in corrections
+
+
+def test_int8_with_bias_correction_follows_keras_closer(tmp_path):
+    model = planted_shifted_model()
+    images = np.random.default_rng(1).uniform(0, 255, (40, SIZE, SIZE, 3)).astype("float32")
+    before = [keras.ops.convert_to_numpy(w) for w in model.weights]
+    reference = keras.ops.convert_to_numpy(model(images)["features"])
+    errors = {}
+    for correct in (True, False):
+        path = tmp_path / f"corrected_{correct}.tflite"
+        details = export_tflite(
+            model, path, "int8", representative_images=images, int8_float_layers=0,
+            bias_correction=correct, return_details=True,
+        )  # fmt: skip
+        assert details["bias_correction"] is correct
+        errors[correct] = np.abs(run_tflite(path, images)["features"] - reference).mean()
+    assert errors[True] < errors[False] / 3, errors
+    for weight, value in zip(model.weights, before):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(weight), value)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_int8_finds_the_layer_that_writes_the_logits(family):
+    assert _logits_layer(build(family)) == "classifier"
 
 
 def test_int16x8_has_int16_activations_and_is_closer_to_keras_than_int8(labelled_images, tmp_path):
@@ -693,13 +855,16 @@ def test_int16x8_has_int16_activations_and_is_closer_to_keras_than_int8(labelled
     for op in convolutions:
         assert details[op["inputs"][0]]["dtype"] == np.int16
         assert details[op["inputs"][1]]["dtype"] == np.int8
-    export_tflite(model, tmp_path / "gap_int8.tflite", "int8", representative_images=images)
+    export_tflite(
+        model, tmp_path / "gap_int8.tflite", "int8", representative_images=images,
+        int8_float_layers=0,
+    )  # fmt: skip
     int16x8 = check_parity(model, path, images, latency_runs=1)
     int8 = check_parity(model, tmp_path / "gap_int8.tflite", images, latency_runs=1)
     assert int16x8["variant"] == "tflite_int16x8" and int16x8["top1_agreement"] >= 0.98, int16x8
-    # The largest error over 64 images x 4 classes is one draw's worth: across trainings the
-    # ratio int8 / int16x8 has ranged from 3 to over 4, so ask for the factor of 2 it always has.
-    assert int16x8["max_abs_diff"] < int8["max_abs_diff"] / 2, (int16x8, int8)
+    # int8 keeps the logits' layer in float, 16x8 quantizes it too (int16): 16x8 is still
+    # the closer of the two, by a factor of 1.7 on this model.
+    assert int16x8["max_abs_diff"] < int8["max_abs_diff"], (int16x8, int8)
     with pytest.raises(ValueError, match="'int16x8' needs `representative_images`"):
         export_tflite(model, path, "int16x8")
 

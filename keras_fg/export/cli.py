@@ -64,8 +64,8 @@ def build_parser():
         type=int,
         default=None,
         metavar="N",
-        help="full-integer int8 keeps in float the N layers that the quantization debugger "
-        "ranks worst (default: the measured rule, see README)",
+        help="full-integer int8 keeps in float the N layers whose int8 weights move the "
+        "logits most (default: 6, see README)",
     )
     serving = parser.add_argument_group("serving")
     serving.add_argument("--version", type=int, default=1, help="SavedModel version (default: 1)")

@@ -84,8 +84,8 @@ def export_model(
         max_images: at most this many evaluation images are read from a folder.
         calibration_images: at most this many calibration images are read from a folder.
         class_names: the class names; default `model.class_names`.
-        int8_float_layers: full-integer int8 keeps this many of the layers the quantization
-            debugger ranks worst in float (default: `tflite.INT8_FLOAT_LAYERS`).
+        int8_float_layers: full-integer int8 keeps in float this many of the layers whose
+            int8 weights move the logits most (default: `tflite.INT8_FLOAT_LAYERS`).
         run: what a train.py run directory gave (recorded in the report).
 
     Returns:

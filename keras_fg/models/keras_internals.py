@@ -23,3 +23,13 @@ def detach_from_distribution_strategy(model):
     is read-only).
     """
     model._distribute_strategy = None
+
+
+def call_site_input(layer):
+    """The symbolic input of the most recent call of `layer` inside another model's graph."""
+    return layer._inbound_nodes[-1].input_tensors[0]
+
+
+def producing_layer(tensor):
+    """The layer whose call wrote a symbolic tensor of a Functional model's graph."""
+    return tensor._keras_history.operation
