@@ -255,6 +255,14 @@ def attention_section(result):
     return lines
 
 
+def int8_choice(float_layers):
+    """How an int8 file was made: which layers it keeps in float."""
+    others = sum(layer.get("why") != "writes the logits" for layer in float_layers)
+    if len(float_layers) > others:
+        return f"logits + {others} float layers"
+    return f"{others} float layers"
+
+
 def export_section(result):
     lines = [
         "### One-image latency, size and agreement of the exports (224 px, CPU)",
@@ -262,8 +270,9 @@ def export_section(result):
         "`keras_fg.export.export_model` on MobileNetV2 models whose heads were trained on the "
         "CUB subset; latency: median of one-image calls; agreement: top-1 of each file against "
         "the Keras model on the CUB test images; int8 and 16x8 calibrated on 300 training "
-        "images (6 per class). `int8 (N float layers)`: the N layers whose int8 weights move the "
-        "logits most kept in float.",
+        "images (6 per class), biases corrected for the int8 weights. `int8 (logits + N float "
+        "layers)`: the layer that writes the logits and the N layers whose int8 weights move "
+        "the logits most kept in float.",
         "",
         "| model | runtime | latency | speed vs TFLite fp32 | size | top-1 agreement with Keras |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -282,8 +291,8 @@ def export_section(result):
             agreement = "" if e["top1_agreement"] is None else pct(e["top1_agreement"])
             speed = e.get("speed_vs_tflite_fp32")
             runtime = e["format"].replace("_", " ")
-            if e["format"] == "tflite_int8" and e.get("float_layers") is not None:
-                runtime += f" ({len(e['float_layers'])} float layers)"
+            if e["format"].startswith("tflite_int8") and e.get("float_layers") is not None:
+                runtime = f"tflite int8 ({int8_choice(e['float_layers'])})"
             lines.append(
                 f"| {name} | {runtime} | {e['latency_ms']:.1f} ms "
                 f"| {'' if speed is None else f'{speed:.2f}x'} "
