@@ -209,6 +209,7 @@ def export_tflite(
             if quantization == "int8":
                 flatbuffer, details = _quantize_int8(converter, float_layers)
                 details["bias_correction"] = bool(bias_correction)
+                details["debug_images"] = len(_spread(calibration, DEBUG_IMAGES))
             else:
                 flatbuffer = converter.convert()
         except Exception as error:  # The converter raises ConverterError, ValueError, ...
@@ -372,7 +373,7 @@ def _run(model, images, batch_size=16):
     return np.concatenate(outputs)
 
 
-def _weight_sensitivity(model, images):
+def _weight_sensitivity(model, images, names=None):
     """How much each layer's int8 weights alone move the model's logits, after correction.
 
     For each dense or convolution layer in turn, its kernel is rounded to int8 and its
@@ -382,7 +383,8 @@ def _weight_sensitivity(model, images):
         e = RMS(z_q − z) / std(z)
 
     with z the float logits (the probabilities for a model without logits) and z_q the
-    logits with that one layer in int8. The layer is restored afterwards.
+    logits with that one layer in int8. The layer is restored afterwards. With `names`,
+    only the layers of those names are measured.
 
     Returns:
         A list of dicts, `layer` (its name), `class` and `output_error`, worst first.
@@ -394,6 +396,8 @@ def _weight_sensitivity(model, images):
     spread = max(float(np.std(reference)), 1e-12)
     rows = []
     for container, layer in _quantizable_layers(model, with_container=True):
+        if names is not None and layer.name not in names:
+            continue
         undo = _round_and_correct(model, container, layer, images)
         try:
             error = np.sqrt(np.mean(np.square(run(images).numpy() - reference))) / spread
@@ -428,7 +432,9 @@ def _float_layers(model, calibration, count):
     logits = _logits_layer(model)
     rows = []
     if count or logits is not None:
-        rows = _weight_sensitivity(model, _spread(calibration, DEBUG_IMAGES))
+        # Without others to choose, only the logits' layer is measured (for the report).
+        names = None if count else {logits}
+        rows = _weight_sensitivity(model, _spread(calibration, DEBUG_IMAGES), names)
     kept = [{**row, "why": "writes the logits"} for row in rows if row["layer"] == logits]
     others = [row for row in rows if row["layer"] != logits][:count]
     return kept + [{**row, "why": "its int8 weights move the logits"} for row in others]
@@ -483,7 +489,6 @@ def _quantize_int8(converter, float_layers):
     return flatbuffer, {
         "float_op_types": sorted(float_ops),
         "float_layers": layers,
-        "debug_images": DEBUG_IMAGES,
     }
 
 
