@@ -869,6 +869,28 @@ def test_int16x8_has_int16_activations_and_is_closer_to_keras_than_int8(labelled
         export_tflite(model, path, "int16x8")
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_int16x8_file_runs_or_the_export_says_why(family, labelled_images, tmp_path):
+    # The converter writes 16x8 ops that the runtime may lack: TensorFlow's (a - b)² becomes
+    # SQUARED_DIFFERENCE, which TFLite runs in float32 and int32 only. MA-CNN's standardised
+    # maps avoid it; Keras's LayerNormalization (DASRBN's branches) does not.
+    images, _ = labelled_images
+    model = build(family)
+    path = tmp_path / f"{family}_int16x8.tflite"
+    if family == "dasrbn":
+        with pytest.raises(
+            ExportError, match=r"int16x8\) converted but does not run: .*SquaredDiff"
+        ):
+            export_tflite(model, path, "int16x8", representative_images=images[:16])
+        assert not path.exists()
+        return
+    export_tflite(model, path, "int16x8", representative_images=images[:16])
+    outputs = run_tflite(path, images[:4])
+    expected = model.predict(images[:4], verbose=0)
+    assert np.all(np.isfinite(outputs["probabilities"]))
+    np.testing.assert_allclose(outputs["probabilities"], expected["probabilities"], atol=0.1)
+
+
 # ---------------------------------------------------------------------------------------------
 # export.py RUN_DIR.
 

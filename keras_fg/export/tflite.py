@@ -121,8 +121,9 @@ def export_tflite(
         from `_weight_sensitivity` and the TFLite `tensors` it writes).
 
     Raises:
-        ExportError: when the conversion fails or the model holds an op that is not a
-            TFLite builtin.
+        ExportError: when the conversion fails, the model holds an op that is not a
+            TFLite builtin, or the file does not run in the LiteRT interpreter (one image:
+            the first representative image, else a grey frame).
 
     Example:
 
@@ -223,6 +224,8 @@ def export_tflite(
             f"TFLite model {path} ({quantization}) holds ops that are not TFLite builtins: "
             f"{', '.join(foreign)}"
         )
+    probe = calibration[:1] if calibration is not None else np.full((1, height, width, 3), 127.5)
+    _require_runs(flatbuffer, probe, f"{path} ({quantization})")
     with open(path, "wb") as file:
         file.write(flatbuffer)
     if class_names:
@@ -490,6 +493,20 @@ def _quantize_int8(converter, float_layers):
         "float_op_types": sorted(float_ops),
         "float_layers": layers,
     }
+
+
+def _require_runs(flatbuffer, image, what):
+    """Runs the converted model once: the converter can write an op its runtime lacks.
+
+    For example, TensorFlow's `(a − b)²` becomes SQUARED_DIFFERENCE, which the 16x8 converter
+    quantizes to int16 but TFLite runs in float32 and int32 only.
+    """
+    try:
+        runner = Interpreter(model_content=flatbuffer).get_signature_runner("serving_default")
+        runner(images=np.asarray(image, "float32"))
+    except (RuntimeError, ValueError) as error:
+        message = " ".join(str(error).split())
+        raise ExportError(f"TFLite model {what} converted but does not run: {message}") from error
 
 
 def write_labels(path, class_names):

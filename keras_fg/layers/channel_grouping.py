@@ -229,7 +229,9 @@ class ChannelGrouping(keras.layers.Layer):
         response = ops.einsum("bhwc,bpc->bhwp", source, channel_weights) / features.shape[-1]
         mean = ops.mean(response, axis=(1, 2), keepdims=True)
         centred = response - mean
-        variance = ops.mean(ops.square(centred), axis=(1, 2), keepdims=True)
+        # centred · centred, not ops.square: TensorFlow fuses (a − b)² into SQUARED_DIFFERENCE,
+        # which TFLite runs in float32 and int32 only, so a 16x8 file could not run.
+        variance = ops.mean(centred * centred, axis=(1, 2), keepdims=True)
         mean_square = variance + ops.square(mean)
         standardised = centred * ops.rsqrt(
             variance + RELATIVE_EPSILON * mean_square + ABSOLUTE_EPSILON
