@@ -66,7 +66,8 @@ def test_quickstart_runs_and_shows_attention_and_a_tflite_prediction(monkeypatch
     if birds:
         for family in ("MA-CNN", "DASRBN"):
             accuracy = re.search(rf"{family} test accuracy: ([\d.]+)%", output)
-            assert accuracy and float(accuracy.group(1)) > 50.0, output[-3000:]  # Chance: 20 % (5 species).
+            # Chance: 20 % (5 species).
+            assert accuracy and float(accuracy.group(1)) > 50.0, output[-3000:]
         assert sum(map(images_of, code)) == 4
     else:
         assert "Skipping the real-bird part: not found:" in output
