@@ -112,6 +112,10 @@ def test_reid_defaults_are_the_full_recipe():
     classify = parse_args([])
     assert classify.model == "macnn" and classify.label_smoothing == 0.0
     assert classify.learning_rate == 3e-3 and not classify.random_erasing
+    # DASRBN classifies at 1e-3 (3e-3 killed its backbone at 96 px), unless told otherwise.
+    assert parse_args(["--model", "dasrbn"]).learning_rate == 1e-3
+    assert parse_args(["--model", "dasrbn", "--learning-rate", "3e-3"]).learning_rate == 3e-3
+    assert reid_args("--model", "dasrbn").learning_rate == 3.5e-4
 
 
 @pytest.mark.parametrize("switch", sorted(SWITCHES))
