@@ -29,9 +29,11 @@ from keras_fg.export.exporter import format_table
 from keras_fg.export.parity import evaluate_check
 from keras_fg.export.tflite import (
     INT8_FLOAT_LAYERS,
+    INT8_FLOAT_STEM,
     INT8_OPS,
     _bias_corrections,
     _int8_weights,
+    _layer_tensors,
     _logits_layer,
     _quantizable_layers,
     _weight_sensitivity,
@@ -331,8 +333,9 @@ def test_tflite_int8_of_a_trained_model_keeps_its_decisions(labelled_images, tmp
     model.compile(optimizer=keras.optimizers.Adam(3e-3))
     model.fit(images, labels, epochs=30, batch_size=16, verbose=0)
     path = tmp_path / "dasrbn_int8.tflite"
-    ops_used = export_tflite(model, path, "int8", representative_images=images, int8_float_layers=0)
-
+    ops_used = export_tflite(
+        model, path, "int8", representative_images=images, int8_float_layers=0, int8_float_stem=0
+    )
     assert {"QUANTIZE", "DEQUANTIZE", "CONV_2D"} <= set(ops_used)
     interpreter = Interpreter(model_path=str(path))
     details = {t["index"]: t for t in interpreter.get_tensor_details()}
@@ -380,12 +383,14 @@ def test_int8_division_stays_float_else_a_black_frame_crashes_it(jpeg_bytes, tmp
     model = keras.Model(inputs, {"probabilities": probabilities, "features": features})
     images = np.stack([decode_and_resize(data, SIZE).numpy() for data in jpeg_bytes])
     path = tmp_path / "model_int8.tflite"
-    assert "DIV" in export_tflite(model, path, "int8", representative_images=images)
+    # No stem in float: it would hold every op of this small model up to its dense layer.
+    options = {"representative_images": images, "int8_float_stem": 0}
+    assert "DIV" in export_tflite(model, path, "int8", **options)
     assert check_parity(model, path, images, latency_runs=1)["top1_agreement"] is not None
 
     # Quantized, the DIV meets a divisor of zero at the black frame and fails at run time.
     monkeypatch.setattr(tflite, "INT8_OPS", tflite.INT8_OPS | {"DIV"})
-    export_tflite(model, path, "int8", representative_images=images)
+    export_tflite(model, path, "int8", **options)
     result = check_parity(model, path, images, latency_runs=1)
     assert "fails at run time" in result["error"] and "DIV" in result["error"]
     assert result["check"]["passed"] is False and result["top1_agreement"] is None
@@ -559,12 +564,15 @@ def test_cli_writes_the_serving_layout_and_the_report(cli_export, jpeg_dir):
     for entry in report["exports"][1:]:
         assert entry["labels"] == "labels.txt"
         assert read_labels(output / entry["file"]) == ["albatross", "ani", "auklet"]
-    # The logits' layer, then the INT8_FLOAT_LAYERS most sensitive of the others (the tiny
-    # MA-CNN has fewer layers than that: all of them).
+    # The logits' layer, the stem (the first INT8_FLOAT_STEM layers), then the
+    # INT8_FLOAT_LAYERS most sensitive of the others.
     float_layers = by_format["tflite_int8"]["float_layers"]
-    assert float_layers[0]["why"] == "writes the logits"
-    quantizable = _quantizable_layers(keras.saving.load_model(model_file))
-    assert len(float_layers) == min(1 + INT8_FLOAT_LAYERS, len(quantizable))
+    quantizable = [layer.name for layer in _quantizable_layers(keras.saving.load_model(model_file))]
+    assert [(row["layer"], row["why"]) for row in float_layers[: 1 + INT8_FLOAT_STEM]] == [
+        ("classifier", "writes the logits"),
+        *[(name, "the stem: reads the image") for name in quantizable[:INT8_FLOAT_STEM]],
+    ]
+    assert len(float_layers) == 1 + INT8_FLOAT_STEM + INT8_FLOAT_LAYERS
     assert by_format["saved_model"]["max_abs_diff"] < 1e-5
     assert by_format["tflite_fp32"]["max_abs_diff"] < 1e-5
     assert report["passed"] == all(e["check"]["passed"] for e in report["exports"])
@@ -611,6 +619,10 @@ def test_cli_reports_a_corrupt_model_file_in_one_line(tmp_path):
         (
             ["{model}", "--output", "{tmp}/out", "--evaluation-data", "{tmp}/nowhere"],
             "Evaluation data folder not found: {tmp}/nowhere",
+        ),
+        (
+            ["{model}", "--output", "{tmp}/out", "--int8-float-stem", "-1"],
+            "--int8-float-stem must be >= 0. Received: -1",
         ),
     ],
 )
@@ -730,7 +742,7 @@ def test_int8_keeps_in_float_the_layer_whose_int8_weights_move_the_output(tmp_pa
     path = tmp_path / "kept.tflite"
     details = export_tflite(
         model, path, "int8", representative_images=images, int8_float_layers=1,
-        return_details=True,
+        int8_float_stem=0, return_details=True,
     )  # fmt: skip
     # The layer that writes the logits stays float too: int8 logits would tie close classes.
     logits, kept = details["float_layers"]
@@ -743,7 +755,7 @@ def test_int8_keeps_in_float_the_layer_whose_int8_weights_move_the_output(tmp_pa
     plain_path = tmp_path / "plain.tflite"
     plain = export_tflite(
         model, plain_path, "int8", representative_images=images, int8_float_layers=0,
-        return_details=True,
+        int8_float_stem=0, return_details=True,
     )  # fmt: skip
     assert [layer["layer"] for layer in plain["float_layers"]] == ["classifier"]
     plain_dtypes = {
@@ -758,6 +770,37 @@ def test_int8_keeps_in_float_the_layer_whose_int8_weights_move_the_output(tmp_pa
     assert errors[0] < errors[1] / 3, errors
     with pytest.raises(ValueError, match="Received: int8_float_layers=-1"):
         export_tflite(model, path, "int8", representative_images=images, int8_float_layers=-1)
+    with pytest.raises(ValueError, match="Received: int8_float_stem=1.5"):
+        export_tflite(model, path, "int8", representative_images=images, int8_float_stem=1.5)
+
+
+def test_int8_keeps_the_stem_in_float_behind_one_quantize(tmp_path):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs)
+    for index in range(4):
+        x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name=f"conv{index}")(x)
+    logits = keras.layers.Dense(4, name="classifier")(keras.layers.GlobalAveragePooling2D()(x))
+    model = keras.Model(inputs, {"logits": logits, "probabilities": keras.layers.Softmax()(logits)})
+    images = np.random.default_rng(1).uniform(0, 255, (40, SIZE, SIZE, 3)).astype("float32")
+    path = tmp_path / "stem.tflite"
+    details = export_tflite(model, path, "int8", representative_images=images, return_details=True)
+    rows = {row["layer"]: row for row in details["float_layers"]}
+    assert [row["why"] for row in details["float_layers"]] == [
+        "writes the logits", "the stem: reads the image", "the stem: reads the image"
+    ]  # fmt: skip
+    assert set(rows) == {"classifier", "conv0", "conv1"}
+    interpreter = Interpreter(model_path=str(path))
+    dtypes = {t["name"]: t["dtype"] for t in interpreter.get_tensor_details()}
+    assert all(dtypes[name] == np.float32 for layer in ("conv0", "conv1")
+               for name in rows[layer]["tensors"])  # fmt: skip
+    later = _layer_tensors("conv2", list(dtypes))
+    assert later and all(dtypes[name] == np.int8 for name in later)
+    # The stem joins the float input: the int8 graph is entered once.
+    ops_used = [op["op_name"] for op in interpreter._get_ops_details()]
+    assert ops_used.count("QUANTIZE") == 1, ops_used
+    with pytest.raises(ValueError, match="Received: int8_float_stem=-1"):
+        export_tflite(model, path, "int8", representative_images=images, int8_float_stem=-1)
 
 
 def planted_shifted_model():
@@ -822,7 +865,7 @@ def test_int8_with_bias_correction_follows_keras_closer(tmp_path):
         path = tmp_path / f"corrected_{correct}.tflite"
         details = export_tflite(
             model, path, "int8", representative_images=images, int8_float_layers=0,
-            bias_correction=correct, return_details=True,
+            int8_float_stem=0, bias_correction=correct, return_details=True,
         )  # fmt: skip
         assert details["bias_correction"] is correct
         errors[correct] = np.abs(run_tflite(path, images)["features"] - reference).mean()
@@ -857,7 +900,7 @@ def test_int16x8_has_int16_activations_and_is_closer_to_keras_than_int8(labelled
         assert details[op["inputs"][1]]["dtype"] == np.int8
     export_tflite(
         model, tmp_path / "gap_int8.tflite", "int8", representative_images=images,
-        int8_float_layers=0,
+        int8_float_layers=0, int8_float_stem=0,
     )  # fmt: skip
     int16x8 = check_parity(model, path, images, latency_runs=1)
     int8 = check_parity(model, tmp_path / "gap_int8.tflite", images, latency_runs=1)

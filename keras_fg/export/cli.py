@@ -65,7 +65,15 @@ def build_parser():
         default=None,
         metavar="N",
         help="full-integer int8 keeps in float the N layers whose int8 weights move the "
-        "logits most (default: 6, see README)",
+        "logits most (default: 0, see README)",
+    )
+    data.add_argument(
+        "--int8-float-stem",
+        type=int,
+        default=None,
+        metavar="N",
+        help="full-integer int8 keeps in float the model's first N dense or convolution "
+        "layers, which read the image (default: 2, see README)",
     )
     serving = parser.add_argument_group("serving")
     serving.add_argument("--version", type=int, default=1, help="SavedModel version (default: 1)")
@@ -98,6 +106,10 @@ def main(argv=None):
         formats = parse_formats(args.formats)
         if args.top_k < 1:
             raise ExportInputError(f"--top-k must be >= 1. Received: {args.top_k}")
+        for flag in ("--int8-float-layers", "--int8-float-stem"):
+            value = getattr(args, flag[2:].replace("-", "_"))
+            if value is not None and value < 0:
+                raise ExportInputError(f"{flag} must be >= 0. Received: {value}")
         model_file, calibration, evaluation, class_names, run = args.model, None, None, None, None
         if is_run_directory(args.model):
             run = read_run_directory(args.model)
@@ -105,8 +117,9 @@ def main(argv=None):
             calibration, evaluation = run["calibration_paths"], run["evaluation_paths"]
         model = load_model(model_file)
         options = {}
-        if args.int8_float_layers is not None:
-            options["int8_float_layers"] = args.int8_float_layers
+        for option in ("int8_float_layers", "int8_float_stem"):
+            if getattr(args, option) is not None:
+                options[option] = getattr(args, option)
         report = export_model(
             model,
             args.output,

@@ -44,6 +44,7 @@ def export_model(
     calibration_images=CALIBRATION_IMAGES,
     class_names=None,
     int8_float_layers=None,
+    int8_float_stem=None,
     run=None,
 ):
     """Exports `model` to every requested format, checks each against Keras, writes a report.
@@ -86,6 +87,8 @@ def export_model(
         class_names: the class names; default `model.class_names`.
         int8_float_layers: full-integer int8 keeps in float this many of the layers whose
             int8 weights move the logits most (default: `tflite.INT8_FLOAT_LAYERS`).
+        int8_float_stem: full-integer int8 keeps in float the model's first this many
+            dense or convolution layers (default: `tflite.INT8_FLOAT_STEM`).
         run: what a train.py run directory gave (recorded in the report).
 
     Returns:
@@ -150,6 +153,7 @@ def export_model(
             "top_k": top_k,
             "class_names": class_names,
             "int8_float_layers": int8_float_layers,
+            "int8_float_stem": int8_float_stem,
         }
         evaluation["reference"] = model_outputs(model, evaluation["images"])
         entries = [
@@ -272,8 +276,9 @@ def _export_one(model, fmt, staging, settings, evaluation, calibration):
             }
         relative = f"{name}_{quantization}.tflite"
         options = {}
-        if quantization == "int8" and settings["int8_float_layers"] is not None:
-            options["int8_float_layers"] = settings["int8_float_layers"]
+        for option in ("int8_float_layers", "int8_float_stem"):
+            if quantization == "int8" and settings[option] is not None:
+                options[option] = settings[option]
         details = export_tflite(
             model,
             staging / relative,
