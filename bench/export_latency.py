@@ -8,10 +8,11 @@ loads (a layer changed) is trained again.
 
 Every model is exported with `keras_fg.export.export_model`, which times each file on one
 image (median) and checks it against Keras on all 1,449 test images; int8 and 16x8 are
-calibrated on 300 training images, 6 of each class. Beside the default int8 file, int8 is
-also exported keeping other numbers of layers in float (those whose int8 weights move the
-logits most)
-(`--int8-float-layers`), to show what each choice costs and buys.
+calibrated on 300 training images, 6 of each class. Beside the default int8 file (the
+logits' layer and the stem in float), int8 is also exported without the stem, keeping N of
+the layers whose int8 weights move the logits most in float (`--int8-float-layers`), to
+show what each choice costs and buys. The `.tflite` files are then timed again in turns
+(`interleaved_latency`), so that their speed ratios do not read the machine's load.
 
     python bench/export_latency.py                      # gap, bcnn, macnn
     python bench/export_latency.py --families macnn     # one family; the others are kept
@@ -103,6 +104,45 @@ def keras_latency_ms(model, runs=30):
     }
 
 
+def interleaved_latency(directory, exports, rounds=7, calls=15):
+    """Times the `.tflite` files of `exports` in turns, so that they share the machine's load.
+
+    The export report times each file once, minutes apart from the others, so a speed ratio
+    between two files reads the load as much as the files. Here each of `rounds` rounds
+    times every file (`calls` one-image calls, after one warm-up call) with the
+    interpreter's default threads and with one thread; a file's latency is the median of its
+    round medians. Sets `latency_ms` (default threads), `latency_ms_1_thread` and keeps the
+    report's own figure as `report_latency_ms`.
+    """
+    from ai_edge_litert.interpreter import Interpreter
+
+    image = np.full((1, 224, 224, 3), 127.5, "float32")
+    runners = {}
+    for entry in exports:
+        if not str(entry.get("file") or "").endswith(".tflite") or entry.get("latency_ms") is None:
+            continue
+        path = next(Path(directory).rglob(Path(entry["file"]).name))
+        for threads in (None, 1):
+            runner = Interpreter(model_path=str(path), num_threads=threads)
+            runners[entry["format"], threads] = (entry, runner.get_signature_runner())
+    medians = {key: [] for key in runners}
+    for _ in range(rounds):
+        for key, (_, runner) in runners.items():
+            runner(images=image)
+            times = []
+            for _ in range(calls):
+                start = time.perf_counter()
+                runner(images=image)
+                times.append(time.perf_counter() - start)
+            medians[key].append(1000 * statistics.median(times))
+    for (_, threads), (entry, _) in runners.items():
+        value = round(statistics.median(medians[entry["format"], threads]), 3)
+        if threads is None:
+            entry["report_latency_ms"], entry["latency_ms"] = entry["latency_ms"], value
+        else:
+            entry["latency_ms_1_thread"] = value
+
+
 KEYS = ("format", "file", "size_bytes", "latency_ms", "max_abs_diff", "top1_agreement",
         "images", "skipped", "error", "float_op_types", "float_layers")  # fmt: skip
 
@@ -135,13 +175,9 @@ def run_family(family, workdir, args):
     )  # fmt: skip
     result["export_seconds"] = time.perf_counter() - start
     result["exports"] = [{k: e.get(k) for k in KEYS if k in e} for e in report["exports"]]
-    # The other int8 choices: how many of the most sensitive layers stay float.
+    # The other int8 choices: no stem, and this many of the most sensitive layers in float.
     images = None
     for count in args.int8_float_layers:
-        if any(e.get("float_layers") is not None and count == sum(
-               layer.get("why") != "writes the logits" for layer in e["float_layers"])
-               for e in result["exports"]):  # fmt: skip
-            continue
         if images is None:
             pixels = load_images(calibration, 224)["images"]
             images = load_images(evaluation, 224)["images"]
@@ -149,12 +185,13 @@ def run_family(family, workdir, args):
         path = Path(workdir) / family / f"int8_float{count}.tflite"
         details = export_tflite(
             model, path, "int8", representative_images=pixels, int8_float_layers=count,
-            return_details=True,
+            int8_float_stem=0, return_details=True,
         )  # fmt: skip
         parity = check_parity(model, path, images, variant="tflite_int8", reference=reference)
-        entry = {"format": f"tflite_int8 ({count} float layers)", "file": path.name,
+        entry = {"format": f"tflite_int8 (no stem, {count} ranked layers)", "file": path.name,
                  **parity, **details}  # fmt: skip
         result["exports"].append({k: entry.get(k) for k in KEYS if k in entry})
+    interleaved_latency(Path(workdir) / family, result["exports"])
     fp32 = next(e for e in result["exports"] if e["format"] == "tflite_fp32")
     for entry in result["exports"]:
         if entry.get("latency_ms"):
@@ -169,12 +206,31 @@ def run_family(family, workdir, args):
     return result
 
 
+def with_earlier_formats(result, earlier):
+    """`result`, plus the formats that only an earlier run of the family measured.
+
+    Those rows keep their own figures (their speed ratio against that run's fp32) and name
+    the command that measured them (`measured_by`), so a run of a few formats updates them
+    without dropping the others.
+    """
+    if not earlier:
+        return result
+    formats = {entry["format"] for entry in result["exports"]}
+    kept = [
+        {**entry, "measured_by": entry.get("measured_by", earlier.get("command"))}
+        for entry in earlier["exports"]
+        if entry["format"] not in formats and not entry["format"].startswith("tflite_int8")
+    ]
+    return {**result, "exports": result["exports"] + kept}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--families", nargs="+", default=["gap", "bcnn", "macnn"],
                         choices=list(FAMILIES))  # fmt: skip
-    parser.add_argument("--int8-float-layers", type=int, nargs="*", default=[0],
-                        help="other int8 choices to measure (default: 0)")  # fmt: skip
+    parser.add_argument("--int8-float-layers", type=int, nargs="*", default=[0, 6],
+                        help="other int8 choices to measure: no stem and N ranked layers in "
+                        "float (default: 0 and 6)")  # fmt: skip
     parser.add_argument("--test-images", type=int, default=None,
                         help="parity on this many test images (default: all 1,449)")  # fmt: skip
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS,
@@ -196,7 +252,7 @@ def main():
             previous = RESULTS / f"{name}.json"
             results = json.loads(previous.read_text())["families"] if previous.exists() else {}
             results = {k: v for k, v in results.items() if "training" in v}  # Trained only.
-            results[family] = result
+            results[family] = with_earlier_formats(result, results.get(family))
             write_json(name, {
                 "benchmark": "export_latency",
                 "settings": "MobileNetV2 heads trained on the CUB subset (50 species), 224 px; "
