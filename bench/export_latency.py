@@ -9,10 +9,11 @@ loads (a layer changed) is trained again.
 Every model is exported with `keras_fg.export.export_model`, which times each file on one
 image (median) and checks it against Keras on all 1,449 test images; int8 and 16x8 are
 calibrated on 300 training images, 6 of each class. Beside the default int8 file (the
-logits' layer and the stem in float), int8 is also exported without the stem, keeping N of
-the layers whose int8 weights move the logits most in float (`--int8-float-layers`), to
-show what each choice costs and buys. The `.tflite` files are then timed again in turns
-(`interleaved_latency`), so that their speed ratios do not read the machine's load.
+logits' layer, the stem and the head in float), int8 is also exported with the head in
+int8, and with neither stem nor head in float but N of the layers whose int8 weights move
+the logits most (`--int8-float-layers`), to show what each choice costs and buys. The
+`.tflite` files are then timed again in turns (`interleaved_latency`), so that their speed
+ratios do not read the machine's load.
 
     python bench/export_latency.py                      # gap, bcnn, macnn
     python bench/export_latency.py --families macnn     # one family; the others are kept
@@ -175,21 +176,27 @@ def run_family(family, workdir, args):
     )  # fmt: skip
     result["export_seconds"] = time.perf_counter() - start
     result["exports"] = [{k: e.get(k) for k in KEYS if k in e} for e in report["exports"]]
-    # The other int8 choices: no stem, and this many of the most sensitive layers in float.
-    images = None
+    # The other int8 choices: the head in int8, then neither stem nor head in float but
+    # this many of the most sensitive layers.
+    variants = []
+    if "tflite_int8" in args.formats:
+        variants.append(("tflite_int8 (head in int8)", "int8_head", {"int8_float_head": False}))
     for count in args.int8_float_layers:
+        variants.append((f"tflite_int8 (no stem, no head, {count} ranked layers)",
+                         f"int8_float{count}", {"int8_float_layers": count, "int8_float_stem": 0,
+                                                "int8_float_head": False}))  # fmt: skip
+    images = None
+    for name, stem, options in variants:
         if images is None:
             pixels = load_images(calibration, 224)["images"]
             images = load_images(evaluation, 224)["images"]
             reference = model_outputs(model, images)
-        path = Path(workdir) / family / f"int8_float{count}.tflite"
+        path = Path(workdir) / family / f"{stem}.tflite"
         details = export_tflite(
-            model, path, "int8", representative_images=pixels, int8_float_layers=count,
-            int8_float_stem=0, return_details=True,
-        )  # fmt: skip
+            model, path, "int8", representative_images=pixels, return_details=True, **options
+        )
         parity = check_parity(model, path, images, variant="tflite_int8", reference=reference)
-        entry = {"format": f"tflite_int8 (no stem, {count} ranked layers)", "file": path.name,
-                 **parity, **details}  # fmt: skip
+        entry = {"format": name, "file": path.name, **parity, **details}
         result["exports"].append({k: entry.get(k) for k in KEYS if k in entry})
     interleaved_latency(Path(workdir) / family, result["exports"])
     fp32 = next(e for e in result["exports"] if e["format"] == "tflite_fp32")

@@ -263,6 +263,8 @@ def int8_choice(float_layers):
     ranked = whys.count("its int8 weights move the logits")
     if stem:
         parts.append(f"stem of {stem}")
+    if "the head: after the backbone" in whys:
+        parts.append("head")
     if ranked or not parts:
         parts.append(f"{ranked} ranked layers")
     return " + ".join(parts) + " in float"

@@ -28,6 +28,7 @@ from keras_fg.export import (
 from keras_fg.export.exporter import format_table
 from keras_fg.export.parity import evaluate_check
 from keras_fg.export.tflite import (
+    INT8_FLOAT_HEAD,
     INT8_FLOAT_LAYERS,
     INT8_FLOAT_STEM,
     INT8_OPS,
@@ -333,9 +334,11 @@ def test_tflite_int8_of_a_trained_model_keeps_its_decisions(labelled_images, tmp
     model.compile(optimizer=keras.optimizers.Adam(3e-3))
     model.fit(images, labels, epochs=30, batch_size=16, verbose=0)
     path = tmp_path / "dasrbn_int8.tflite"
+    # Only the logits' layer in float: the head's convolutions are int8 too.
     ops_used = export_tflite(
-        model, path, "int8", representative_images=images, int8_float_layers=0, int8_float_stem=0
-    )
+        model, path, "int8", representative_images=images, int8_float_layers=0,
+        int8_float_stem=0, int8_float_head=False,
+    )  # fmt: skip
     assert {"QUANTIZE", "DEQUANTIZE", "CONV_2D"} <= set(ops_used)
     interpreter = Interpreter(model_path=str(path))
     details = {t["index"]: t for t in interpreter.get_tensor_details()}
@@ -564,15 +567,18 @@ def test_cli_writes_the_serving_layout_and_the_report(cli_export, jpeg_dir):
     for entry in report["exports"][1:]:
         assert entry["labels"] == "labels.txt"
         assert read_labels(output / entry["file"]) == ["albatross", "ani", "auklet"]
-    # The logits' layer, the stem (the first INT8_FLOAT_STEM layers), then the
-    # INT8_FLOAT_LAYERS most sensitive of the others.
+    # The logits' layer, the stem (the first INT8_FLOAT_STEM layers), the INT8_FLOAT_LAYERS
+    # most sensitive of the others, then the head (every op after the backbone).
     float_layers = by_format["tflite_int8"]["float_layers"]
-    quantizable = [layer.name for layer in _quantizable_layers(keras.saving.load_model(model_file))]
+    model = keras.saving.load_model(model_file)
+    quantizable = [layer.name for layer in _quantizable_layers(model)]
     assert [(row["layer"], row["why"]) for row in float_layers[: 1 + INT8_FLOAT_STEM]] == [
         ("classifier", "writes the logits"),
         *[(name, "the stem: reads the image") for name in quantizable[:INT8_FLOAT_STEM]],
     ]
-    assert len(float_layers) == 1 + INT8_FLOAT_STEM + INT8_FLOAT_LAYERS
+    assert len(float_layers) == 1 + INT8_FLOAT_STEM + INT8_FLOAT_LAYERS + INT8_FLOAT_HEAD
+    if INT8_FLOAT_HEAD:
+        assert float_layers[-1]["layer"] == f"after {model.backbone.name}"
     assert by_format["saved_model"]["max_abs_diff"] < 1e-5
     assert by_format["tflite_fp32"]["max_abs_diff"] < 1e-5
     assert report["passed"] == all(e["check"]["passed"] for e in report["exports"])
@@ -803,6 +809,36 @@ def test_int8_keeps_the_stem_in_float_behind_one_quantize(tmp_path):
         export_tflite(model, path, "int8", representative_images=images, int8_float_stem=-1)
 
 
+@pytest.mark.parametrize("family,feature_maps", [("bcnn", 1), ("dasrbn", 2)])
+def test_int8_keeps_the_head_in_float_behind_one_dequantize(family, feature_maps, tmp_path):
+    model = build(family)
+    images = np.random.default_rng(1).uniform(0, 255, (40, SIZE, SIZE, 3)).astype("float32")
+    path = tmp_path / "head.tflite"
+    options = {"representative_images": images, "int8_float_stem": 0, "return_details": True}
+    details = export_tflite(model, path, "int8", int8_float_head=True, **options)
+    head = details["float_layers"][-1]
+    assert head["layer"] == f"after {model.backbone.name}"
+    assert head["why"] == "the head: after the backbone"
+    interpreter = Interpreter(model_path=str(path))
+    dtypes = {t["name"]: t["dtype"] for t in interpreter.get_tensor_details()}
+    # The converter renames some (a split's outputs); every one the file keeps is float.
+    kept = [name for name in head["tensors"] if name in dtypes]
+    assert len(kept) > len(head["tensors"]) / 2
+    assert all(dtypes[name] == np.float32 for name in kept)
+    backbone = _layer_tensors(model.backbone.name, list(dtypes))
+    assert any(dtypes[name] == np.int8 for name in backbone)
+    # The int8 graph ends at the feature maps: one DEQUANTIZE for each the head reads
+    # (DASRBN reads two depths), where an int8 head goes in and out of int8 many times.
+    ops_used = [op["op_name"] for op in interpreter._get_ops_details()]
+    assert ops_used.count("DEQUANTIZE") == feature_maps, ops_used
+    plain = export_tflite(model, path, "int8", int8_float_head=False, **options)
+    assert [layer["layer"] for layer in plain["float_layers"]] == ["classifier"]
+    plain_ops = [op["op_name"] for op in Interpreter(model_path=str(path))._get_ops_details()]
+    assert plain_ops.count("DEQUANTIZE") > feature_maps, plain_ops
+    with pytest.raises(ValueError, match="Received: int8_float_head=1"):
+        export_tflite(model, path, "int8", representative_images=images, int8_float_head=1)
+
+
 def planted_shifted_model():
     """A convolution whose int8 weights shift its output mean, read by a BatchNormalization.
 
@@ -900,7 +936,7 @@ def test_int16x8_has_int16_activations_and_is_closer_to_keras_than_int8(labelled
         assert details[op["inputs"][1]]["dtype"] == np.int8
     export_tflite(
         model, tmp_path / "gap_int8.tflite", "int8", representative_images=images,
-        int8_float_layers=0, int8_float_stem=0,
+        int8_float_layers=0, int8_float_stem=0, int8_float_head=False,
     )  # fmt: skip
     int16x8 = check_parity(model, path, images, latency_runs=1)
     int8 = check_parity(model, tmp_path / "gap_int8.tflite", images, latency_runs=1)

@@ -75,6 +75,13 @@ def build_parser():
         help="full-integer int8 keeps in float the model's first N dense or convolution "
         "layers, which read the image (default: 2, see README)",
     )
+    data.add_argument(
+        "--int8-float-head",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="full-integer int8 keeps in float every op after the backbone: the head, which "
+        "reads the feature map (default: on, see README)",
+    )
     serving = parser.add_argument_group("serving")
     serving.add_argument("--version", type=int, default=1, help="SavedModel version (default: 1)")
     serving.add_argument("--model-name", help="name in the paths (default: the model's name)")
@@ -117,7 +124,7 @@ def main(argv=None):
             calibration, evaluation = run["calibration_paths"], run["evaluation_paths"]
         model = load_model(model_file)
         options = {}
-        for option in ("int8_float_layers", "int8_float_stem"):
+        for option in ("int8_float_layers", "int8_float_stem", "int8_float_head"):
             if getattr(args, option) is not None:
                 options[option] = getattr(args, option)
         report = export_model(

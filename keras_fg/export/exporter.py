@@ -45,6 +45,7 @@ def export_model(
     class_names=None,
     int8_float_layers=None,
     int8_float_stem=None,
+    int8_float_head=None,
     run=None,
 ):
     """Exports `model` to every requested format, checks each against Keras, writes a report.
@@ -89,6 +90,8 @@ def export_model(
             int8 weights move the logits most (default: `tflite.INT8_FLOAT_LAYERS`).
         int8_float_stem: full-integer int8 keeps in float the model's first this many
             dense or convolution layers (default: `tflite.INT8_FLOAT_STEM`).
+        int8_float_head: full-integer int8 keeps in float every op after the model's
+            backbone (default: `tflite.INT8_FLOAT_HEAD`).
         run: what a train.py run directory gave (recorded in the report).
 
     Returns:
@@ -154,6 +157,7 @@ def export_model(
             "class_names": class_names,
             "int8_float_layers": int8_float_layers,
             "int8_float_stem": int8_float_stem,
+            "int8_float_head": int8_float_head,
         }
         evaluation["reference"] = model_outputs(model, evaluation["images"])
         entries = [
@@ -276,7 +280,7 @@ def _export_one(model, fmt, staging, settings, evaluation, calibration):
             }
         relative = f"{name}_{quantization}.tflite"
         options = {}
-        for option in ("int8_float_layers", "int8_float_stem"):
+        for option in ("int8_float_layers", "int8_float_stem", "int8_float_head"):
             if quantization == "int8" and settings[option] is not None:
                 options[option] = settings[option]
         details = export_tflite(

@@ -57,7 +57,9 @@ INT8_OPS = frozenset(
 # (every layer is measured). See the README (*Exporting*).
 INT8_FLOAT_STEM = 2
 INT8_FLOAT_LAYERS = 0
+INT8_FLOAT_HEAD = True
 _STEM = "the stem: reads the image"
+_HEAD = "the head: after the backbone"
 DEBUG_IMAGES = 32
 # Bias correction for int8 weights (`_bias_corrections`) measures each layer's shift on
 # this many calibration images.
@@ -75,6 +77,7 @@ def export_tflite(
     class_names=None,
     int8_float_layers=None,
     int8_float_stem=None,
+    int8_float_head=None,
     bias_correction=True,
     return_details=False,
 ):
@@ -122,6 +125,9 @@ def export_tflite(
         int8_float_stem: for `"int8"`, how many of the first dense or convolution layers
             (in call order: the stem, which reads the image) stay float32; default
             `INT8_FLOAT_STEM`.
+        int8_float_head: for `"int8"`, keep in float32 every op after the model's backbone
+            (`model.backbone`): the head, which reads the feature map; default
+            `INT8_FLOAT_HEAD`. A model without a `backbone` has no head to keep.
         bias_correction: for `"int8"` and `"int16x8"`, correct the biases for the int8
             weights (default). The model itself is left as it was.
         return_details: return a dict instead of the op names.
@@ -157,6 +163,12 @@ def export_tflite(
         int8_float_layers = INT8_FLOAT_LAYERS
     if int8_float_stem is None:
         int8_float_stem = INT8_FLOAT_STEM
+    if int8_float_head is None:
+        int8_float_head = INT8_FLOAT_HEAD
+    if not isinstance(int8_float_head, bool):
+        raise ValueError(
+            f"`int8_float_head` must be True or False. Received: int8_float_head={int8_float_head!r}"
+        )
     for name, value in (("int8_float_layers", int8_float_layers),
                         ("int8_float_stem", int8_float_stem)):  # fmt: skip
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -219,7 +231,10 @@ def export_tflite(
         details = {}
         try:
             if quantization == "int8":
-                flatbuffer, details = _quantize_int8(converter, float_layers)
+                backbone = getattr(model, "backbone", None) if int8_float_head else None
+                flatbuffer, details = _quantize_int8(
+                    converter, float_layers, getattr(backbone, "name", None)
+                )
                 details["bias_correction"] = bool(bias_correction)
                 details["debug_images"] = len(_spread(calibration, DEBUG_IMAGES))
             else:
@@ -476,7 +491,7 @@ def _spread(images, count):
     return images[:: max(1, len(images) // count)][:count]
 
 
-def _quantize_int8(converter, float_layers):
+def _quantize_int8(converter, float_layers, head_after=None):
     """Full-integer quantization, with the ops outside `INT8_OPS` and `float_layers` in float.
 
     TensorFlow's selective quantization (`tf.lite.experimental.QuantizationDebugger`): the
@@ -485,6 +500,8 @@ def _quantize_int8(converter, float_layers):
     `_weight_sensitivity`) write, through its `denylisted_ops` and `denylisted_nodes`.
     With a stem among them, every op before the stem's last one (the input's scaling, say)
     stays float too: the int8 graph then starts after the stem, behind one QUANTIZE.
+    With `head_after` (the backbone's name), every op after the last one of the backbone
+    stays float: the int8 graph then ends at the feature map, behind one DEQUANTIZE.
 
     Returns:
         `(flatbuffer, details)`, `details` as `export_tflite` describes.
@@ -504,24 +521,31 @@ def _quantize_int8(converter, float_layers):
             if tensors:  # A layer outside the exported graph has none.
                 layers.append({**row, "output_error": round(row["output_error"], 5),
                                "tensors": tensors})  # fmt: skip
+        # The ops run in graph order: the stem's are a prefix of them, the head's a suffix.
+        outputs = [
+            [names[index] for index in op["outputs"]] for op in interpreter._get_ops_details()
+        ]
+        head = []
+        backbone_tensors = set(_layer_tensors(head_after, names.values())) if head_after else ()
+        if backbone_tensors:
+            last = max(i for i, written in enumerate(outputs) if backbone_tensors & set(written))
+            kept = {tensor for layer in layers for tensor in layer["tensors"]}
+            suffix = sorted({t for written in outputs[last + 1 :] for t in written} - kept)
+            head = [{"layer": f"after {head_after}", "why": _HEAD, "tensors": suffix}]
         stem = [layer for layer in layers if layer["why"] == _STEM]
         if stem:
-            # The ops run in graph order: those up to the stem's last one are its prefix.
-            outputs = [
-                [names[index] for index in op["outputs"]] for op in interpreter._get_ops_details()
-            ]
             stem_tensors = {tensor for layer in stem for tensor in layer["tensors"]}
             last = max(i for i, written in enumerate(outputs) if stem_tensors & set(written))
             prefix = [t for written in outputs[: last + 1] for t in written]
             stem[0]["tensors"] = sorted(set(stem[0]["tensors"]) | (set(prefix) - stem_tensors))
         debugger.options = tf.lite.experimental.QuantizationDebugOptions(
             denylisted_ops=float_ops,
-            denylisted_nodes=[tensor for layer in layers for tensor in layer["tensors"]],
+            denylisted_nodes=[tensor for layer in layers + head for tensor in layer["tensors"]],
         )
         flatbuffer = debugger.get_nondebug_quantized_model()
     return flatbuffer, {
         "float_op_types": sorted(float_ops),
-        "float_layers": layers,
+        "float_layers": layers + head,
     }
 
 
