@@ -1016,6 +1016,7 @@ def test_cli_exports_a_run_directory_from_its_config_alone(jpeg_dir, tmp_path, c
             "tflite_fp32,tflite_int8",
             "--model-name",
             "birds",
+            "--no-int8-float-head",
         ]
     )
     assert status in (0, 1), capsys.readouterr().err
@@ -1029,6 +1030,9 @@ def test_cli_exports_a_run_directory_from_its_config_alone(jpeg_dir, tmp_path, c
     int8 = report["exports"][1]
     assert int8["format"] == "tflite_int8" and int8["file"] == "birds_int8.tflite"
     assert "float_layers" in int8 and "float_op_types" in int8
+    assert [row["why"] for row in int8["float_layers"]] == ["writes the logits"] + [
+        "the stem: reads the image"
+    ] * INT8_FLOAT_STEM  # --no-int8-float-head: no row for the head.
     for name in ("birds_fp32.tflite", "birds_int8.tflite"):
         assert read_labels(output / name) == ["gull", "tern"]
 
