@@ -505,7 +505,8 @@ def _quantize_int8(converter, float_layers, head_after=None):
     With a stem among them, every op before the stem's last one (the input's scaling, say)
     stays float too: the int8 graph then starts after the stem, behind one QUANTIZE.
     With `head_after` (the backbone's name), every op after the last one of the backbone
-    stays float: the int8 graph then ends at the feature map, behind one DEQUANTIZE.
+    stays float: the int8 graph then ends at the feature maps the head reads, behind one
+    DEQUANTIZE each.
 
     Returns:
         `(flatbuffer, details)`, `details` as `export_tflite` describes.
