@@ -9,7 +9,8 @@ loads (a layer changed) is trained again.
 Every model is exported with `keras_fg.export.export_model`, which times each file on one
 image (median) and checks it against Keras on all 1,449 test images; int8 and 16x8 are
 calibrated on 300 training images, 6 of each class. Beside the default int8 file (the
-logits' layer, the stem and the head in float), int8 is also exported with the head in
+logits' layer, the stem and the head in float, the head's dense and convolution layers on
+int8 weights), int8 is also exported with the head's weights in float, with the head in
 int8, and with neither stem nor head in float but N of the layers whose int8 weights move
 the logits most (`--int8-float-layers`), to show what each choice costs and buys. The
 `.tflite` files are then timed again in turns (`interleaved_latency`), so that their speed
@@ -180,6 +181,8 @@ def run_family(family, workdir, args):
     # this many of the most sensitive layers.
     variants = []
     if "tflite_int8" in args.formats:
+        variants.append(("tflite_int8 (head in float, float weights)", "int8_head_float_weights",
+                         {"int8_head_weights": False}))  # fmt: skip
         variants.append(("tflite_int8 (head in int8)", "int8_head", {"int8_float_head": False}))
     for count in args.int8_float_layers:
         variants.append((f"tflite_int8 (no stem, no head, {count} ranked layers)",

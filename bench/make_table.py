@@ -263,11 +263,13 @@ def int8_choice(float_layers):
     ranked = whys.count("its int8 weights move the logits")
     if stem:
         parts.append(f"stem of {stem}")
-    if "the head: after the backbone" in whys:
+    head = [layer for layer in float_layers if layer.get("why") == "the head: after the backbone"]
+    if head:
         parts.append("head")
     if ranked or not parts:
         parts.append(f"{ranked} ranked layers")
-    return " + ".join(parts) + " in float"
+    hybrid = ", the head's weights int8" if head and head[0].get("int8_weights") else ""
+    return " + ".join(parts) + " in float" + hybrid
 
 
 def export_section(result):
@@ -281,7 +283,8 @@ def export_section(result):
         "the Keras model on the CUB test images; int8 and 16x8 calibrated on 300 training "
         "images (6 per class), biases corrected for the int8 weights. int8 keeps in float the "
         "layer that writes the logits, the *stem* (the first layers, which read the image), "
-        "the *head* (every op after the backbone) and/or the N *ranked layers* whose int8 "
+        "the *head* (every op after the backbone; its dense and convolution layers on int8 "
+        "weights where said: hybrid kernels) and/or the N *ranked layers* whose int8 "
         "weights move the logits most.",
         "",
         "| model | runtime | latency | speed vs TFLite fp32 | latency, 1 thread | size "

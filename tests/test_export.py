@@ -839,6 +839,49 @@ def test_int8_keeps_the_head_in_float_behind_one_dequantize(family, feature_maps
         export_tflite(model, path, "int8", representative_images=images, int8_float_head=1)
 
 
+def test_int8_head_runs_its_dense_and_convolution_layers_on_int8_weights(tmp_path):
+    # B-CNN's head: the 1x1 reduction and the classifier, both after the backbone.
+    model = build("bcnn")
+    images = np.random.default_rng(1).uniform(0, 255, (40, SIZE, SIZE, 3)).astype("float32")
+    options = {"representative_images": images, "int8_float_stem": 0, "return_details": True}
+    path, plain_path = tmp_path / "hybrid.tflite", tmp_path / "float_head.tflite"
+    details = export_tflite(model, path, "int8", **options)
+    plain = export_tflite(model, plain_path, "int8", int8_head_weights=False, **options)
+    head = details["float_layers"][-1]
+    assert "int8_weights" not in plain["float_layers"][-1]
+    interpreter = Interpreter(model_path=str(path))
+    tensors = {t["name"]: t for t in interpreter.get_tensor_details()}
+    ops_by_output = {
+        interpreter.get_tensor_details()[op["outputs"][0]]["name"]: op
+        for op in interpreter._get_ops_details()
+    }
+    for layer_name in ("reduce_a", "classifier"):
+        (output,) = _layer_tensors(layer_name, head["int8_weights"])
+        op = ops_by_output[output]
+        data, weights = (interpreter.get_tensor_details()[i] for i in op["inputs"][:2])
+        # A hybrid kernel: float in and out, int8 weights rounded as `_int8_weights` rounds.
+        assert data["dtype"] == tensors[output]["dtype"] == np.float32
+        assert weights["dtype"] == np.int8
+        scales = weights["quantization_parameters"]["scales"]
+        stored = interpreter.get_tensor(weights["index"]).astype("float32")
+        stored = stored * scales.reshape((-1,) + (1,) * (stored.ndim - 1))
+        kernel = keras.ops.convert_to_numpy(model.get_layer(layer_name).kernel)
+        expected = _int8_weights(kernel, depthwise=False)
+        expected = expected.reshape(-1, expected.shape[-1]).T.reshape(stored.shape)
+        np.testing.assert_allclose(stored, expected, rtol=1e-5, atol=1e-7)
+    # The backbone's graph is unchanged: still one DEQUANTIZE, and the file still runs
+    # close to the one whose head has float weights.
+    ops_used = [op["op_name"] for op in interpreter._get_ops_details()]
+    assert ops_used.count("DEQUANTIZE") == 1, ops_used
+    assert os.path.getsize(path) < os.path.getsize(plain_path)
+    hybrid, float_head = (run_tflite(p, images)["probabilities"] for p in (path, plain_path))
+    reference = keras.ops.convert_to_numpy(model(images)["probabilities"])
+    assert np.abs(hybrid - reference).max() < 0.05
+    assert np.mean(hybrid.argmax(-1) == float_head.argmax(-1)) >= 0.95
+    with pytest.raises(ValueError, match="Received: int8_head_weights=0"):
+        export_tflite(model, path, "int8", representative_images=images, int8_head_weights=0)
+
+
 def planted_shifted_model():
     """A convolution whose int8 weights shift its output mean, read by a BatchNormalization.
 

@@ -16,6 +16,7 @@ from keras_fg.export.exporter import (
     parse_formats,
 )
 from keras_fg.export.run_directory import is_run_directory, read_run_directory
+from keras_fg.export.tflite import INT8_OPTIONS
 
 FLOAT32_FORMATS = ("saved_model", "tflite_fp32")
 
@@ -82,6 +83,13 @@ def build_parser():
         help="full-integer int8 keeps in float every op after the backbone: the head, which "
         "reads the feature map (default: on, see README)",
     )
+    data.add_argument(
+        "--int8-head-weights",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="full-integer int8 gives the float head's dense and convolution layers int8 "
+        "weights, run as hybrid kernels (default: on, see README)",
+    )
     serving = parser.add_argument_group("serving")
     serving.add_argument("--version", type=int, default=1, help="SavedModel version (default: 1)")
     serving.add_argument("--model-name", help="name in the paths (default: the model's name)")
@@ -124,7 +132,7 @@ def main(argv=None):
             calibration, evaluation = run["calibration_paths"], run["evaluation_paths"]
         model = load_model(model_file)
         options = {}
-        for option in ("int8_float_layers", "int8_float_stem", "int8_float_head"):
+        for option in INT8_OPTIONS:
             if getattr(args, option) is not None:
                 options[option] = getattr(args, option)
         report = export_model(

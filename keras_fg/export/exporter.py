@@ -11,7 +11,7 @@ from keras_fg.export.errors import ExportInputError, require_tensorflow_backend
 from keras_fg.export.parity import CHECKS, check_parity, model_outputs
 from keras_fg.export.preprocess import RESIZE_RULE, load_images, synthetic_images
 from keras_fg.export.saved_model import WARMUP_FILE, export_saved_model
-from keras_fg.export.tflite import LABELS_FILE, export_tflite
+from keras_fg.export.tflite import INT8_OPTIONS, LABELS_FILE, export_tflite
 
 FORMATS = (
     "saved_model",
@@ -46,6 +46,7 @@ def export_model(
     int8_float_layers=None,
     int8_float_stem=None,
     int8_float_head=None,
+    int8_head_weights=None,
     run=None,
 ):
     """Exports `model` to every requested format, checks each against Keras, writes a report.
@@ -92,6 +93,8 @@ def export_model(
             dense or convolution layers (default: `tflite.INT8_FLOAT_STEM`).
         int8_float_head: full-integer int8 keeps in float every op after the model's
             backbone (default: `tflite.INT8_FLOAT_HEAD`).
+        int8_head_weights: full-integer int8 gives the float head's dense and convolution
+            layers int8 weights, run as hybrid kernels (default: `tflite.INT8_HEAD_WEIGHTS`).
         run: what a train.py run directory gave (recorded in the report).
 
     Returns:
@@ -158,6 +161,7 @@ def export_model(
             "int8_float_layers": int8_float_layers,
             "int8_float_stem": int8_float_stem,
             "int8_float_head": int8_float_head,
+            "int8_head_weights": int8_head_weights,
         }
         evaluation["reference"] = model_outputs(model, evaluation["images"])
         entries = [
@@ -280,7 +284,7 @@ def _export_one(model, fmt, staging, settings, evaluation, calibration):
             }
         relative = f"{name}_{quantization}.tflite"
         options = {}
-        for option in ("int8_float_layers", "int8_float_stem", "int8_float_head"):
+        for option in INT8_OPTIONS:
             if quantization == "int8" and settings[option] is not None:
                 options[option] = settings[option]
         details = export_tflite(

@@ -6,6 +6,7 @@ import tempfile
 import warnings
 import zipfile
 
+import flatbuffers
 import keras
 import numpy as np
 import tensorflow as tf
@@ -62,8 +63,18 @@ INT8_OPS = frozenset(
 INT8_FLOAT_STEM = 2
 INT8_FLOAT_LAYERS = 0
 INT8_FLOAT_HEAD = True
+# In the float head, the dense and convolution layers (the logits' too) keep int8 weights
+# (INT8_HEAD_WEIGHTS): TFLite runs them as hybrid kernels, which quantize their float input
+# on the fly, as the "dynamic" file does. On B-CNN, whose head reads 13 MB of float32
+# classifier weights per image, that is ... (filled in below)
+INT8_HEAD_WEIGHTS = True
+# `export_tflite`'s options for "int8" that export.py and `export_model` pass through.
+INT8_OPTIONS = ("int8_float_layers", "int8_float_stem", "int8_float_head", "int8_head_weights")
 _STEM = "the stem: reads the image"
 _HEAD = "the head: after the backbone"
+_RANKED = "its int8 weights move the logits"
+# The float ops that TFLite runs as hybrid kernels when their weights are int8.
+_HYBRID_OPS = ("CONV_2D", "FULLY_CONNECTED")
 DEBUG_IMAGES = 32
 # Bias correction for int8 weights (`_bias_corrections`) measures each layer's shift on
 # this many calibration images.
@@ -82,6 +93,7 @@ def export_tflite(
     int8_float_layers=None,
     int8_float_stem=None,
     int8_float_head=None,
+    int8_head_weights=None,
     bias_correction=True,
     return_details=False,
 ):
@@ -99,8 +111,10 @@ def export_tflite(
     - `"int8"`: int8 weights and activations of the convolutions, dense layers, matrix
       products, adds and pooling (`INT8_OPS`), calibrated on `representative_images`; the
       heads' other math stays float32 (see `INT8_OPS` for why), and so do the layer that
-      writes the logits, the stem (the first `int8_float_stem` layers) and the
-      `int8_float_layers` others whose int8 weights move the logits most (`_float_layers`);
+      writes the logits, the stem (the first `int8_float_stem` layers), the head (every op
+      after the backbone) and the `int8_float_layers` others whose int8 weights move the
+      logits most (`_float_layers`); the float head's dense and convolution layers keep
+      int8 weights (hybrid kernels, `int8_head_weights`);
     - `"int16x8"`: int16 activations and int8 weights (TFLite's 16x8 mode), calibrated on
       `representative_images`; ops without a 16x8 kernel stay float32.
 
@@ -132,6 +146,10 @@ def export_tflite(
         int8_float_head: for `"int8"`, keep in float32 every op after the model's backbone
             (`model.backbone`): the head, which reads the feature map; default
             `INT8_FLOAT_HEAD`. A model without a `backbone` has no head to keep.
+        int8_head_weights: for `"int8"` with the head in float, give the head's dense and
+            convolution layers (the logits' too) int8 weights, which TFLite runs as hybrid
+            kernels (`_with_int8_weights`); default `INT8_HEAD_WEIGHTS`. The layers chosen
+            by `int8_float_layers` keep float weights.
         bias_correction: for `"int8"` and `"int16x8"`, correct the biases for the int8
             weights (default). The model itself is left as it was.
         return_details: return a dict instead of the op names.
@@ -142,7 +160,8 @@ def export_tflite(
         `float_op_types` (the op types kept in float) and `float_layers` (the layers kept
         in float, each with its Keras `layer` name and `class`, `why`, its `output_error`
         from `_weight_sensitivity` and the TFLite `tensors` it writes; the first stem
-        layer's also hold those of the ops before it).
+        layer's also hold those of the ops before it; the head's, its `int8_weights`: the
+        outputs of its ops on int8 weights).
 
     Raises:
         ExportError: when the conversion fails, the model holds an op that is not a
@@ -169,10 +188,12 @@ def export_tflite(
         int8_float_stem = INT8_FLOAT_STEM
     if int8_float_head is None:
         int8_float_head = INT8_FLOAT_HEAD
-    if not isinstance(int8_float_head, bool):
-        raise ValueError(
-            f"`int8_float_head` must be True or False. Received: int8_float_head={int8_float_head!r}"
-        )
+    if int8_head_weights is None:
+        int8_head_weights = INT8_HEAD_WEIGHTS
+    for name, value in (("int8_float_head", int8_float_head),
+                        ("int8_head_weights", int8_head_weights)):  # fmt: skip
+        if not isinstance(value, bool):
+            raise ValueError(f"`{name}` must be True or False. Received: {name}={value!r}")
     for name, value in (("int8_float_layers", int8_float_layers),
                         ("int8_float_stem", int8_float_stem)):  # fmt: skip
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -198,15 +219,22 @@ def export_tflite(
             calibration = np.asarray(representative_images, dtype="float32")
         # Selective quantization: the layers that stay float are chosen on the Keras model
         # (`_weight_sensitivity`), and the others' int8 biases are corrected around them.
-        float_layers = []
+        float_layers, float_weights = [], set()
+        backbone = getattr(model, "backbone", None) if int8_float_head else None
         if quantization == "int8":
             float_layers = _float_layers(model, calibration, int8_float_layers, int8_float_stem)
+            # The layers whose weights stay float are not corrected for int8 weights.
+            float_weights = {layer["layer"] for layer in float_layers}
+            head = _head_layers(model, backbone)
+            if int8_head_weights:
+                ranked = {layer["layer"] for layer in float_layers if layer["why"] == _RANKED}
+                float_weights -= head - ranked
+            else:
+                float_weights |= head
         corrections = []
         if calibrated and bias_correction:
             corrections = _bias_corrections(
-                model,
-                _spread(calibration, BIAS_CORRECTION_IMAGES),
-                keep_float={layer["layer"] for layer in float_layers},
+                model, _spread(calibration, BIAS_CORRECTION_IMAGES), keep_float=float_weights
             )
         originals = [
             (variable, keras.ops.convert_to_numpy(variable)) for variable, _ in corrections
@@ -235,9 +263,8 @@ def export_tflite(
         details = {}
         try:
             if quantization == "int8":
-                backbone = getattr(model, "backbone", None) if int8_float_head else None
                 flatbuffer, details = _quantize_int8(
-                    converter, float_layers, getattr(backbone, "name", None)
+                    converter, float_layers, getattr(backbone, "name", None), int8_head_weights
                 )
                 details["bias_correction"] = bool(bias_correction)
                 details["debug_images"] = len(_spread(calibration, DEBUG_IMAGES))
@@ -477,7 +504,15 @@ def _float_layers(model, calibration, count, stem=0):
     kept = [{**by_name[logits], "why": "writes the logits"}] if logits in by_name else []
     kept += [{**by_name[name], "why": _STEM} for name in first if name != logits]
     others = [row for row in rows if row["layer"] not in named][:count]
-    return kept + [{**row, "why": "its int8 weights move the logits"} for row in others]
+    return kept + [{**row, "why": _RANKED} for row in others]
+
+
+def _head_layers(model, backbone):
+    """The names of `model`'s dense and convolution layers outside `backbone` (none without)."""
+    if backbone is None:
+        return set()
+    inside = {id(layer) for layer in _quantizable_layers(backbone)}
+    return {layer.name for layer in _quantizable_layers(model) if id(layer) not in inside}
 
 
 def _logits_layer(model):
@@ -495,7 +530,7 @@ def _spread(images, count):
     return images[:: max(1, len(images) // count)][:count]
 
 
-def _quantize_int8(converter, float_layers, head_after=None):
+def _quantize_int8(converter, float_layers, head_after=None, head_weights=False):
     """Full-integer quantization, with the ops outside `INT8_OPS` and `float_layers` in float.
 
     TensorFlow's selective quantization (`tf.lite.experimental.QuantizationDebugger`): the
@@ -506,7 +541,9 @@ def _quantize_int8(converter, float_layers, head_after=None):
     stays float too: the int8 graph then starts after the stem, behind one QUANTIZE.
     With `head_after` (the backbone's name), every op after the last one of the backbone
     stays float: the int8 graph then ends at the feature maps the head reads, behind one
-    DEQUANTIZE each.
+    DEQUANTIZE each. With `head_weights` too, the head's dense and convolution ops, the
+    logits' among them, get int8 weights (`_with_int8_weights`), but for those of the layers
+    ranked for their weights (`_float_layers`).
 
     Returns:
         `(flatbuffer, details)`, `details` as `export_tflite` describes.
@@ -530,13 +567,16 @@ def _quantize_int8(converter, float_layers, head_after=None):
         outputs = [
             [names[index] for index in op["outputs"]] for op in interpreter._get_ops_details()
         ]
-        head = []
+        head, hybrid = [], set()
         backbone_tensors = set(_layer_tensors(head_after, names.values())) if head_after else ()
         if backbone_tensors:
             last = max(i for i, written in enumerate(outputs) if backbone_tensors & set(written))
             kept = {tensor for layer in layers for tensor in layer["tensors"]}
-            suffix = sorted({t for written in outputs[last + 1 :] for t in written} - kept)
-            head = [{"layer": f"after {head_after}", "why": _HEAD, "tensors": suffix}]
+            after = {t for written in outputs[last + 1 :] for t in written}
+            head = [{"layer": f"after {head_after}", "why": _HEAD, "tensors": sorted(after - kept)}]
+            if head_weights:
+                ranked = [layer for layer in layers if layer["why"] == _RANKED]
+                hybrid = after - {tensor for layer in ranked for tensor in layer["tensors"]}
         stem = [layer for layer in layers if layer["why"] == _STEM]
         if stem:
             stem_tensors = {tensor for layer in stem for tensor in layer["tensors"]}
@@ -548,10 +588,71 @@ def _quantize_int8(converter, float_layers, head_after=None):
             denylisted_nodes=[tensor for layer in layers + head for tensor in layer["tensors"]],
         )
         flatbuffer = debugger.get_nondebug_quantized_model()
+    if hybrid:
+        flatbuffer, head[0]["int8_weights"] = _with_int8_weights(flatbuffer, hybrid)
     return flatbuffer, {
         "float_op_types": sorted(float_ops),
         "float_layers": layers + head,
     }
+
+
+def _with_int8_weights(flatbuffer, tensors):
+    """`flatbuffer` with int8 weights in the float dense and convolution ops that write `tensors`.
+
+    A FULLY_CONNECTED or CONV_2D op with float input and output and int8 weights is a
+    hybrid kernel in TFLite (dynamic range): it quantizes its input on the fly (per image;
+    asymmetrically for FULLY_CONNECTED), multiplies in integers and rescales to float,
+
+        y = s_x · s_w[c] · Σ_i q_x,i · q_w[c, i] + b[c]       (q_x = round(x / s_x) − z_x)
+
+    The weights are rounded as `_int8_weights` rounds them, and as the converter rounds a
+    full-integer op's: per output channel (axis 0 of a TFLite kernel), symmetric, with
+    scale `max |w[c]| / 127`. So the bias correction measured for them on the Keras model
+    holds. A weight buffer that another tensor also reads is left as it is.
+
+    Returns:
+        `(flatbuffer, changed)`: the new model, and the output tensors of the ops changed.
+    """
+    model = schema.ModelT.InitFromPackedBuf(bytearray(flatbuffer), 0)
+    readers = {}
+    for graph in model.subgraphs:
+        for tensor in graph.tensors:
+            readers[tensor.buffer] = readers.get(tensor.buffer, 0) + 1
+    changed = []
+    graph = model.subgraphs[0]
+    for op in graph.operators:
+        code = model.operatorCodes[op.opcodeIndex]
+        if _BUILTIN_NAMES[max(code.builtinCode, code.deprecatedBuiltinCode)] not in _HYBRID_OPS:
+            continue
+        output = graph.tensors[op.outputs[0]]
+        weights = graph.tensors[op.inputs[1]]
+        data = model.buffers[weights.buffer].data
+        if (
+            output.name.decode() not in tensors
+            or output.type != schema.TensorType.FLOAT32
+            or weights.type != schema.TensorType.FLOAT32
+            or data is None
+            or readers[weights.buffer] != 1
+        ):
+            continue
+        kernel = np.frombuffer(np.asarray(data, np.uint8).tobytes(), "<f4").reshape(weights.shape)
+        scale = np.max(np.abs(kernel.reshape(len(kernel), -1)), axis=1) / 127.0
+        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        rounded = np.round(kernel / scale.reshape((-1,) + (1,) * (kernel.ndim - 1)))
+        model.buffers[weights.buffer].data = (
+            np.clip(rounded, -127, 127).astype(np.int8).view(np.uint8).ravel()
+        )
+        weights.type = schema.TensorType.INT8
+        weights.quantization = schema.QuantizationParametersT()
+        weights.quantization.scale = scale.tolist()
+        weights.quantization.zeroPoint = [0] * len(scale)
+        weights.quantization.quantizedDimension = 0
+        if isinstance(op.builtinOptions, schema.FullyConnectedOptionsT):
+            op.builtinOptions.asymmetricQuantizeInputs = True
+        changed.append(output.name.decode())
+    builder = flatbuffers.Builder(len(flatbuffer) + 1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output()), sorted(changed)
 
 
 def _require_runs(flatbuffer, image, what):
