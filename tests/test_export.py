@@ -839,12 +839,18 @@ def test_int8_keeps_the_head_in_float_behind_one_dequantize(family, feature_maps
         export_tflite(model, path, "int8", representative_images=images, int8_float_head=1)
 
 
-def test_int8_head_runs_its_dense_and_convolution_layers_on_int8_weights(tmp_path):
-    # B-CNN's head: the 1x1 reduction and the classifier, both after the backbone.
+def test_int8_head_runs_its_dense_and_convolution_layers_on_int8_weights(tmp_path, monkeypatch):
+    import keras_fg.export.tflite as tflite
+
+    # B-CNN's head: the 1x1 reduction and the classifier, both after the backbone. Their
+    # few weights stay float by default (the cache holds them: no hybrid kernel pays).
     model = build("bcnn")
     images = np.random.default_rng(1).uniform(0, 255, (40, SIZE, SIZE, 3)).astype("float32")
     options = {"representative_images": images, "int8_float_stem": 0, "return_details": True}
     path, plain_path = tmp_path / "hybrid.tflite", tmp_path / "float_head.tflite"
+    small = export_tflite(model, path, "int8", **options)
+    assert small["float_layers"][-1]["int8_weights"] == []
+    monkeypatch.setattr(tflite, "INT8_HEAD_WEIGHTS_MIN_SIZE", 192)  # The classifier has 192.
     details = export_tflite(model, path, "int8", **options)
     plain = export_tflite(model, plain_path, "int8", int8_head_weights=False, **options)
     head = details["float_layers"][-1]
