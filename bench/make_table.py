@@ -308,7 +308,8 @@ def export_section(result):
             speed = e.get("speed_vs_tflite_fp32")
             runtime = e["format"].replace("_", " ")
             if e["format"].startswith("tflite_int8") and e.get("float_layers") is not None:
-                runtime = f"tflite int8 ({int8_choice(e['float_layers'])})"
+                default = ", the default" if e["format"] == "tflite_int8" else ""
+                runtime = f"tflite int8 ({int8_choice(e['float_layers'])}{default})"
             if e.get("measured_by"):
                 runtime += " (earlier run, below)"
                 earlier.add(e["measured_by"])

@@ -55,11 +55,11 @@ INT8_OPS = frozenset(
 # (INT8_FLOAT_HEAD: every op after the backbone) stays float too: in int8, its float-only
 # math (square roots, divisions, softmaxes) cuts it into islands, each behind its own
 # QUANTIZE and DEQUANTIZE. On GAP, B-CNN and MA-CNN heads, logits, stem and head in float
-# kept the Keras top-1 class of 98.6 %, 98.4 % and 97.2 % of the CUB test images at 1.87x,
-# 1.68x and 1.80x float32's speed; with the head in int8, 98.6 %, 98.3 % and 97.0 % at
-# 1.92x, 1.54x and 1.76x; six sensitivity-ranked layers instead of stem and head, 98.1 %,
-# 98.7 % and 97.7 % at 1.72x, 1.43x and 1.66x, and a slower export (every layer is
-# measured). See the README (*Exporting*).
+# (all weights float) kept the Keras top-1 class of 98.6 %, 98.4 % and 97.2 % of the CUB
+# test images at 1.86x, 1.73x and 1.91x float32's speed; with the head in int8, 98.6 %,
+# 98.3 % and 97.0 % at 1.89x, 1.53x and 1.83x; six sensitivity-ranked layers instead of
+# stem and head, 98.1 %, 98.7 % and 97.7 % at 1.73x, 1.45x and 1.81x, and a slower export
+# (every layer is measured). See the README (*Exporting*).
 INT8_FLOAT_STEM = 2
 INT8_FLOAT_LAYERS = 0
 INT8_FLOAT_HEAD = True
