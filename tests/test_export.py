@@ -1066,6 +1066,7 @@ def test_cli_exports_a_run_directory_from_its_config_alone(jpeg_dir, tmp_path, c
             "--model-name",
             "birds",
             "--no-int8-float-head",
+            "--no-int8-head-weights",
         ]
     )
     assert status in (0, 1), capsys.readouterr().err
