@@ -326,6 +326,29 @@ def test_full_macnn_with_part_crops_converts_to_builtins(jpeg_bytes, tmp_path):
     assert not [op for op in ops_used if op.startswith("Flex") or op == "CUSTOM"]
     result = check_parity(model, path, jpeg_bytes, latency_runs=1)
     assert result["check"]["passed"] and result["max_abs_diff"] < 1e-5, result
+    # int8: the backbone runs on the image, the part networks on the crops. The float prefix
+    # ends with the stem's first run (conv1, conv2), the head starts after the part networks:
+    # every other convolution of the backbone and of the part networks is int8.
+    images = np.random.default_rng(1).uniform(0, 255, (16, SIZE, SIZE, 3)).astype("float32")
+    path = tmp_path / "macnn_crops_int8.tflite"
+    details = export_tflite(model, path, "int8", representative_images=images, return_details=True)
+    assert details["float_layers"][-1]["layer"] == f"after {model.backbone.name} and part_networks"
+    interpreter = Interpreter(model_path=str(path))
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    convolutions = {
+        tensors[op["outputs"][0]]["name"]: tensors[op["inputs"][1]]["dtype"]
+        for op in interpreter._get_ops_details()
+        if op["op_name"] == "CONV_2D"
+    }
+    stem = {
+        name
+        for name in convolutions
+        if _layer_tensors("conv1", [name]) + _layer_tensors("conv2", [name])
+    }
+    assert len(convolutions) == 4 * 3 and len(stem) == 2 * 3  # 4 layers; image and 2 crops.
+    assert all(
+        dtype == (np.float32 if name in stem else np.int8) for name, dtype in convolutions.items()
+    )
 
 
 def test_tflite_int8_of_a_trained_model_keeps_its_decisions(labelled_images, tmp_path):

@@ -150,9 +150,10 @@ def export_tflite(
         int8_float_stem: for `"int8"`, how many of the first dense or convolution layers
             (in call order: the stem, which reads the image) stay float32; default
             `INT8_FLOAT_STEM`.
-        int8_float_head: for `"int8"`, keep in float32 every op after the model's backbone
-            (`model.backbone`): the head, which reads the feature map; default
-            `INT8_FLOAT_HEAD`. A model without a `backbone` has no head to keep.
+        int8_float_head: for `"int8"`, keep in float32 every op after the model's backbones
+            (`_backbones`: the backbone, a second stream's, MA-CNN's part networks): the
+            head, which reads the feature maps; default `INT8_FLOAT_HEAD`. A model without
+            a nested model has no head to keep.
         int8_head_weights: for `"int8"` with the head in float, give the head's dense and
             convolution layers (the logits' too) int8 weights, which TFLite runs as hybrid
             kernels (`_with_int8_weights`); default `INT8_HEAD_WEIGHTS`. The layers chosen
@@ -227,16 +228,16 @@ def export_tflite(
         # Selective quantization: the layers that stay float are chosen on the Keras model
         # (`_weight_sensitivity`), and the others' int8 biases are corrected around them.
         float_layers, float_weights = [], set()
-        backbone = getattr(model, "backbone", None) if int8_float_head else None
+        backbones = _backbones(model) if int8_float_head else {}
         if quantization == "int8":
             float_layers = _float_layers(model, calibration, int8_float_layers, int8_float_stem)
             # The layers whose weights stay float are not corrected for int8 weights.
             float_weights = {layer["layer"] for layer in float_layers} | _head_layers(
-                model, backbone
+                model, backbones
             )
             if int8_head_weights:
                 ranked = {layer["layer"] for layer in float_layers if layer["why"] == _RANKED}
-                float_weights -= _head_layers(model, backbone, INT8_HEAD_WEIGHTS_MIN_SIZE) - ranked
+                float_weights -= _head_layers(model, backbones, INT8_HEAD_WEIGHTS_MIN_SIZE) - ranked
         corrections = []
         if calibrated and bias_correction:
             corrections = _bias_corrections(
@@ -269,8 +270,13 @@ def export_tflite(
         details = {}
         try:
             if quantization == "int8":
+                layers = [layer.name for layer in _quantizable_layers(model)]
                 flatbuffer, details = _quantize_int8(
-                    converter, float_layers, getattr(backbone, "name", None), int8_head_weights
+                    converter,
+                    float_layers,
+                    list(backbones),
+                    int8_head_weights,
+                    after_stem=layers[int8_float_stem] if int8_float_stem < len(layers) else None,
                 )
                 details["bias_correction"] = bool(bias_correction)
                 details["debug_images"] = len(_spread(calibration, DEBUG_IMAGES))
@@ -513,12 +519,27 @@ def _float_layers(model, calibration, count, stem=0):
     return kept + [{**row, "why": _RANKED} for row in others]
 
 
-def _head_layers(model, backbone, min_size=0):
-    """The names of `model`'s dense and convolution layers outside `backbone` (none without)
-    with at least `min_size` weights in their kernel."""
-    if backbone is None:
+def _backbones(model):
+    """`{name: network}` of the networks nested in `model`, directly or in a TimeDistributed.
+
+    The name is the layer's that calls the network, the one its TFLite tensors carry: the
+    backbone, a second stream's backbone, MA-CNN's part networks (`part_networks`, which
+    run on the part crops).
+    """
+    found = {}
+    for layer in getattr(model, "layers", []):
+        inner = layer.layer if isinstance(layer, keras.layers.TimeDistributed) else layer
+        if isinstance(inner, keras.Model):
+            found[layer.name] = inner
+    return found
+
+
+def _head_layers(model, backbones, min_size=0):
+    """The names of `model`'s dense and convolution layers outside `backbones` (none without
+    backbones) with at least `min_size` weights in their kernel."""
+    if not backbones:
         return set()
-    inside = {id(layer) for layer in _quantizable_layers(backbone)}
+    inside = {id(layer) for network in backbones.values() for layer in _quantizable_layers(network)}
     return {
         layer.name
         for layer in _quantizable_layers(model)
@@ -541,7 +562,7 @@ def _spread(images, count):
     return images[:: max(1, len(images) // count)][:count]
 
 
-def _quantize_int8(converter, float_layers, head_after=None, head_weights=False):
+def _quantize_int8(converter, float_layers, head_after=None, head_weights=False, after_stem=None):
     """Full-integer quantization, with the ops outside `INT8_OPS` and `float_layers` in float.
 
     TensorFlow's selective quantization (`tf.lite.experimental.QuantizationDebugger`): the
@@ -549,8 +570,11 @@ def _quantize_int8(converter, float_layers, head_after=None, head_weights=False)
     outside `INT8_OPS` and the TFLite tensors that the layers of `float_layers` (rows of
     `_weight_sensitivity`) write, through its `denylisted_ops` and `denylisted_nodes`.
     With a stem among them, every op before the stem's last one (the input's scaling, say)
-    stays float too: the int8 graph then starts after the stem, behind one QUANTIZE.
-    With `head_after` (the backbone's name), every op after the last one of the backbone
+    stays float too: the int8 graph then starts after the stem, behind one QUANTIZE. The
+    stem's first run ends where the layer `after_stem` (the next dense or convolution layer)
+    starts: a backbone that runs again later (MA-CNN's on its part crops) must not stretch
+    the prefix over its first run.
+    With `head_after` (the names of the backbones), every op after the last one of them
     stays float: the int8 graph then ends at the feature maps the head reads, behind one
     DEQUANTIZE each. With `head_weights` too, the head's dense and convolution ops, the
     logits' among them, get int8 weights (`_with_int8_weights`), but for those of the layers
@@ -579,19 +603,24 @@ def _quantize_int8(converter, float_layers, head_after=None, head_weights=False)
             [names[index] for index in op["outputs"]] for op in interpreter._get_ops_details()
         ]
         head, hybrid = [], set()
-        backbone_tensors = set(_layer_tensors(head_after, names.values())) if head_after else ()
+        backbone_tensors = {
+            t for name in head_after or () for t in _layer_tensors(name, names.values())
+        }
         if backbone_tensors:
             last = max(i for i, written in enumerate(outputs) if backbone_tensors & set(written))
             kept = {tensor for layer in layers for tensor in layer["tensors"]}
             after = {t for written in outputs[last + 1 :] for t in written}
-            head = [{"layer": f"after {head_after}", "why": _HEAD, "tensors": sorted(after - kept)}]
+            label = f"after {' and '.join(head_after)}"
+            head = [{"layer": label, "why": _HEAD, "tensors": sorted(after - kept)}]
             if head_weights:
                 ranked = [layer for layer in layers if layer["why"] == _RANKED]
                 hybrid = after - {tensor for layer in ranked for tensor in layer["tensors"]}
         stem = [layer for layer in layers if layer["why"] == _STEM]
         if stem:
             stem_tensors = {tensor for layer in stem for tensor in layer["tensors"]}
-            last = max(i for i, written in enumerate(outputs) if stem_tensors & set(written))
+            after = set(_layer_tensors(after_stem, names.values())) if after_stem else set()
+            end = min([i for i, written in enumerate(outputs) if after & set(written)] or [None])
+            last = max(i for i, written in enumerate(outputs[:end]) if stem_tensors & set(written))
             prefix = [t for written in outputs[: last + 1] for t in written]
             stem[0]["tensors"] = sorted(set(stem[0]["tensors"]) | (set(prefix) - stem_tensors))
         debugger.options = tf.lite.experimental.QuantizationDebugOptions(
