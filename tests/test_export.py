@@ -862,6 +862,22 @@ def test_int8_keeps_the_head_in_float_behind_one_dequantize(family, feature_maps
         export_tflite(model, path, "int8", representative_images=images, int8_float_head=1)
 
 
+def test_int8_head_starts_after_a_second_streams_backbone(tmp_path):
+    # Two-stream B-CNN: the second backbone runs after the first. It is not head: its
+    # convolutions past the stem are int8, and the head's row starts after both.
+    model = build("bcnn", second_backbone="tiny")
+    images = np.random.default_rng(1).uniform(0, 255, (16, SIZE, SIZE, 3)).astype("float32")
+    path = tmp_path / "two_streams.tflite"
+    details = export_tflite(model, path, "int8", representative_images=images, return_details=True)
+    first, second = model.backbone.name, model.second_backbone.name
+    assert details["float_layers"][-1]["layer"] == f"after {first} and {second}"
+    interpreter = Interpreter(model_path=str(path))
+    dtypes = {t["name"]: t["dtype"] for t in interpreter.get_tensor_details()}
+    for name in (first, second):
+        later = _layer_tensors("conv4", _layer_tensors(name, list(dtypes)))
+        assert later and all(dtypes[tensor] == np.int8 for tensor in later), (name, later)
+
+
 def test_int8_head_runs_its_dense_and_convolution_layers_on_int8_weights(tmp_path, monkeypatch):
     import keras_fg.export.tflite as tflite
 
