@@ -618,8 +618,8 @@ def _quantize_int8(converter, float_layers, head_after=None, head_weights=False,
         stem = [layer for layer in layers if layer["why"] == _STEM]
         if stem:
             stem_tensors = {tensor for layer in stem for tensor in layer["tensors"]}
-            after = set(_layer_tensors(after_stem, names.values())) if after_stem else set()
-            end = min([i for i, written in enumerate(outputs) if after & set(written)] or [None])
+            following = set(_layer_tensors(after_stem, names.values())) if after_stem else set()
+            end = min([i for i, w in enumerate(outputs) if following & set(w)] or [None])
             last = max(i for i, written in enumerate(outputs[:end]) if stem_tensors & set(written))
             prefix = [t for written in outputs[: last + 1] for t in written]
             stem[0]["tensors"] = sorted(set(stem[0]["tensors"]) | (set(prefix) - stem_tensors))
