@@ -530,6 +530,29 @@ def test_dasrbn_streams_read_two_depths_of_the_backbone():
     assert second.second_backbone is not None
 
 
+def test_dasrbn_attended_classifier_reads_the_attention_pooled_bilinear_outcomes():
+    model = build("dasrbn", attended_classifier=True)
+    images = np.random.default_rng(1).uniform(0, 255, (3, 64, 64, 3)).astype("float32")
+    probe = keras.Model(
+        model.input,
+        [model.get_layer("bilinear_outcomes").output, model.output["attention_maps"]],
+    )
+    bilinear, alpha = (np.asarray(t, np.float64) for t in probe.predict(images, verbose=0))
+    logits = model.predict(images, verbose=0)["branch_logits"]
+    assert logits.shape == (3, 3, 4)  # recurrent, global, attended
+    # r_att = Σ_hw α_hw x_hw, layer-normalised, then its own classifier.
+    attended = np.einsum("bhw,bhwc->bc", alpha, bilinear)
+    gamma, beta = model.get_layer("attended_norm").get_weights()
+    epsilon = model.get_layer("attended_norm").epsilon
+    mean, var = attended.mean(-1, keepdims=True), attended.var(-1, keepdims=True)
+    normalised = (attended - mean) / np.sqrt(var + epsilon) * gamma + beta
+    kernel, bias = model.get_layer("attended_classifier").get_weights()
+    np.testing.assert_allclose(logits[:, 2], normalised @ kernel + bias, rtol=1e-4, atol=1e-4)
+    # Its cross-entropy is one of the branch losses.
+    without = build("dasrbn", attended_classifier=False)
+    assert without.output["branch_logits"].shape[1] == 2
+
+
 def _planted_location_data(n, grid, channels, classes, seed):
     """Every cell shows a random class (a one-hot over the first `classes` channels) and
     noise; one marked cell (channel `classes` set) holds the label. Only that cell decides."""

@@ -23,10 +23,11 @@ class DASRBN(FineGrainedModel):
         x_hw = sign(z) √|z|,  z = vec(a_hw ⊗ b_hw)                per location, norm kept
         α = softmax_hw(w2ᵀ tanh(W1 x_hw + b1))                    attention over locations
         h^k = 2-D LSTM over HW·α ⊙ x, swept from corner k         (`SpatialAttentionLSTM`)
-        r = [Σ_hw α_hw h^k_hw]_k ⊕ Σ_hw α_hw x_hw,  g = GAP(F_a)  recurrent and global branch
+        s = Σ_hw α_hw x_hw                                        attended bilinear outcomes
+        r = [Σ_hw α_hw h^k_hw]_k ⊕ s,  g = GAP(F_a)               recurrent and global branch
         f = [LN(r), LN(g)]                                        each branch normalised
         logits = W f + b
-        L = CE(logits) + λ (CE(W_r LN(r) + b_r) + CE(W_g LN(g) + b_g))
+        L = CE(logits) + λ Σ_{v ∈ r, g, s} CE(W_v LN(v) + b_v)    a classifier per branch
 
     F_a is the backbone's feature map. F_b is, by default, an earlier block of the same
     backbone pooled to F_a's grid (a two-depth backbone, `create_backbone(...,
@@ -36,8 +37,16 @@ class DASRBN(FineGrainedModel):
     Attention-weighted pooling of the sweeps from the four corners gives every location
     a direct path to the loss. Each branch is layer-normalised before the concatenation,
     and an auxiliary classifier on each branch (weight λ, `branch_loss_weight`) keeps
-    either one from starving the other once the head fits the training set. The
-    attention map α is a model output; the branch logits are `"branch_logits"` (B, 2, K).
+    either one from starving the other once the head fits the training set.
+
+    The attended bilinear outcomes `s` have a classifier of their own
+    (`attended_classifier`): `s` is a weighted average of local features, so it can name
+    the class only if α sits where the class is decided. Without it the sweeps and the
+    global branch classify from anywhere and α is free to wander (README, "Where the
+    attention looks": on the synthetic set it moved the peak onto the part in 74 → 85 %,
+    57 → 70 %, 62 → 82 % and 74 → 99 % of test images on four runs).
+    The attention map α is a model output; the branch logits are `"branch_logits"`
+    (B, branches, K), in the order recurrent, global, attended.
 
     Args:
         backbone: a headless feature extractor from `keras_fg.models.create_backbone`;
@@ -55,6 +64,8 @@ class DASRBN(FineGrainedModel):
         global_features: add the global branch g. Defaults to `True`.
         branch_loss_weight: λ, weight of the branches' auxiliary cross-entropies (0: none).
             Defaults to 1.0.
+        attended_classifier: add the branch `s` and its classifier (with λ > 0). Defaults
+            to `True`.
         dropout: dropout rate before the classifiers. Defaults to 0.5 (CUB subset head on
             cached MobileNetV2 features, seed 0: 89.2 % and 88.7 % top-1 in two runs, against
             87.9 % without).
@@ -79,6 +90,7 @@ class DASRBN(FineGrainedModel):
         attended_bilinear=True,
         global_features=True,
         branch_loss_weight=1.0,
+        attended_classifier=True,
         dropout=0.5,
         bnneck=False,
         freeze_batchnorm=True,
@@ -114,10 +126,12 @@ class DASRBN(FineGrainedModel):
         )(bilinear)
         # === Branches and classifiers ===
         recurrent_features = recurrent["features"]
-        if attended_bilinear:
+        attended = None
+        if attended_bilinear or attended_classifier:
             # A product and a sum, not an einsum: TFLite cannot convert that einsum.
             alpha = ops.expand_dims(recurrent["attention_maps"], -1)
             attended = ops.sum(alpha * bilinear, axis=(1, 2))
+        if attended_bilinear:
             recurrent_features = ops.concatenate([recurrent_features, attended], axis=-1)
         branches = [_normalized(recurrent_features, "recurrent")]
         if global_features:
@@ -130,10 +144,14 @@ class DASRBN(FineGrainedModel):
             features = keras.layers.Concatenate(name="fuse_branches")(branches)
         outputs = classification_head(features, num_classes, dropout, bnneck)
         outputs["attention_maps"] = recurrent["attention_maps"]
-        if branch_loss_weight > 0 and global_features:
+        branch_names = ["recurrent", "global"][: len(branches)]
+        if attended_classifier and branch_loss_weight > 0:
+            branches.append(_normalized(attended, "attended"))
+            branch_names.append("attended")
+        if branch_loss_weight > 0 and len(branches) > 1:
             branch_logits = [
                 _branch_classifier(branch, num_classes, dropout, name)
-                for branch, name in zip(branches, ("recurrent", "global"))
+                for branch, name in zip(branches, branch_names)
             ]
             outputs["branch_logits"] = ops.stack(branch_logits, axis=1)
         super().__init__(inputs=images, outputs=outputs, num_classes=num_classes, **kwargs)
@@ -147,6 +165,7 @@ class DASRBN(FineGrainedModel):
         self.attended_bilinear = attended_bilinear
         self.global_features = global_features
         self.branch_loss_weight = float(branch_loss_weight)
+        self.attended_classifier = attended_classifier
         self.dropout = dropout
         self.bnneck = bnneck
         self.freeze_batchnorm = freeze_batchnorm
@@ -178,6 +197,7 @@ class DASRBN(FineGrainedModel):
             "attended_bilinear": self.attended_bilinear,
             "global_features": self.global_features,
             "branch_loss_weight": self.branch_loss_weight,
+            "attended_classifier": self.attended_classifier,
         }
 
 
