@@ -548,9 +548,16 @@ def test_dasrbn_attended_classifier_reads_the_attention_pooled_bilinear_outcomes
     normalised = (attended - mean) / np.sqrt(var + epsilon) * gamma + beta
     kernel, bias = model.get_layer("attended_classifier").get_weights()
     np.testing.assert_allclose(logits[:, 2], normalised @ kernel + bias, rtol=1e-4, atol=1e-4)
-    # Its cross-entropy is one of the branch losses.
+    # Without it, two branches; a config saved before the option existed loads as that model.
     without = build("dasrbn", attended_classifier=False)
     assert without.output["branch_logits"].shape[1] == 2
+    config = without.get_config()
+    del config["attended_classifier"]
+    older = type(without).from_config(config)
+    older.set_weights(without.get_weights())
+    np.testing.assert_array_equal(
+        older.predict(images, verbose=0)["logits"], without.predict(images, verbose=0)["logits"]
+    )
 
 
 def _planted_location_data(n, grid, channels, classes, seed):

@@ -187,6 +187,11 @@ class DASRBN(FineGrainedModel):
             terms["branch_loss"] = (self.branch_loss_weight, per_sample)
         return terms
 
+    @classmethod
+    def from_config(cls, config):
+        # A file saved before `attended_classifier` existed holds a model without it.
+        return super().from_config({"attended_classifier": False, **config})
+
     def get_config(self):
         return {
             **super().get_config(),
