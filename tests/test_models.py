@@ -540,7 +540,7 @@ def test_dasrbn_attended_classifier_reads_the_attention_pooled_bilinear_outcomes
     bilinear, alpha = (np.asarray(t, np.float64) for t in probe.predict(images, verbose=0))
     logits = model.predict(images, verbose=0)["branch_logits"]
     assert logits.shape == (3, 3, 4)  # recurrent, global, attended
-    # r_att = Σ_hw α_hw x_hw, layer-normalised, then its own classifier.
+    # s = Σ_hw α_hw x_hw, layer-normalised, then its own classifier.
     attended = np.einsum("bhw,bhwc->bc", alpha, bilinear)
     gamma, beta = model.get_layer("attended_norm").get_weights()
     epsilon = model.get_layer("attended_norm").epsilon
