@@ -530,29 +530,49 @@ def test_dasrbn_streams_read_two_depths_of_the_backbone():
     assert second.second_backbone is not None
 
 
-def test_dasrbn_attended_classifier_reads_the_attention_pooled_bilinear_outcomes():
-    model = build("dasrbn", attended_classifier=True)
-    images = np.random.default_rng(1).uniform(0, 255, (3, 64, 64, 3)).astype("float32")
+def _attended_branch_against_numpy(model, images, source):
+    """The attended branch's logits against W · LN(Σ_hw α_hw v_hw) + b, where v is
+    `source(model, bilinear_outcomes)`."""
     probe = keras.Model(
         model.input,
         [model.get_layer("bilinear_outcomes").output, model.output["attention_maps"]],
     )
     bilinear, alpha = (np.asarray(t, np.float64) for t in probe.predict(images, verbose=0))
-    logits = model.predict(images, verbose=0)["branch_logits"]
-    assert logits.shape == (3, 3, 4)  # recurrent, global, attended
-    # s = Σ_hw α_hw x_hw, layer-normalised, then its own classifier.
-    attended = np.einsum("bhw,bhwc->bc", alpha, bilinear)
-    gamma, beta = model.get_layer("attended_norm").get_weights()
-    epsilon = model.get_layer("attended_norm").epsilon
+    attended = np.einsum("bhw,bhwc->bc", alpha, np.asarray(source(model, bilinear), np.float64))
+    norm = model.get_layer("attended_norm")
+    gamma, beta = norm.get_weights()
     mean, var = attended.mean(-1, keepdims=True), attended.var(-1, keepdims=True)
-    normalised = (attended - mean) / np.sqrt(var + epsilon) * gamma + beta
+    normalised = (attended - mean) / np.sqrt(var + norm.epsilon) * gamma + beta
     kernel, bias = model.get_layer("attended_classifier").get_weights()
+    logits = model.predict(images, verbose=0)["branch_logits"]
+    assert logits.shape == (len(images), 3, model.num_classes)  # recurrent, global, attended
     np.testing.assert_allclose(logits[:, 2], normalised @ kernel + bias, rtol=1e-4, atol=1e-4)
+
+
+def test_dasrbn_attended_classifier_reads_the_attention_pooled_second_stream():
+    from keras_fg.models.backbones import earlier_channels
+
+    def second_stream(model, bilinear):  # F_b: the two-depth backbone's earlier map.
+        features = model.backbone.predict(images, verbose=0)
+        return features[..., -earlier_channels(model.backbone) :]
+
+    model = build("dasrbn")
+    images = np.random.default_rng(1).uniform(0, 255, (3, 64, 64, 3)).astype("float32")
+    _attended_branch_against_numpy(model, images, second_stream)
+    # The earlier default read s = Σ_hw α_hw x_hw, the attended bilinear outcomes; a config
+    # saved then (without `attended_features`) still builds that model.
+    config = model.get_config()
+    del config["attended_features"]
+    bilinear_model = type(model).from_config(config)
+    assert bilinear_model.attended_features == "bilinear"
+    _attended_branch_against_numpy(bilinear_model, images, lambda model, bilinear: bilinear)
+    with pytest.raises(ValueError, match="attended_features"):
+        build("dasrbn", attended_features="earlier")
     # Without it, two branches; a config saved before the option existed loads as that model.
     without = build("dasrbn", attended_classifier=False)
     assert without.output["branch_logits"].shape[1] == 2
     config = without.get_config()
-    del config["attended_classifier"]
+    del config["attended_classifier"], config["attended_features"]
     older = type(without).from_config(config)
     older.set_weights(without.get_weights())
     np.testing.assert_array_equal(

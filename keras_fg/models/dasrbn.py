@@ -14,6 +14,8 @@ from keras_fg.models.fine_grained_model import (
     second_stream,
 )
 
+ATTENDED_FEATURES = ("second_stream", "bilinear")
+
 
 @keras.saving.register_keras_serializable(package="keras_fg")
 class DASRBN(FineGrainedModel):
@@ -25,9 +27,10 @@ class DASRBN(FineGrainedModel):
         h^k = 2-D LSTM over HW·α ⊙ x, swept from corner k         (`SpatialAttentionLSTM`)
         s = Σ_hw α_hw x_hw                                        attended bilinear outcomes
         r = [Σ_hw α_hw h^k_hw]_k ⊕ s,  g = GAP(F_a)               recurrent and global branch
+        e = Σ_hw α_hw F_b,hw                                      attended second stream
         f = [LN(r), LN(g)]                                        each branch normalised
         logits = W f + b
-        L = CE(logits) + λ Σ_{v ∈ r, g, s} CE(W_v LN(v) + b_v)    a classifier per branch
+        L = CE(logits) + λ Σ_{v ∈ r, g, e} CE(W_v LN(v) + b_v)    a classifier per branch
 
     F_a is the backbone's feature map. F_b is, by default, an earlier block of the same
     backbone pooled to F_a's grid (a two-depth backbone, `create_backbone(...,
@@ -39,12 +42,14 @@ class DASRBN(FineGrainedModel):
     and an auxiliary classifier on each branch (weight λ, `branch_loss_weight`) keeps
     either one from starving the other once the head fits the training set.
 
-    The attended bilinear outcomes `s` have a classifier of their own
-    (`attended_classifier`): `s` is a weighted average of local features, so it can name
-    the class only if α sits where the class is decided. Without it the sweeps and the
-    global branch classify from anywhere and α is free to wander (README, "Where the
-    attention looks": on the synthetic set it moved the peak onto the part in 74 → 85 %,
-    57 → 70 %, 62 → 82 % and 74 → 99 % of test images on four runs).
+    The attention-pooled second stream `e` has a classifier of its own
+    (`attended_classifier`), so the attention itself is taught to find the class: `e` is
+    a weighted average of local features, and can name the class only if α sits where
+    it is decided. Without it the sweeps and the global branch classify from anywhere
+    and α is free to wander. It reads F_b, not the outer products: by default F_b is the
+    earlier, more local map, while a cell of F_a (and so of x) also sees its
+    neighbourhood, which lets a cell beside the part stand in for it (README, "Where the
+    attention looks", measures both on the synthetic set).
     The attention map α is a model output; the branch logits are `"branch_logits"`
     (B, branches, K), in the order recurrent, global, attended.
 
@@ -64,8 +69,11 @@ class DASRBN(FineGrainedModel):
         global_features: add the global branch g. Defaults to `True`.
         branch_loss_weight: λ, weight of the branches' auxiliary cross-entropies (0: none).
             Defaults to 1.0.
-        attended_classifier: add the branch `s` and its classifier (with λ > 0). Defaults
+        attended_classifier: add the branch `e` and its classifier (with λ > 0). Defaults
             to `True`.
+        attended_features: what the attended classifier reads: `"second_stream"`, `e`
+            above; or `"bilinear"`, `s` (the default before `"second_stream"`; `.keras`
+            files saved then load with it). Defaults to `"second_stream"`.
         dropout: dropout rate before the classifiers. Defaults to 0.5 (CUB subset head on
             cached MobileNetV2 features, seed 0: 89.2 % and 88.7 % top-1 in two runs, against
             87.9 % without).
@@ -91,6 +99,7 @@ class DASRBN(FineGrainedModel):
         global_features=True,
         branch_loss_weight=1.0,
         attended_classifier=True,
+        attended_features="second_stream",
         dropout=0.5,
         bnneck=False,
         freeze_batchnorm=True,
@@ -98,6 +107,11 @@ class DASRBN(FineGrainedModel):
     ):
         if stream_dim < 1:
             raise ValueError(f"`stream_dim` must be >= 1. Received: stream_dim={stream_dim}")
+        if attended_features not in ATTENDED_FEATURES:
+            raise ValueError(
+                f"`attended_features` must be one of {ATTENDED_FEATURES}. "
+                f"Received: attended_features={attended_features!r}"
+            )
         if branch_loss_weight < 0:
             raise ValueError(
                 f"`branch_loss_weight` must be >= 0. Received: branch_loss_weight={branch_loss_weight}"
@@ -126,12 +140,10 @@ class DASRBN(FineGrainedModel):
         )(bilinear)
         # === Branches and classifiers ===
         recurrent_features = recurrent["features"]
-        attended = None
-        if attended_bilinear or attended_classifier:
-            # A product and a sum, not an einsum: TFLite cannot convert that einsum.
-            alpha = ops.expand_dims(recurrent["attention_maps"], -1)
-            attended = ops.sum(alpha * bilinear, axis=(1, 2))
+        # Attention-weighted sums: a product and a sum, not an einsum, which TFLite cannot convert.
+        alpha = ops.expand_dims(recurrent["attention_maps"], -1)
         if attended_bilinear:
+            attended = ops.sum(alpha * bilinear, axis=(1, 2))
             recurrent_features = ops.concatenate([recurrent_features, attended], axis=-1)
         branches = [_normalized(recurrent_features, "recurrent")]
         if global_features:
@@ -146,7 +158,8 @@ class DASRBN(FineGrainedModel):
         outputs["attention_maps"] = recurrent["attention_maps"]
         branch_names = ["recurrent", "global"][: len(branches)]
         if attended_classifier and branch_loss_weight > 0:
-            branches.append(_normalized(attended, "attended"))
+            source = feature_b if attended_features == "second_stream" else bilinear
+            branches.append(_normalized(ops.sum(alpha * source, axis=(1, 2)), "attended"))
             branch_names.append("attended")
         if branch_loss_weight > 0 and len(branches) > 1:
             branch_logits = [
@@ -166,6 +179,7 @@ class DASRBN(FineGrainedModel):
         self.global_features = global_features
         self.branch_loss_weight = float(branch_loss_weight)
         self.attended_classifier = attended_classifier
+        self.attended_features = attended_features
         self.dropout = dropout
         self.bnneck = bnneck
         self.freeze_batchnorm = freeze_batchnorm
@@ -189,8 +203,10 @@ class DASRBN(FineGrainedModel):
 
     @classmethod
     def from_config(cls, config):
-        # A file saved before `attended_classifier` existed holds a model without it.
-        return super().from_config({"attended_classifier": False, **config})
+        # Files saved before these options existed hold a model without the attended classifier,
+        # or with one that reads the bilinear outcomes.
+        older = {"attended_classifier": False, "attended_features": "bilinear"}
+        return super().from_config({**older, **config})
 
     def get_config(self):
         return {
@@ -203,6 +219,7 @@ class DASRBN(FineGrainedModel):
             "global_features": self.global_features,
             "branch_loss_weight": self.branch_loss_weight,
             "attended_classifier": self.attended_classifier,
+            "attended_features": self.attended_features,
         }
 
 
