@@ -580,6 +580,26 @@ def test_dasrbn_attended_classifier_reads_the_attention_pooled_second_stream():
     )
 
 
+def test_dasrbn_attended_classifier_sends_no_gradient_into_the_features_it_reads():
+    import tensorflow as tf
+
+    images = np.random.default_rng(2).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
+
+    def backbone_gradient(attended_features):
+        model = build("dasrbn", attended_features=attended_features)
+        lstm = model.get_layer("spatial_attention_lstm")
+        lstm.attention_vector.assign(np.zeros(lstm.attention_vector.shape))  # α uniform, constant.
+        with tf.GradientTape() as tape:
+            attended_logits = model(images, training=False)["branch_logits"][:, 2]
+            loss = tf.reduce_sum(attended_logits**2)
+        gradients = tape.gradient(loss, model.backbone.trainable_weights)
+        return sum(float(tf.reduce_sum(tf.abs(g))) for g in gradients if g is not None)
+
+    # With α held constant, Σ α sg(F_b) reaches the backbone by no path at all.
+    assert backbone_gradient("second_stream") == 0.0
+    assert backbone_gradient("bilinear") > 0.0  # Σ α x does reach it: the test can fail.
+
+
 def _planted_location_data(n, grid, channels, classes, seed):
     """Every cell shows a random class (a one-hot over the first `classes` channels) and
     noise; one marked cell (channel `classes` set) holds the label. Only that cell decides."""

@@ -27,7 +27,7 @@ class DASRBN(FineGrainedModel):
         h^k = 2-D LSTM over HW·α ⊙ x, swept from corner k         (`SpatialAttentionLSTM`)
         s = Σ_hw α_hw x_hw                                        attended bilinear outcomes
         r = [Σ_hw α_hw h^k_hw]_k ⊕ s,  g = GAP(F_a)               recurrent and global branch
-        e = Σ_hw α_hw F_b,hw                                      attended second stream
+        e = Σ_hw α_hw sg(F_b,hw)                                  attended second stream
         f = [LN(r), LN(g)]                                        each branch normalised
         logits = W f + b
         L = CE(logits) + λ Σ_{v ∈ r, g, e} CE(W_v LN(v) + b_v)    a classifier per branch
@@ -158,7 +158,10 @@ class DASRBN(FineGrainedModel):
         outputs["attention_maps"] = recurrent["attention_maps"]
         branch_names = ["recurrent", "global"][: len(branches)]
         if attended_classifier and branch_loss_weight > 0:
-            source = feature_b if attended_features == "second_stream" else bilinear
+            # The branch teaches α where to look; it must not reshape the features it reads.
+            source = bilinear
+            if attended_features == "second_stream":
+                source = ops.stop_gradient(feature_b)
             branches.append(_normalized(ops.sum(alpha * source, axis=(1, 2)), "attended"))
             branch_names.append("attended")
         if branch_loss_weight > 0 and len(branches) > 1:
