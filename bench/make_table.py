@@ -27,6 +27,8 @@ def model_name(result):
         return f"B-CNN, full ({r}² = {r * r:,}-d)"
     if result.get("model") == "macnn":
         return f"MA-CNN ({options.get('num_parts', 4)} parts)"
+    if result.get("model") == "dasrbn" and options.get("attended_features") == "bilinear":
+        return "DASRBN, attended classifier on Σ α x"
     if result.get("model") == "dasrbn" and options.get("dropout"):
         return f"DASRBN, dropout {options['dropout']}"
     return {"gap": "GAP (baseline)", "dasrbn": "DASRBN"}.get(family, family)
