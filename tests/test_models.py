@@ -600,6 +600,36 @@ def test_dasrbn_attended_classifier_sends_no_gradient_into_the_features_it_reads
     assert backbone_gradient("bilinear") > 0.0  # Σ α x does reach it: the test can fail.
 
 
+def test_dasrbn_serves_the_main_and_branch_classifiers_together_and_trains_each_alone():
+    images = np.random.default_rng(3).uniform(0, 255, (4, 64, 64, 3)).astype("float32")
+    labels = np.array([0, 1, 2, 1])
+    model = build("dasrbn")
+    outputs = {k: np.asarray(v, np.float64) for k, v in model.predict(images, verbose=0).items()}
+    # logits = z + mean_v z_v, probabilities their softmax.
+    expected = outputs["classifier_logits"] + outputs["branch_logits"].mean(axis=1)
+    np.testing.assert_allclose(outputs["logits"], expected, rtol=1e-5, atol=1e-5)
+    softmax = np.exp(expected - expected.max(-1, keepdims=True))
+    softmax /= softmax.sum(-1, keepdims=True)
+    np.testing.assert_allclose(outputs["probabilities"], softmax, rtol=1e-4, atol=1e-6)
+    assert np.abs(outputs["logits"] - outputs["classifier_logits"]).max() > 1e-3
+    # The main classifier's cross-entropy reads z, not the fused score.
+    terms = model.compute_loss_terms(labels, model(images, training=False))
+    z = outputs["classifier_logits"]
+    log_softmax = z - z.max(-1, keepdims=True)
+    log_softmax -= np.log(np.exp(log_softmax).sum(-1, keepdims=True))
+    expected_loss = -log_softmax[np.arange(len(labels)), labels]
+    np.testing.assert_allclose(terms["classification_loss"][1], expected_loss, rtol=1e-4)
+    # Without it, and from a config saved before the option existed: z is served.
+    unfused = build("dasrbn", fuse_branch_logits=False)
+    assert "classifier_logits" not in unfused.output
+    config = model.get_config()
+    del config["fuse_branch_logits"]
+    older = type(model).from_config(config)
+    assert not older.fuse_branch_logits
+    older.set_weights(model.get_weights())
+    np.testing.assert_allclose(older.predict(images, verbose=0)["logits"], z, rtol=1e-5, atol=1e-5)
+
+
 def _planted_location_data(n, grid, channels, classes, seed):
     """Every cell shows a random class (a one-hot over the first `classes` channels) and
     noise; one marked cell (channel `classes` set) holds the label. Only that cell decides."""

@@ -548,9 +548,13 @@ def _head_layers(model, backbones, min_size=0):
 
 
 def _logits_layer(model):
-    """The name of the dense or convolution layer that writes `model`'s logits, or `None`."""
+    """The name of the dense or convolution layer that writes `model`'s logits, or `None`.
+
+    For a model that serves a fused score (DASRBN), its main classifier's: the branch
+    classifiers are float with the head (`int8_float_head`, the default)."""
     try:
-        layer = producing_layer(model.output["logits"])
+        outputs = model.output
+        layer = producing_layer(outputs.get("classifier_logits", outputs["logits"]))
     except (AttributeError, KeyError, TypeError, ValueError):
         return None
     quantizable = {id(layer) for layer in _quantizable_layers(model)}

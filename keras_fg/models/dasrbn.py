@@ -29,8 +29,9 @@ class DASRBN(FineGrainedModel):
         r = [Σ_hw α_hw h^k_hw]_k ⊕ s,  g = GAP(F_a)               recurrent and global branch
         e = Σ_hw α_hw sg(F_b,hw)                                  attended second stream
         f = [LN(r), LN(g)]                                        each branch normalised
-        logits = W f + b
-        L = CE(logits) + λ Σ_{v ∈ r, g, e} CE(W_v LN(v) + b_v)    a classifier per branch
+        z = W f + b,  z_v = W_v LN(v) + b_v                       a classifier per branch
+        L = CE(z) + λ Σ_{v ∈ r, g, e} CE(z_v)
+        logits = z + mean_v z_v                                   the served score
 
     F_a is the backbone's feature map. F_b is, by default, an earlier block of the same
     backbone pooled to F_a's grid (a two-depth backbone, `create_backbone(...,
@@ -50,8 +51,11 @@ class DASRBN(FineGrainedModel):
     earlier, more local map, while a cell of F_a (and so of x) also sees its
     neighbourhood, which lets a cell beside the part stand in for it (README, "Where the
     attention looks", measures both on the synthetic set).
-    The attention map α is a model output; the branch logits are `"branch_logits"`
-    (B, branches, K), in the order recurrent, global, attended.
+    The served `logits` add the mean of the branch classifiers' scores to the main
+    classifier's (`fuse_branch_logits`); training is the same either way, each classifier
+    with its own cross-entropy. The attention map α is a model output; the branch logits
+    are `"branch_logits"` (B, branches, K), in the order recurrent, global, attended, and
+    the main classifier's are `"classifier_logits"`.
 
     Args:
         backbone: a headless feature extractor from `keras_fg.models.create_backbone`;
@@ -74,6 +78,9 @@ class DASRBN(FineGrainedModel):
         attended_features: what the attended classifier reads: `"second_stream"`, `e`
             above; or `"bilinear"`, `s` (the default before `"second_stream"`; `.keras`
             files saved then load with it). Defaults to `"second_stream"`.
+        fuse_branch_logits: serve `logits = z + mean_v z_v`, not `z` alone (needs λ > 0).
+            Defaults to `True` (CUB subset, 3 seeds: 90.8 % → 91.5 % top-1; `.keras` files
+            saved before it load without it).
         dropout: dropout rate before the classifiers. Defaults to 0.5 (CUB subset head on
             cached MobileNetV2 features, seed 0: 89.2 % and 88.7 % top-1 in two runs, against
             87.9 % without).
@@ -100,6 +107,7 @@ class DASRBN(FineGrainedModel):
         branch_loss_weight=1.0,
         attended_classifier=True,
         attended_features="second_stream",
+        fuse_branch_logits=True,
         dropout=0.5,
         bnneck=False,
         freeze_batchnorm=True,
@@ -170,6 +178,14 @@ class DASRBN(FineGrainedModel):
                 for branch, name in zip(branches, branch_names)
             ]
             outputs["branch_logits"] = ops.stack(branch_logits, axis=1)
+            if fuse_branch_logits:
+                # An ensemble of the classifiers at no training cost: each keeps its own loss.
+                outputs["classifier_logits"] = outputs["logits"]
+                fused = outputs["logits"] + ops.mean(outputs["branch_logits"], axis=1)
+                outputs["logits"] = fused
+                outputs["probabilities"] = keras.layers.Softmax(
+                    name="fused_probabilities", dtype="float32"
+                )(fused)
         super().__init__(inputs=images, outputs=outputs, num_classes=num_classes, **kwargs)
         # === Config ===
         self.backbone = backbone
@@ -183,6 +199,7 @@ class DASRBN(FineGrainedModel):
         self.branch_loss_weight = float(branch_loss_weight)
         self.attended_classifier = attended_classifier
         self.attended_features = attended_features
+        self.fuse_branch_logits = fuse_branch_logits
         self.dropout = dropout
         self.bnneck = bnneck
         self.freeze_batchnorm = freeze_batchnorm
@@ -207,8 +224,12 @@ class DASRBN(FineGrainedModel):
     @classmethod
     def from_config(cls, config):
         # Files saved before these options existed hold a model without the attended classifier,
-        # or with one that reads the bilinear outcomes.
-        older = {"attended_classifier": False, "attended_features": "bilinear"}
+        # or with one that reads the bilinear outcomes, and serve the main classifier's logits.
+        older = {
+            "attended_classifier": False,
+            "attended_features": "bilinear",
+            "fuse_branch_logits": False,
+        }
         return super().from_config({**older, **config})
 
     def get_config(self):
@@ -223,6 +244,7 @@ class DASRBN(FineGrainedModel):
             "branch_loss_weight": self.branch_loss_weight,
             "attended_classifier": self.attended_classifier,
             "attended_features": self.attended_features,
+            "fuse_branch_logits": self.fuse_branch_logits,
         }
 
 

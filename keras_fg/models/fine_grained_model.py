@@ -161,7 +161,9 @@ class FineGrainedModel(keras.Model):
         model's output dict. The reported metric of each term is its weighted mean, before
         `weight`; `loss` is `Σ weight · term` plus any regularisation.
         """
-        terms = {"classification_loss": (1.0, self.cross_entropy(y, y_pred["logits"]))}
+        # A family that serves a fused score trains its main classifier on its own logits.
+        logits = y_pred.get("classifier_logits", y_pred["logits"])
+        terms = {"classification_loss": (1.0, self.cross_entropy(y, logits))}
         if self.triplet_weight > 0:
             from keras_fg.losses import batch_hard_triplet_loss
 
