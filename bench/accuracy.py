@@ -150,14 +150,25 @@ def evaluate_images(model, image_size):
         "fine_tuned": report(test.labels, logits),
         "fine_tuned_flip_tta": report(test.labels, (logits + logits_flip) / 2),
     }
-    if "part_logits" in outputs:
-        results["fine_tuned_with_part_logits"] = report(test.labels, with_parts(outputs))
+    results.update(auxiliary_reports("fine_tuned", test.labels, outputs))
     return results
 
 
-def with_parts(outputs):
-    """MA-CNN's fused score: the full classifier's logits plus the mean of the part classifiers'."""
-    return outputs["logits"] + outputs["part_logits"].mean(axis=1)
+AUXILIARY_LOGITS = ("part_logits", "branch_logits")  # MA-CNN's parts, DASRBN's branches.
+
+
+def auxiliary_reports(phase, labels, outputs):
+    """Diagnostics: each auxiliary classifier alone, and the fused score: the main
+    classifier's logits plus the mean of the auxiliary classifiers' (what DASRBN serves)."""
+    results = {}
+    for key in AUXILIARY_LOGITS:
+        if key in outputs:
+            fused = outputs.get("classifier_logits", outputs["logits"]) + outputs[key].mean(axis=1)
+            results[f"{phase}_with_{key}"] = report(labels, fused)
+            results[f"{phase}_{key}_top1"] = [
+                report(labels, outputs[key][:, i])["top1"] for i in range(outputs[key].shape[1])
+            ]
+    return results
 
 
 def run_family(family, features, args, extraction_seconds):
@@ -198,8 +209,7 @@ def run_family(family, features, args, extraction_seconds):
     logits = outputs["logits"]
     logits_flip = head.predict(features["test_flip"], batch_size=64, verbose=0)["logits"]
     labels = features["test_labels"]
-    if "part_logits" in outputs:
-        extra["head_phase_with_part_logits"] = report(labels, with_parts(outputs))
+    extra.update(auxiliary_reports("head_phase", labels, outputs))
     result = {
         "model": model_name,
         "options": options,
