@@ -11,7 +11,7 @@ import json
 import re
 
 import numpy as np
-from common import RESULTS, ROOT
+from common import FAMILIES, RESULTS, ROOT
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -365,6 +365,42 @@ def export_section(result):
     )
 
 
+def int8_calibration_section(result):
+    """The default int8 file's agreement over calibration draws (bench/int8_calibration.py)."""
+    if not result:
+        return []
+    lines = [
+        "### int8 agreement over calibration draws (224 px)",
+        "",
+        "The default int8 file of the export table's models (bench/cache/), calibrated on "
+        "other draws of 300 training images (6 per class; draw 0 is the export table's), "
+        "each checked against Keras on the CUB test images: how much of an int8 figure is the "
+        "draw. Top-1 accuracy: against the test labels, Keras's and the int8 files' mean.",
+        "",
+        "| model | draws | top-1 agreement with Keras, mean (min–max) | per draw "
+        "| top-1 accuracy, Keras | top-1 accuracy, int8 |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    commands = []
+    for family, r in result["families"].items():
+        draws = r["draws"]
+        per_draw = ", ".join(
+            f"{pct(draws[d]['top1_agreement'])} ({draws[d]['changed_images']})"
+            for d in sorted(draws, key=int)
+        )
+        name = model_name({"model": r["model"], "options": FAMILIES[family][1]})
+        lines.append(
+            f"| {name} | {len(draws)} | {pct(r['mean'])} ({pct(r['min'])}–{pct(r['max'])}) "
+            f"| {per_draw} | {pct(r['keras_accuracy'])} "
+            f"| {pct(np.mean([d['accuracy'] for d in draws.values()]))} |"
+        )
+        command = (r.get("command") or "").strip()
+        if command and command not in commands:
+            commands.append(command)
+    lines += ["", "(per draw: agreement, and in brackets the test images whose class changed)", ""]
+    return lines + [f"- `{c}` — {machine_line(result)}" for c in commands] + [""]
+
+
 def main():
     accuracy = [
         load(p.stem)
@@ -384,6 +420,7 @@ def main():
     export = load("export_latency") or load("export_latency_quick")
     if export:
         lines += export_section(export)
+    lines += int8_calibration_section(load("int8_calibration"))
     lines += train_runs_section(load("reid") or load("reid_quick"))
     lines += attention_section(load("attention") or load("attention_quick"))
     table = "\n".join(lines).rstrip() + "\n"
