@@ -28,6 +28,22 @@ FAMILIES = {
 }
 
 
+# The CPU features that decide which kernels XNNPACK and oneDNN run, so a speed figure says
+# what it ran on (the two CPUs of the export table differ in AMX, not in their model name).
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_int8", "amx_bf16")
+
+
+def cpu_flags():
+    """Which of `CPU_FLAGS` this CPU reports (Linux's /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as file:
+            line = next((line for line in file if line.startswith("flags")), "")
+    except OSError:
+        return []
+    reported = set(line.split(":", 1)[-1].split())
+    return [flag for flag in CPU_FLAGS if flag in reported]
+
+
 def machine_info():
     """Platform, CPU count, load and library versions: the context of every figure."""
     import keras
@@ -37,6 +53,7 @@ def machine_info():
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_flags": cpu_flags(),
         "cpu_count": os.cpu_count(),
         "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
         "python": platform.python_version(),

@@ -47,8 +47,10 @@ def pct(value):
 
 def machine_line(result):
     m = result["machine"]
+    flags = f" ({', '.join(m['cpu_flags'])})" if m.get("cpu_flags") else ""
     return (
-        f"{m['platform']}, {m['cpu_count']} CPUs (shared, load {m['load_average_1_5_15'][0]}), "
+        f"{m['platform']}, {m['cpu_count']} CPUs{flags} (shared, "
+        f"load {m['load_average_1_5_15'][0]}), "
         f"TensorFlow {m['tensorflow']}, Keras {m['keras']}, {m['date_utc'][:10]}"
     )
 
