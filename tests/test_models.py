@@ -662,3 +662,54 @@ def test_dasrbn_attention_finds_a_planted_salient_location():
     model.compile(optimizer=keras.optimizers.Adam(3e-2))
     model.fit(x, y, batch_size=32, epochs=8, verbose=0)
     assert planted_mass() > 0.5
+
+
+def test_macnn_weighs_channels_signed_by_default_and_older_files_load_unsigned():
+    images = np.random.default_rng(4).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
+    model = build("macnn")
+    assert model.get_layer("channel_grouping").signed_channel_weights
+    unsigned = build("macnn", signed_channel_weights=False)
+    assert not unsigned.get_layer("channel_grouping").signed_channel_weights
+    # A config saved before the option existed builds the unsigned model, with its maps.
+    config = model.get_config()
+    del config["signed_channel_weights"]
+    older = type(model).from_config(config)
+    assert not older.signed_channel_weights
+    older.set_weights(model.get_weights())
+    unsigned.set_weights(model.get_weights())
+    maps = [m.predict(images, verbose=0)["attention_maps"] for m in (model, older, unsigned)]
+    np.testing.assert_array_equal(maps[1], maps[2])
+    assert np.abs(maps[0] - maps[1]).max() > 1e-4  # the option changes the maps
+
+
+def test_macnn_serves_the_fused_and_part_classifiers_together_and_trains_each_alone():
+    images = np.random.default_rng(5).uniform(0, 255, (4, 64, 64, 3)).astype("float32")
+    labels = np.array([0, 1, 2, 1])
+    model = build("macnn")
+    outputs = {k: np.asarray(v, np.float64) for k, v in model.predict(images, verbose=0).items()}
+    # logits = z + mean_i part_logits_i, probabilities their softmax.
+    expected = outputs["classifier_logits"] + outputs["part_logits"].mean(axis=1)
+    np.testing.assert_allclose(outputs["logits"], expected, rtol=1e-5, atol=1e-5)
+    softmax = np.exp(expected - expected.max(-1, keepdims=True))
+    softmax /= softmax.sum(-1, keepdims=True)
+    np.testing.assert_allclose(outputs["probabilities"], softmax, rtol=1e-4, atol=1e-6)
+    assert np.abs(outputs["logits"] - outputs["classifier_logits"]).max() > 1e-3
+    # The main classifier's cross-entropy reads z, not the fused score.
+    terms = model.compute_loss_terms(labels, model(images, training=False))
+    z = outputs["classifier_logits"]
+    log_softmax = z - z.max(-1, keepdims=True)
+    log_softmax -= np.log(np.exp(log_softmax).sum(-1, keepdims=True))
+    np.testing.assert_allclose(
+        terms["classification_loss"][1], -log_softmax[np.arange(4), labels], rtol=1e-4
+    )
+    # Without it, without part losses, and from a config saved before the option: z is served.
+    assert "classifier_logits" not in build("macnn", fuse_part_logits=False).output
+    assert "classifier_logits" not in build("macnn", part_loss_weight=0.0).output
+    config = model.get_config()
+    del config["fuse_part_logits"]
+    older = type(model).from_config(config)
+    assert not older.fuse_part_logits
+    for layer in older.layers:  # By name: the two graphs list their layers in other orders.
+        if layer.weights:
+            layer.set_weights(model.get_layer(layer.name).get_weights())
+    np.testing.assert_allclose(older.predict(images, verbose=0)["logits"], z, rtol=1e-5, atol=1e-5)

@@ -238,6 +238,12 @@ def build_parser():
         help="macnn: the lower bound of the part maps' inverse temperature",
     )
     optim.add_argument(
+        "--unsigned-channel-weights",
+        action="store_true",
+        help="macnn: weigh the channels of a part's response by d in (0, 1), as the paper "
+        "does (default: by 2d - 1, so that a part subtracts the others' channels)",
+    )
+    optim.add_argument(
         "--maps-train-backbone",
         action="store_true",
         help="macnn: let the channel-grouping loss and the part maps' gradients train the "

@@ -25,8 +25,9 @@ class MACNN(FineGrainedModel):
 
         {M_i, p_i} = ChannelGrouping(F)                     i = 1..P
         part_logits_i = W_i p_i + b_i                       one classifier per part
-        logits = W [GAP(F), p_1, ..., p_P] + b              the fused classifier
-        L = CE(logits) + α Σ_i CE(part_logits_i) + β (Σ_i Dis(M_i) + λ Div(M_i))
+        z = W [GAP(F), p_1, ..., p_P] + b                   the fused classifier
+        logits = z + mean_i part_logits_i                    served (`fuse_part_logits`)
+        L = CE(z) + α Σ_i CE(part_logits_i) + β (Σ_i Dis(M_i) + λ Div(M_i))
 
     With a `part_backbone` (full MA-CNN), each part is also cropped from the image around its
     map's peak (`PartCrop`: a box of `box_fraction` of the image side, resized by interpolation
@@ -49,11 +50,20 @@ class MACNN(FineGrainedModel):
             `max(C // 16, 8)`).
         initial_temperature, min_temperature, max_temperature: the part maps' learned
             inverse temperature `τ`, its starting value and bounds (`ChannelGrouping`).
+        signed_channel_weights: weigh the channels of each part's response by `2·d − 1`, so
+            that a part subtracts the others' channels (`ChannelGrouping`). Default `True`:
+            with MA-CNN's `d` the parts merged onto one cell on the CUB subset. `.keras`
+            files saved before the option load with `False`.
         maps_train_backbone: let the gradients through the part maps (L_cng's and the part
             losses') reach the backbone (`ChannelGrouping(feature_gradient=...)`). Default
             `False`: as in the paper, L_cng trains only the channel grouping, and the
             backbone learns from the classifiers.
         part_loss_weight: α, weight of the summed part cross-entropies.
+        fuse_part_logits: serve `logits = z + mean_i part_logits_i`, as the paper fuses the
+            part networks' scores with the full network's, not `z` alone (needs α > 0; `z`
+            is then the output `"classifier_logits"`). Defaults to `True` (CUB subset: +0.5
+            to +0.6 points on the fine-tuned models; `.keras` files saved before the option
+            load without it).
         channel_grouping_weight: β, weight of L_cng.
         diversity_weight: λ, weight of Div inside L_cng.
         margin: mrg of Div's hinge, as a fraction of the other part's peak (`diversity_loss`).
@@ -83,8 +93,10 @@ class MACNN(FineGrainedModel):
         initial_temperature=2.0,
         min_temperature=1.0,
         max_temperature=4.0,
+        signed_channel_weights=True,
         maps_train_backbone=False,
         part_loss_weight=1.0,
+        fuse_part_logits=True,
         channel_grouping_weight=1.0,
         diversity_weight=1.0,
         margin=0.25,
@@ -112,6 +124,7 @@ class MACNN(FineGrainedModel):
             max_temperature=max_temperature,
             min_temperature=min_temperature,
             feature_gradient=maps_train_backbone,
+            signed_channel_weights=signed_channel_weights,
             name="channel_grouping",
         )(feature_map)
         part_features = grouping["part_features"]  # (B, P, C)
@@ -145,6 +158,14 @@ class MACNN(FineGrainedModel):
         outputs = classification_head(fused, num_classes, dropout, bnneck)
         outputs["attention_maps"] = grouping["attention_maps"]
         outputs["part_logits"] = part_logits
+        if fuse_part_logits and part_loss_weight > 0:
+            # The parts' scores join the main classifier's; each keeps its own loss.
+            outputs["classifier_logits"] = outputs["logits"]
+            fused = outputs["logits"] + ops.mean(part_logits, axis=1)
+            outputs["logits"] = fused
+            outputs["probabilities"] = keras.layers.Softmax(
+                name="fused_probabilities", dtype="float32"
+            )(fused)
         super().__init__(inputs=images, outputs=outputs, num_classes=num_classes, **kwargs)
         self.backbone = backbone
         self.num_parts = num_parts
@@ -152,8 +173,10 @@ class MACNN(FineGrainedModel):
         self.initial_temperature = float(initial_temperature)
         self.max_temperature = float(max_temperature)
         self.min_temperature = float(min_temperature)
+        self.signed_channel_weights = bool(signed_channel_weights)
         self.maps_train_backbone = bool(maps_train_backbone)
         self.part_loss_weight = float(part_loss_weight)
+        self.fuse_part_logits = bool(fuse_part_logits)
         self.channel_grouping_weight = float(channel_grouping_weight)
         self.diversity_weight = float(diversity_weight)
         self.margin = float(margin)
@@ -263,6 +286,12 @@ class MACNN(FineGrainedModel):
             "loss": float(history.history["loss"][-1]),
         }
 
+    @classmethod
+    def from_config(cls, config):
+        # Files saved before the options existed weighed the channels by d and served z.
+        older = {"signed_channel_weights": False, "fuse_part_logits": False}
+        return super().from_config({**older, **config})
+
     def get_config(self):
         return {
             **super().get_config(),
@@ -271,8 +300,10 @@ class MACNN(FineGrainedModel):
             "initial_temperature": self.initial_temperature,
             "max_temperature": self.max_temperature,
             "min_temperature": self.min_temperature,
+            "signed_channel_weights": self.signed_channel_weights,
             "maps_train_backbone": self.maps_train_backbone,
             "part_loss_weight": self.part_loss_weight,
+            "fuse_part_logits": self.fuse_part_logits,
             "channel_grouping_weight": self.channel_grouping_weight,
             "diversity_weight": self.diversity_weight,
             "margin": self.margin,
