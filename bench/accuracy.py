@@ -237,6 +237,9 @@ def run_family(family, features, args, extraction_seconds):
         result["train_seconds"] += seconds
         print(f"{family}: fine-tuned {result['fine_tuned']} in {seconds:.0f} s", flush=True)
     result["peak_rss_mb"] = peak_rss_mb()
+    if args.save_models:
+        Path(args.save_models).mkdir(parents=True, exist_ok=True)
+        model.save(Path(args.save_models) / f"{family}.keras")
     del model, head
     keras.backend.clear_session()
     return result
@@ -269,6 +272,11 @@ def main():
     )
     parser.add_argument("--quick", action="store_true", help="GAP + full B-CNN, 5 epochs")
     parser.add_argument("--output", default=None, help="results name (default from the size)")
+    parser.add_argument(
+        "--save-models",
+        default=None,
+        help="a folder where each family's trained model is saved, as FAMILY.keras",
+    )
     args = parser.parse_args()
     if args.quick:
         args.families = ["gap", "bcnn"]

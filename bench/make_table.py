@@ -26,7 +26,12 @@ def model_name(result):
             return f"B-CNN, compact ({r}² → {options['projection_dim']:,}-d Random Maclaurin)"
         return f"B-CNN, full ({r}² = {r * r:,}-d)"
     if result.get("model") == "macnn":
-        return f"MA-CNN ({options.get('num_parts', 4)} parts)"
+        name = f"MA-CNN ({options.get('num_parts', 4)} parts)"
+        if options.get("signed_channel_weights") is False:
+            name += ", channels weighed by d"
+        return name + (
+            ", main classifier alone" if options.get("fuse_part_logits") is False else ""
+        )
     if result.get("model") == "dasrbn" and options.get("attended_features") == "bilinear":
         return "DASRBN, attended classifier on Σ α x"
     if result.get("model") == "dasrbn" and options.get("fuse_branch_logits") is False:
@@ -55,22 +60,24 @@ def machine_line(result):
     )
 
 
+FUSED = {"fuse_branch_logits": "branch_logits", "fuse_part_logits": "part_logits"}
+
+
 def with_served_rows(result):
-    """`result` with, beside each DASRBN row run before it served the fused score
-    (`fuse_branch_logits: false`), a row of the score it serves now: training is the same,
-    and the run measured that score too. Its flip TTA was not measured."""
+    """`result` with, beside each fine-tuned DASRBN or MA-CNN row run before it served the
+    fused score (`fuse_branch_logits` / `fuse_part_logits: false`), a row of the score it
+    serves now: training is the same, and the run measured that score too. Its flip TTA was
+    not measured."""
     families = {}
     for family, r in result["families"].items():
-        if r.get("options", {}).get("fuse_branch_logits") is False and (
-            "fine_tuned_with_branch_logits" in r
-        ):
-            options = {k: v for k, v in r["options"].items() if k != "fuse_branch_logits"}
-            families[f"{family}_served"] = {
-                **{k: v for k, v in r.items() if "flip_tta" not in k},
-                "options": options,
-                "head_phase": r["head_phase_with_branch_logits"],
-                "fine_tuned": r["fine_tuned_with_branch_logits"],
-            }
+        for option, key in FUSED.items():
+            if r.get("options", {}).get(option) is False and f"fine_tuned_with_{key}" in r:
+                families[f"{family}_served"] = {
+                    **{k: v for k, v in r.items() if "flip_tta" not in k},
+                    "options": {k: v for k, v in r["options"].items() if k != option},
+                    "head_phase": r[f"head_phase_with_{key}"],
+                    "fine_tuned": r[f"fine_tuned_with_{key}"],
+                }
         families[family] = r
     return {**result, "families": families}
 
@@ -84,8 +91,9 @@ def accuracy_section(results):
         "computed once (`keras_fg.models.train_head`); phase two, where shown, fine-tunes all "
         "layers with BatchNormalization frozen. *vs floor*, mean per-class and flip TTA are "
         "those of the final model (blank: not measured); train time counts both phases and "
-        "computing the features. DASRBN's rows labelled *main classifier alone* ran before it "
-        "served the fused score; the row above each is the score it serves, from the same run.",
+        "computing the features. DASRBN's and MA-CNN's rows labelled *main classifier alone* "
+        "ran before they served the fused score; the row above each is the score it serves, "
+        "from the same run. MA-CNN *channels weighed by d* ran before the signed weights.",
         "",
         "| model | px | head only | fine-tuned | vs floor | mean per-class | top-1, flip TTA "
         "| train time | recipe |",
@@ -303,12 +311,16 @@ def int8_choice(float_layers):
     return " + ".join(parts) + " in float" + hybrid
 
 
+HEAD_ALONE = "the head alone, 30 epochs on cached features"  # Runs before the recipe was kept.
+
+
 def export_section(result):
+    recipes = sorted({r["training"].get("recipe", HEAD_ALONE) for r in result["families"].values()})
     lines = [
         "### One-image latency, size and agreement of the exports (224 px, CPU)",
         "",
-        "`keras_fg.export.export_model` on MobileNetV2 models whose heads were trained on the "
-        "CUB subset; latency: median of one-image calls through the LiteRT interpreter, the "
+        f"`keras_fg.export.export_model` on MobileNetV2 models trained on the CUB subset "
+        f"({'; '.join(recipes)}); latency: median of one-image calls through the LiteRT interpreter, the "
         "files timed in turns (7 rounds of 15 calls; the interpreter's default threads, and "
         "one thread); agreement: top-1 of each file against "
         "the Keras model on the CUB test images; int8 and 16x8 calibrated on 300 training "
@@ -379,9 +391,9 @@ def int8_calibration_section(result):
         "each checked against Keras on the CUB test images: how much of an int8 figure is the "
         "draw. Top-1 accuracy: against the test labels, Keras's and the int8 files' mean.",
         "",
-        "| model | draws | top-1 agreement with Keras, mean (min–max) | per draw "
+        "| model | trained | draws | top-1 agreement with Keras, mean (min–max) | per draw "
         "| top-1 accuracy, Keras | top-1 accuracy, int8 |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     commands = []
     for family, r in result["families"].items():
@@ -391,8 +403,9 @@ def int8_calibration_section(result):
             for d in sorted(draws, key=int)
         )
         name = model_name({"model": r["model"], "options": FAMILIES[family][1]})
+        recipe = r.get("training", {}).get("recipe", HEAD_ALONE)
         lines.append(
-            f"| {name} | {len(draws)} | {pct(r['mean'])} ({pct(r['min'])}–{pct(r['max'])}) "
+            f"| {name} | {recipe} | {len(draws)} | {pct(r['mean'])} ({pct(r['min'])}–{pct(r['max'])}) "
             f"| {per_draw} | {pct(r['keras_accuracy'])} "
             f"| {pct(np.mean([d['accuracy'] for d in draws.values()]))} |"
         )
