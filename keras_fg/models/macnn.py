@@ -62,8 +62,8 @@ class MACNN(FineGrainedModel):
         fuse_part_logits: serve `logits = z + mean_i part_logits_i`, as the paper fuses the
             part networks' scores with the full network's, not `z` alone (needs α > 0; `z`
             is then the output `"classifier_logits"`). Defaults to `True` (CUB subset: +0.5
-            to +0.6 points on the fine-tuned models; `.keras` files saved before the option
-            load without it).
+            points on two fine-tuned models; `.keras` files saved before the option load
+            without it).
         channel_grouping_weight: β, weight of L_cng.
         diversity_weight: λ, weight of Div inside L_cng.
         margin: mrg of Div's hinge, as a fraction of the other part's peak (`diversity_loss`).
