@@ -600,25 +600,30 @@ def test_dasrbn_attended_classifier_sends_no_gradient_into_the_features_it_reads
     assert backbone_gradient("bilinear") > 0.0  # Σ α x does reach it: the test can fail.
 
 
-def test_dasrbn_serves_the_main_and_branch_classifiers_together_and_trains_each_alone():
-    images = np.random.default_rng(3).uniform(0, 255, (4, 64, 64, 3)).astype("float32")
-    labels = np.array([0, 1, 2, 1])
-    model = build("dasrbn")
+def _check_fused_score(model, auxiliary, images, labels):
+    """Served logits = z + mean of the `auxiliary` logits, probabilities their softmax, and
+    the main classifier's cross-entropy on z, not on the fused score. Returns z."""
     outputs = {k: np.asarray(v, np.float64) for k, v in model.predict(images, verbose=0).items()}
-    # logits = z + mean_v z_v, probabilities their softmax.
-    expected = outputs["classifier_logits"] + outputs["branch_logits"].mean(axis=1)
+    expected = outputs["classifier_logits"] + outputs[auxiliary].mean(axis=1)
     np.testing.assert_allclose(outputs["logits"], expected, rtol=1e-5, atol=1e-5)
     softmax = np.exp(expected - expected.max(-1, keepdims=True))
     softmax /= softmax.sum(-1, keepdims=True)
     np.testing.assert_allclose(outputs["probabilities"], softmax, rtol=1e-4, atol=1e-6)
     assert np.abs(outputs["logits"] - outputs["classifier_logits"]).max() > 1e-3
-    # The main classifier's cross-entropy reads z, not the fused score.
     terms = model.compute_loss_terms(labels, model(images, training=False))
     z = outputs["classifier_logits"]
     log_softmax = z - z.max(-1, keepdims=True)
     log_softmax -= np.log(np.exp(log_softmax).sum(-1, keepdims=True))
     expected_loss = -log_softmax[np.arange(len(labels)), labels]
     np.testing.assert_allclose(terms["classification_loss"][1], expected_loss, rtol=1e-4)
+    return z
+
+
+def test_dasrbn_serves_the_main_and_branch_classifiers_together_and_trains_each_alone():
+    images = np.random.default_rng(3).uniform(0, 255, (4, 64, 64, 3)).astype("float32")
+    labels = np.array([0, 1, 2, 1])
+    model = build("dasrbn")
+    z = _check_fused_score(model, "branch_logits", images, labels)
     # Without it, and from a config saved before the option existed: z is served.
     unfused = build("dasrbn", fuse_branch_logits=False)
     assert "classifier_logits" not in unfused.output
@@ -684,24 +689,8 @@ def test_macnn_weighs_channels_signed_by_default_and_older_files_load_unsigned()
 
 def test_macnn_serves_the_fused_and_part_classifiers_together_and_trains_each_alone():
     images = np.random.default_rng(5).uniform(0, 255, (4, 64, 64, 3)).astype("float32")
-    labels = np.array([0, 1, 2, 1])
     model = build("macnn")
-    outputs = {k: np.asarray(v, np.float64) for k, v in model.predict(images, verbose=0).items()}
-    # logits = z + mean_i part_logits_i, probabilities their softmax.
-    expected = outputs["classifier_logits"] + outputs["part_logits"].mean(axis=1)
-    np.testing.assert_allclose(outputs["logits"], expected, rtol=1e-5, atol=1e-5)
-    softmax = np.exp(expected - expected.max(-1, keepdims=True))
-    softmax /= softmax.sum(-1, keepdims=True)
-    np.testing.assert_allclose(outputs["probabilities"], softmax, rtol=1e-4, atol=1e-6)
-    assert np.abs(outputs["logits"] - outputs["classifier_logits"]).max() > 1e-3
-    # The main classifier's cross-entropy reads z, not the fused score.
-    terms = model.compute_loss_terms(labels, model(images, training=False))
-    z = outputs["classifier_logits"]
-    log_softmax = z - z.max(-1, keepdims=True)
-    log_softmax -= np.log(np.exp(log_softmax).sum(-1, keepdims=True))
-    np.testing.assert_allclose(
-        terms["classification_loss"][1], -log_softmax[np.arange(4), labels], rtol=1e-4
-    )
+    z = _check_fused_score(model, "part_logits", images, np.array([0, 1, 2, 1]))
     # Without it, without part losses, and from a config saved before the option: z is served.
     assert "classifier_logits" not in build("macnn", fuse_part_logits=False).output
     assert "classifier_logits" not in build("macnn", part_loss_weight=0.0).output
