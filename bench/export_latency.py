@@ -238,10 +238,13 @@ def with_earlier_formats(result, earlier):
     if not earlier or earlier["training"].get("recipe") != result["training"]["recipe"]:
         return result
     formats = {entry["format"] for entry in result["exports"]}
+    # A run that exports int8 measures its other int8 choices again, perhaps other ones.
+    int8_again = "tflite_int8" in formats
     kept = [
         {**entry, "measured_by": entry.get("measured_by", earlier.get("command"))}
         for entry in earlier["exports"]
-        if entry["format"] not in formats and not entry["format"].startswith("tflite_int8")
+        if entry["format"] not in formats
+        and not (int8_again and entry["format"].startswith("tflite_int8"))
     ]
     return {**result, "exports": result["exports"] + kept}
 

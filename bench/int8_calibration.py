@@ -18,7 +18,6 @@ pairs it already holds, so an interrupted run resumes where it stopped.
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -80,9 +79,11 @@ def main():
                 "seconds": round(time.perf_counter() - start, 1),
             }
             agreements = [d["top1_agreement"] for d in entry["draws"].values()]
+            held = " ".join(sorted(entry["draws"], key=int))
             entry.update(
                 model=FAMILIES[family][0],
-                command=" ".join(["python bench/int8_calibration.py", *sys.argv[1:]]),
+                # Reproduces every draw held (runs resume, so they may come from several runs).
+                command=f"python bench/int8_calibration.py --families {family} --draws {held}",
                 mean=statistics.mean(agreements),
                 min=min(agreements),
                 max=max(agreements),
