@@ -372,7 +372,11 @@ def export_section(result):
         + [""]
         + [
             f"- `{c}` — "
-            + ("an earlier run, on an earlier commit" if c in earlier else machine_line(result))
+            + (
+                "an earlier run; its speed ratios are against its own fp32 file"
+                if c in earlier
+                else machine_line(result)
+            )
             for c in commands
         ]
         + [""]
