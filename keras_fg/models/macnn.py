@@ -18,6 +18,8 @@ from keras_fg.models.fine_grained_model import (
     run_backbone,
 )
 
+METRIC_EMBEDDINGS = ("global", "fused")
+
 
 @keras.saving.register_keras_serializable(package="keras_fg")
 class MACNN(FineGrainedModel):
@@ -28,6 +30,14 @@ class MACNN(FineGrainedModel):
         z = W [GAP(F), p_1, ..., p_P] + b                   the fused classifier
         logits = z + mean_i part_logits_i                    served (`fuse_part_logits`)
         L = CE(z) + α Σ_i CE(part_logits_i) + β (Σ_i Dis(M_i) + λ Div(M_i))
+
+    For re-identification (`bnneck`, `triplet_weight`, `center_loss_weight`) the metric
+    losses read the global feature alone, and the embedding served (`"features"`) is the
+    BNNeck of the fused vector, parts included:
+
+        e = GAP(F)                                          `"embedding"` (`metric_embedding`)
+        L += w_t · L_triplet(e) + w_c · ‖e − c_y‖²
+        features = BN([GAP(F), p_1, ..., p_P])              the re-ID embedding
 
     With a `part_backbone` (full MA-CNN), each part is also cropped from the image around its
     map's peak (`PartCrop`: a box of `box_fraction` of the image side, resized by interpolation
@@ -74,6 +84,15 @@ class MACNN(FineGrainedModel):
         normalize_coordinates: measure Dis in grid coordinates scaled to [0, 1], so that its
             size does not grow with the grid (in cells, a uniform 28×28 map has Dis ≈ 131;
             scaled, ≈ 0.18).
+        metric_embedding: the vector the re-identification metric losses (batch-hard
+            triplet, center loss) read: `"global"` (default), `GAP(F)`, as MGN (Wang et al.,
+            2018) keeps its triplet losses on global features and trains the part features
+            by cross-entropy alone; or `"fused"`, `[GAP(F), p_1..p_P]`. Two images of one
+            person need not put a part on the same cell, so on the fused vector a batch-hard
+            triplet loss falls fastest by shrinking every feature: on mini-MARS the
+            backbone's last ReLU6 died within the warm-up and every image got the same
+            embedding. Read only with `bnneck` or a metric loss; `.keras` files saved before
+            the option load with `"fused"`.
         dropout: dropout rate before the fused classifier.
         bnneck: add a BNNeck (re-identification).
         freeze_batchnorm: run the backbone's BatchNormalization in inference mode.
@@ -103,11 +122,17 @@ class MACNN(FineGrainedModel):
         normalize_coordinates=True,
         part_backbone=None,
         box_fraction=128 / 448,
+        metric_embedding="global",
         dropout=0.0,
         bnneck=False,
         freeze_batchnorm=True,
         **kwargs,
     ):
+        if metric_embedding not in METRIC_EMBEDDINGS:
+            raise ValueError(
+                f"`metric_embedding` must be one of {METRIC_EMBEDDINGS}. "
+                f"Received: metric_embedding={metric_embedding!r}"
+            )
         for name, value in (
             ("part_loss_weight", part_loss_weight),
             ("channel_grouping_weight", channel_grouping_weight),
@@ -156,6 +181,12 @@ class MACNN(FineGrainedModel):
             )
         fused = keras.layers.Concatenate(name="fuse_parts")(fused_inputs)
         outputs = classification_head(fused, num_classes, dropout, bnneck)
+        metric_losses = (
+            kwargs.get("triplet_weight", 0) > 0 or kwargs.get("center_loss_weight", 0) > 0
+        )
+        if metric_embedding == "global" and (bnneck or metric_losses):
+            # The metric losses read the global feature only (see `metric_embedding`).
+            outputs["embedding"] = keras.layers.Identity(name="embedding", dtype="float32")(pooled)
         outputs["attention_maps"] = grouping["attention_maps"]
         outputs["part_logits"] = part_logits
         if fuse_part_logits and part_loss_weight > 0:
@@ -183,6 +214,7 @@ class MACNN(FineGrainedModel):
         self.normalize_coordinates = bool(normalize_coordinates)
         self.part_backbone = part_backbone
         self.box_fraction = float(box_fraction)
+        self.metric_embedding = metric_embedding
         self.dropout = dropout
         self.bnneck = bnneck
         self.freeze_batchnorm = freeze_batchnorm
@@ -289,7 +321,12 @@ class MACNN(FineGrainedModel):
     @classmethod
     def from_config(cls, config):
         # Files saved before the options existed weighed the channels by d and served z.
-        older = {"signed_channel_weights": False, "fuse_part_logits": False}
+        # Their metric losses read the fused vector.
+        older = {
+            "signed_channel_weights": False,
+            "fuse_part_logits": False,
+            "metric_embedding": "fused",
+        }
         return super().from_config({**older, **config})
 
     def get_config(self):
@@ -309,6 +346,7 @@ class MACNN(FineGrainedModel):
             "margin": self.margin,
             "normalize_coordinates": self.normalize_coordinates,
             "box_fraction": self.box_fraction,
+            "metric_embedding": self.metric_embedding,
         }
 
 
