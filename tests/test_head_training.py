@@ -9,6 +9,7 @@ from keras_fg.models import (
     extract_features,
     split_at_backbone,
     train_head,
+    transfer_weights,
 )
 from keras_fg.models.bilinear_cnn import BilinearCNN
 
@@ -175,3 +176,30 @@ def test_feature_head_honours_sample_weights():
     half = head.evaluate(features[:3], y[:3], verbose=0, return_dict=True)
     # Keras' reduction: Σ w·l / B, so zero weights halve the mean of the other three.
     np.testing.assert_allclose(weighted["loss"], half["loss"] / 2, rtol=1e-5)
+
+
+def test_transfer_weights_grows_macnn_into_part_crops_with_the_same_predictions():
+    plain = create_model("macnn", 5, backbone="tiny", image_size=64, num_parts=2, hidden_units=8)
+    full = create_model(
+        "macnn", 5, backbone="tiny", image_size=64, num_parts=2, hidden_units=8, part_crop_size=32
+    )
+    assert transfer_weights(plain, full) == ["classifier"]
+    x = images(size=64)
+    before, after = plain.predict(x, verbose=0), full.predict(x, verbose=0)
+    for key in ("logits", "attention_maps", "part_logits"):
+        np.testing.assert_allclose(after[key], before[key], rtol=1e-5, atol=1e-6)
+    # The crops' rows start at zero, so their gradient can still move the logits.
+    kernel = full.get_layer("classifier").get_weights()[0]
+    rows = plain.get_layer("classifier").get_weights()[0].shape[0]
+    np.testing.assert_array_equal(kernel[rows:], 0.0)
+    np.testing.assert_array_equal(kernel[:rows], plain.get_layer("classifier").get_weights()[0])
+
+
+def test_transfer_weights_rejects_a_missing_layer_or_a_shrinking_weight():
+    small = create_model("gap", 5, backbone="tiny", image_size=32)
+    large = create_model("gap", 7, backbone="tiny", image_size=32)
+    with pytest.raises(ValueError, match="may only grow"):
+        transfer_weights(large, small)
+    other = create_model("bcnn", 5, backbone="tiny", image_size=32, reduction_dim=8)
+    with pytest.raises(ValueError, match="has no layer"):
+        transfer_weights(other, small)

@@ -11,6 +11,7 @@ from keras_fg.models.head_training import (
     extract_features,
     split_at_backbone,
     train_head,
+    transfer_weights,
 )
 from keras_fg.models.macnn import MACNN, ChannelGroupingInitializer, cluster_channels
 from keras_fg.models.phase_schedule import PhaseSchedule

@@ -230,3 +230,60 @@ def train_head(
         verbose=verbose,
         shuffle=False,  # The pipeline shuffles.
     )
+
+
+def transfer_weights(source, target):
+    """Copies every weight of `source` into the layer of the same name in `target`, where
+    `target` may have grown: a weight larger in `target` gets `source`'s values in its
+    leading slice and zeros elsewhere.
+
+    This is how a head trained on cached features (`train_head`) joins a larger model that
+    cannot be, such as full MA-CNN with part crops (`create_model(..., part_crop_size=S)`):
+    the classifier's kernel gains zero rows for the crops' features, so `target` starts by
+    predicting exactly what `source` did, and fine-tuning lets the new inputs in.
+
+    Args:
+        source: a trained Keras model.
+        target: a Keras model holding a layer of the same name for each layer of `source`
+            that has weights, each of them at least as large in every dimension.
+
+    Returns:
+        The names of the layers whose weights were zero-padded.
+
+    Raises:
+        ValueError: a layer of `source` is missing from `target`, or a weight shrinks or
+            changes rank.
+
+    Example:
+
+    >>> plain = create_model("macnn", 5, backbone="tiny", image_size=64)
+    >>> full = create_model("macnn", 5, backbone="tiny", image_size=64, part_crop_size=32)
+    >>> transfer_weights(plain, full)
+    ['classifier']
+    """
+    padded = []
+    target_layers = {layer.name: layer for layer in target.layers}
+    for layer in source.layers:
+        weights = layer.get_weights()
+        if not weights:
+            continue
+        if layer.name not in target_layers:
+            raise ValueError(f"The target model {target.name} has no layer {layer.name!r}.")
+        into = target_layers[layer.name].get_weights()
+        grown = []
+        for value, slot in zip(weights, into, strict=True):
+            if value.shape == slot.shape:
+                grown.append(value)
+                continue
+            if value.ndim != slot.ndim or any(a > b for a, b in zip(value.shape, slot.shape)):
+                raise ValueError(
+                    f"Layer {layer.name!r}: a weight of shape {value.shape} cannot be copied "
+                    f"into one of shape {slot.shape} (it may only grow)."
+                )
+            zeros = np.zeros_like(slot)
+            zeros[tuple(slice(0, n) for n in value.shape)] = value
+            grown.append(zeros)
+        if any(a.shape != b.shape for a, b in zip(weights, grown, strict=True)):
+            padded.append(layer.name)
+        target_layers[layer.name].set_weights(grown)
+    return padded
