@@ -14,6 +14,10 @@ The recipe (the same for every family; DESIGN.md §4 explains why):
    frozen, on augmented images (resize to 256, random 224 crop, flip), AdamW with weight
    decay 1e-4 and learning rate `--fine-tune-lr` (1e-4) decaying to 0 by cosine over
    the N epochs, for the backbone and the head alike, starting from phase one's head.
+   With `--part-crop-size S` (full MA-CNN), phase two trains the model with part crops:
+   phase one's weights are copied into it, the part backbone starts from the same
+   pretrained weights, and the fused classifier's rows for the crops' features start at
+   zero, so phase two starts from phase one's predictions (`with_part_crops`).
 
 The floor is a logistic regression on the globally pooled frozen features (Keras,
 full-batch Adam on the softmax cross-entropy + L2 with scikit-learn's default C = 1).
@@ -25,6 +29,7 @@ averages the logits of each test image and its flip.
     python bench/accuracy.py --quick                       # GAP + full B-CNN, 5 head epochs
     python bench/accuracy.py --families macnn --fine-tune-epochs 0 --options '{"dropout": 0.5}' \
         --output accuracy_224_macnn_variants                # a variant, kept apart
+    python bench/accuracy.py --families macnn --part-crop-size 112 --output accuracy_224_part_crops
 
 Writes bench/results/accuracy_<size>.json (accuracy_quick.json with --quick).
 """
@@ -119,6 +124,23 @@ def report(labels, logits):
     return {k: result[k] for k in ("top1", "top5", "mean_per_class_accuracy")}
 
 
+def with_part_crops(model, options, crop_size, image_size):
+    """Full MA-CNN: `model` (one backbone, head trained) rebuilt with part crops of side
+    `crop_size`, starting from `model`'s predictions (`transfer_weights`)."""
+    from keras_fg.models import create_model, transfer_weights
+
+    full = create_model(
+        "macnn",
+        model.num_classes,
+        weights=str(MOBILENET_WEIGHTS),
+        image_size=image_size,
+        part_crop_size=crop_size,
+        **options,
+    )
+    transfer_weights(model, full)
+    return full
+
+
 def fine_tune(model, image_size, epochs, learning_rate, grouping_weight=None, seed=0):
     """Phase two: all layers (BatchNormalization frozen) on augmented images, cosine rate."""
     import keras
@@ -154,7 +176,8 @@ def evaluate_images(model, image_size):
     return results
 
 
-AUXILIARY_LOGITS = ("part_logits", "branch_logits")  # MA-CNN's parts, DASRBN's branches.
+# MA-CNN's parts and crops, DASRBN's branches.
+AUXILIARY_LOGITS = ("part_logits", "crop_logits", "branch_logits")
 
 
 def auxiliary_reports(phase, labels, outputs):
@@ -224,6 +247,9 @@ def run_family(family, features, args, extraction_seconds):
         **extra,
     }
     print(f"{family}: head {result['head_phase']} in {head_seconds:.0f} s", flush=True)
+    if args.part_crop_size and model_name == "macnn":
+        model = with_part_crops(model, options, args.part_crop_size, args.image_size)
+        result["options"] = {**options, "crop_classifiers": model.crop_classifiers}
     if args.fine_tune_epochs:
         seconds = fine_tune(
             model,
@@ -259,6 +285,12 @@ def main():
         help="MA-CNN's L_cng weight in phase two (default: the model's own)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--part-crop-size",
+        type=int,
+        default=None,
+        help="full MA-CNN: phase two trains with part crops of this side (MA-CNN only)",
+    )
     parser.add_argument(
         "--options",
         type=json.loads,
@@ -326,6 +358,7 @@ def recipe(args):
         ),
         "seed": args.seed,
         **({"model_options": args.options} if args.options else {}),
+        **({"part_crop_size": args.part_crop_size} if args.part_crop_size else {}),
     }
 
 

@@ -29,6 +29,10 @@ def model_name(result):
         name = f"MA-CNN ({options.get('num_parts', 4)} parts)"
         if options.get("signed_channel_weights") is False:
             name += ", channels weighed by d"
+        if result.get("recipe", {}).get("part_crop_size"):
+            name += f", part crops of {result['recipe']['part_crop_size']} px"
+            if not options.get("crop_classifiers"):  # Runs before the option had none.
+                name += " in the fused classifier only"
         return name + (
             ", main classifier alone" if options.get("fuse_part_logits") is False else ""
         )
@@ -119,6 +123,8 @@ def accuracy_section(results):
                 recipe += f"; then {r['recipe']['fine_tune_phase']}"
             if r["recipe"].get("model_options"):
                 recipe += f"; options {json.dumps(r['recipe']['model_options'])}"
+            if r["recipe"].get("part_crop_size"):
+                recipe += "; the part crops join in phase two"
             if r["recipe"].get("seed"):
                 recipe += f"; seed {r['recipe']['seed']}"
             tta = r.get("fine_tuned_flip_tta" if tuned else "head_phase_flip_tta", {}).get("top1")

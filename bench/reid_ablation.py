@@ -25,6 +25,7 @@ of valid queries.
 
     python bench/reid_ablation.py                              # every row, seeds 0 1 2
     python bench/reid_ablation.py --rows floor full baseline --seeds 0
+    python bench/reid_ablation.py --rows full_macnn --epochs 12   # row full_macnn_12ep
     python bench/reid_ablation.py --summary                    # only rebuild the summary
 """
 
@@ -41,6 +42,7 @@ import numpy as np
 from common import MARS_ROOT, MOBILENET_WEIGHTS, RESULTS, ROOT, machine_info, require_shared
 
 RUNS = RESULTS / "reid_ablation"
+EPOCHS = 6  # Every row of the ablation; a longer run is a row of its own.
 VARIANTS = ("plain", "flip", "plain_re_ranking", "flip_re_ranking")
 # Each row switches one more trick on; the last is train.py's --task reid default.
 TRICKS = [
@@ -201,7 +203,12 @@ def main():
     )
     parser.add_argument("--families", nargs="*", default=["macnn", "dasrbn"])
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=EPOCHS,
+        help=f"training epochs (rows run with other than {EPOCHS} are kept apart: ROW_<N>ep)",
+    )
     parser.add_argument("--summary", action="store_true", help="only rebuild the summary")
     args = parser.parse_args()
     if not args.summary:
@@ -211,11 +218,12 @@ def main():
         for name in names:
             if name != "floor" and name not in table:
                 raise SystemExit(f"unknown row {name!r}; rows: floor, {', '.join(table)}")
+            row = name if name == "floor" or args.epochs == EPOCHS else f"{name}_{args.epochs}ep"
             for seed in [0] if name == "floor" else args.seeds:  # The floor has no randomness.
-                path = RUNS / f"{name}_seed{seed}.json"
+                path = RUNS / f"{row}_seed{seed}.json"
                 if path.exists():
                     continue
-                print(f"{name} seed {seed} ...", flush=True)
+                print(f"{row} seed {seed} ...", flush=True)
                 if name == "floor":
                     result = frozen_floor()
                 else:
@@ -230,7 +238,7 @@ def main():
                     path,
                     {
                         "machine": machine_info(),
-                        "row": name,
+                        "row": row,
                         "seed": seed,
                         "epochs": None if name == "floor" else args.epochs,
                         **result,

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from keras_fg.models import (
+    MACNN,
     ChannelGroupingInitializer,
     PhaseSchedule,
     cluster_channels,
@@ -382,6 +383,37 @@ def test_full_macnn_classifies_part_crops_and_converts_to_tflite_builtins(tmp_pa
     for image, probabilities in zip(images[:3], expected[:3]):
         output = runner(images=image[None])["probabilities"]
         np.testing.assert_allclose(output[0], probabilities, atol=1e-4)
+
+
+def test_full_macnn_crop_classifiers_have_their_own_loss_and_join_the_served_score():
+    model = create_model("macnn", 4, backbone="tiny", image_size=64, num_parts=2, part_crop_size=32)
+    images = np.random.default_rng(0).uniform(0, 255, (8, 64, 64, 3)).astype("float32")
+    labels = np.arange(8) % 4
+    assert not model.get_layer("crop_classifiers").get_weights()[0].any()  # Start at zero.
+    model.compile(optimizer=keras.optimizers.Adam(1e-2))
+    model.fit(images, labels, epochs=2, verbose=0)
+    assert model.get_layer("crop_classifiers").get_weights()[0].any()  # Their own loss moved them.
+    out = model.predict(images, verbose=0)
+    assert out["crop_logits"].shape == (8, 2, 4)
+    served = out["classifier_logits"] + out["part_logits"].mean(1) + out["crop_logits"].mean(1)
+    np.testing.assert_allclose(out["logits"], served, rtol=1e-5, atol=1e-5)
+
+    def cross_entropy(logits):
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        log_softmax = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        return -log_softmax[np.arange(len(labels)), labels]
+
+    expected = sum(
+        cross_entropy(out["part_logits"][:, i]) + cross_entropy(out["crop_logits"][:, i])
+        for i in range(2)
+    )
+    part_loss = model.compute_loss_terms(labels, out)["part_loss"][1]
+    np.testing.assert_allclose(np.asarray(part_loss), expected, rtol=1e-4, atol=1e-5)
+    # A file saved before the option (no `crop_classifiers` in its config) has none.
+    config = model.get_config()
+    del config["crop_classifiers"]
+    older = MACNN.from_config(config)
+    assert "crop_logits" not in older.output
 
 
 @pytest.mark.parametrize("metric_loss", ["triplet", "circle"])

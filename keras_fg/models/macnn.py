@@ -42,9 +42,14 @@ class MACNN(FineGrainedModel):
     With a `part_backbone` (full MA-CNN), each part is also cropped from the image around its
     map's peak (`PartCrop`: a box of `box_fraction` of the image side, resized by interpolation
     matrices, so it still converts to TFLite builtins), the crops go through the part backbone
-    (one network shared by the parts), and their pooled features join the fused classifier:
+    (one network shared by the parts), and their pooled features join the fused classifier;
+    each crop also has a classifier of its own, trained by its own loss and served with the
+    others (`crop_classifiers`), as the paper's part networks each have their softmax:
 
-        c_i = GAP(part_backbone(crop_i(X)))       logits = W [GAP(F), p_1..p_P, c_1..c_P] + b
+        c_i = GAP(part_backbone(crop_i(X)))       z = W [GAP(F), p_1..p_P, c_1..c_P] + b
+        crop_logits_i = V_i c_i + e_i             V_i, e_i start at 0
+        logits = z + mean_i part_logits_i + mean_i crop_logits_i
+        L += α Σ_i CE(crop_logits_i)
 
     Training can alternate, as in the paper, between the `"channel_grouping"` phase (only the
     part attention learns, from L_cng and the part losses) and the `"classification"` phase
@@ -81,6 +86,11 @@ class MACNN(FineGrainedModel):
             `None` to leave the crops out.
         box_fraction: the crop box's side as a fraction of the image side (the release:
             128 px of 448).
+        crop_classifiers: with a `part_backbone`, give each crop its own classifier and
+            loss (above). Default `True`: fed only to the fused classifier, the crops learn
+            nothing once it fits the training set, as it does on small fine-grained sets
+            (see the README's CUB figures). `.keras` files saved before the option load
+            with `False`.
         normalize_coordinates: measure Dis in grid coordinates scaled to [0, 1], so that its
             size does not grow with the grid (in cells, a uniform 28×28 map has Dis ≈ 131;
             scaled, ≈ 0.18).
@@ -122,6 +132,7 @@ class MACNN(FineGrainedModel):
         normalize_coordinates=True,
         part_backbone=None,
         box_fraction=128 / 448,
+        crop_classifiers=True,
         metric_embedding="global",
         dropout=0.0,
         bnneck=False,
@@ -168,17 +179,27 @@ class MACNN(FineGrainedModel):
             part_features
         )
         fused_inputs = [pooled, flat_parts]
+        crop_logits = None
         if part_backbone is not None:
+            crop_features = _part_crop_features(
+                images, grouping["attention_maps"], part_backbone, box_fraction, freeze_batchnorm
+            )  # (B, P, C')
             fused_inputs.append(
-                _part_crop_features(
-                    images,
-                    grouping["attention_maps"],
-                    part_backbone,
-                    box_fraction,
-                    num_parts,
-                    freeze_batchnorm,
+                keras.layers.Reshape((num_parts * crop_features.shape[-1],), name="flatten_crops")(
+                    crop_features
                 )
             )
+            if crop_classifiers:
+                # Zeros: the crops start with no say in the served score, and their own
+                # loss trains the part network even once the fused classifier fits.
+                crop_logits = keras.layers.EinsumDense(
+                    "bpc,pck->bpk",
+                    output_shape=(num_parts, num_classes),
+                    bias_axes="pk",
+                    kernel_initializer="zeros",
+                    name="crop_classifiers",
+                    dtype="float32",
+                )(crop_features)
         fused = keras.layers.Concatenate(name="fuse_parts")(fused_inputs)
         outputs = classification_head(fused, num_classes, dropout, bnneck)
         metric_losses = (
@@ -189,10 +210,14 @@ class MACNN(FineGrainedModel):
             outputs["embedding"] = keras.layers.Identity(name="embedding", dtype="float32")(pooled)
         outputs["attention_maps"] = grouping["attention_maps"]
         outputs["part_logits"] = part_logits
+        if crop_logits is not None:
+            outputs["crop_logits"] = crop_logits
         if fuse_part_logits and part_loss_weight > 0:
             # The parts' scores join the main classifier's; each keeps its own loss.
             outputs["classifier_logits"] = outputs["logits"]
             fused = outputs["logits"] + ops.mean(part_logits, axis=1)
+            if crop_logits is not None:
+                fused = fused + ops.mean(crop_logits, axis=1)
             outputs["logits"] = fused
             outputs["probabilities"] = keras.layers.Softmax(
                 name="fused_probabilities", dtype="float32"
@@ -214,6 +239,7 @@ class MACNN(FineGrainedModel):
         self.normalize_coordinates = bool(normalize_coordinates)
         self.part_backbone = part_backbone
         self.box_fraction = float(box_fraction)
+        self.crop_classifiers = bool(crop_classifiers)
         self.metric_embedding = metric_embedding
         self.dropout = dropout
         self.bnneck = bnneck
@@ -226,6 +252,9 @@ class MACNN(FineGrainedModel):
         terms = super().compute_loss_terms(y, y_pred)
         part_logits = y_pred["part_logits"]
         part_loss = sum(self.cross_entropy(y, part_logits[:, i]) for i in range(self.num_parts))
+        if "crop_logits" in y_pred:
+            crops = y_pred["crop_logits"]
+            part_loss += sum(self.cross_entropy(y, crops[:, i]) for i in range(self.num_parts))
         maps = ops.cast(y_pred["attention_maps"], "float32")
         grouping_loss = distance_loss(
             maps, normalize_coordinates=self.normalize_coordinates
@@ -325,6 +354,7 @@ class MACNN(FineGrainedModel):
         older = {
             "signed_channel_weights": False,
             "fuse_part_logits": False,
+            "crop_classifiers": False,
             "metric_embedding": "fused",
         }
         return super().from_config({**older, **config})
@@ -346,6 +376,7 @@ class MACNN(FineGrainedModel):
             "margin": self.margin,
             "normalize_coordinates": self.normalize_coordinates,
             "box_fraction": self.box_fraction,
+            "crop_classifiers": self.crop_classifiers,
             "metric_embedding": self.metric_embedding,
         }
 
@@ -386,18 +417,17 @@ class ChannelGroupingInitializer(keras.callbacks.Callback):
             )
 
 
-def _part_crop_features(images, maps, part_backbone, box_fraction, num_parts, freeze_batchnorm):
-    """`(B, P·C')`: the pooled part-backbone features of each part's crop."""
+def _part_crop_features(images, maps, part_backbone, box_fraction, freeze_batchnorm):
+    """`(B, P, C')`: the pooled part-backbone features of each part's crop."""
     crop_size = tuple(part_backbone.input_shape[1:3])
     crops = PartCrop(crop_size, box_fraction=box_fraction, name="part_crop")([images, maps])
     if freeze_batchnorm:
         freeze_batch_normalization(part_backbone)
     # One network shared by the parts, applied to each part's crop.
     features = keras.layers.TimeDistributed(part_backbone, name="part_networks")(crops)
-    pooled = keras.layers.TimeDistributed(
+    return keras.layers.TimeDistributed(
         keras.layers.GlobalAveragePooling2D(dtype="float32"), name="part_pool"
     )(features)
-    return keras.layers.Reshape((num_parts * pooled.shape[-1],), name="flatten_crops")(pooled)
 
 
 def cluster_channels(features, num_groups, seed=0, iterations=100):
