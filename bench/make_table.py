@@ -141,14 +141,16 @@ def accuracy_section(results):
             for top1, how in ((final["top1"], ""), (tta, ", flip TTA")):
                 if top1 is None:
                     continue
-                if kind not in best or top1 > best[kind][0]:
-                    best[kind] = (top1, model_name(r) + how, size, r["train_seconds"])
+                # The best run trained within the goal's 30 minutes, else the best run.
+                rank = (r["train_seconds"] <= 1800, top1)
+                if kind not in best or rank > best[kind][0]:
+                    best[kind] = (rank, model_name(r) + how, size, r["train_seconds"])
         commands = sorted({r["command"] for r in result["families"].values()})
         notes += [f"`{c}` — {machine_line(result)}" for c in commands]
     lines += seed_summary(results)
     lines.append("")
-    for kind, (top1, name, size, seconds) in sorted(best.items(), reverse=True):
-        reached = "reached" if top1 >= 0.91 and seconds <= 1800 else "not reached"
+    for kind, ((in_time, top1), name, size, seconds) in sorted(best.items(), reverse=True):
+        reached = "reached" if top1 >= 0.91 and in_time else "not reached"
         lines.append(
             f"Goal (best {kind} model ≥ 91 % top-1 within 30 minutes of training): "
             f"**{reached}** — best {pct(top1)}, {name} at {size} px, {seconds / 60:.1f} min."
