@@ -165,13 +165,9 @@ class MACNN(FineGrainedModel):
         )(feature_map)
         part_features = grouping["part_features"]  # (B, P, C)
         channels = feature_map.shape[-1]
-        part_logits = keras.layers.EinsumDense(
-            "bpc,pck->bpk",
-            output_shape=(num_parts, num_classes),
-            bias_axes="pk",
-            name="part_classifiers",
-            dtype="float32",
-        )(part_features)
+        part_logits = _per_part_classifiers(num_parts, num_classes, "part_classifiers")(
+            part_features
+        )
         pooled = keras.layers.GlobalAveragePooling2D(name="global_pool", dtype="float32")(
             feature_map
         )
@@ -192,13 +188,8 @@ class MACNN(FineGrainedModel):
             if crop_classifiers:
                 # Zeros: the crops start with no say in the served score, and their own
                 # loss trains the part network even once the fused classifier fits.
-                crop_logits = keras.layers.EinsumDense(
-                    "bpc,pck->bpk",
-                    output_shape=(num_parts, num_classes),
-                    bias_axes="pk",
-                    kernel_initializer="zeros",
-                    name="crop_classifiers",
-                    dtype="float32",
+                crop_logits = _per_part_classifiers(
+                    num_parts, num_classes, "crop_classifiers", kernel_initializer="zeros"
                 )(crop_features)
         fused = keras.layers.Concatenate(name="fuse_parts")(fused_inputs)
         outputs = classification_head(fused, num_classes, dropout, bnneck)
@@ -415,6 +406,18 @@ class ChannelGroupingInitializer(keras.callbacks.Callback):
                 f"{self.result['group_sizes']} channels, pre-training loss "
                 f"{self.result['loss']:.3f} ({time.time() - started:.0f} s)"
             )
+
+
+def _per_part_classifiers(num_parts, num_classes, name, **options):
+    """`(B, P, C) -> (B, P, K)`: one linear classifier per part, `W_i x_i + b_i`."""
+    return keras.layers.EinsumDense(
+        "bpc,pck->bpk",
+        output_shape=(num_parts, num_classes),
+        bias_axes="pk",
+        name=name,
+        dtype="float32",
+        **options,
+    )
 
 
 def _part_crop_features(images, maps, part_backbone, box_fraction, freeze_batchnorm):
