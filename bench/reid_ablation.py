@@ -14,7 +14,9 @@ ablation (CVPR-W 2019, Table 1), each adding one trick to the row above:
     +bnneck
     +center_loss      weight 5e-4 — the full recipe, train.py's --task reid default
 
-then the full recipe on the other families (`--families`), and the frozen floor: the
+then the full recipe on the other families (`--families`), each also with last stride 2
+(rows `full_last_stride_2`, `full_<family>_last_stride_2`) and with the backbone learning at a
+tenth of the rate (`full_<family>_backbone_lr_0.1`), and the frozen floor: the
 pretrained backbone's global-average-pooled features, no training.
 
 Each run writes bench/results/reid_ablation/<row>_seed<k>.json as soon as it finishes; a run
@@ -74,8 +76,15 @@ def common_flags(epochs):
 
 def rows(families):
     table = {name: ["--model", "gap", *flags] for name, flags in TRICKS}
+    # The full recipe without its one trick that costs on mini-MARS (see +last_stride_1).
+    table["full_last_stride_2"] = ["--model", "gap", "--last-stride", "2"]
     for family in families:
         table[f"full_{family}"] = ["--model", family]
+        table[f"full_{family}_last_stride_2"] = ["--model", family, "--last-stride", "2"]
+        # 16 training identities: does a backbone that moves less generalise better?
+        table[f"full_{family}_backbone_lr_0.1"] = [
+            "--model", family, "--backbone-lr-multiplier", "0.1",
+        ]  # fmt: skip
     return table
 
 
