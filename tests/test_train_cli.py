@@ -303,6 +303,31 @@ def test_two_runs_back_to_back_get_their_own_directories_and_one_progress_bar(tm
     assert "already complete" in train("--resume", "latest", cwd=tmp_path).stdout
 
 
+def test_macnn_clusters_its_channels_by_default_only_on_pretrained_features():
+    from keras_fg.cli.train_config import parse_args
+
+    from_scratch = parse_args([])
+    assert (from_scratch.model, from_scratch.macnn_init) == ("macnn", "none")
+    pretrained = parse_args(["--weights", "mobilenet_v2.weights.h5"])
+    assert (pretrained.macnn_init, pretrained.macnn_init_epoch) == ("clustering", 0)
+    # Asked for from scratch, it waits until the backbone has learned: a tenth of the epochs.
+    asked = parse_args(["--macnn-init", "clustering", "--epochs", "20"])
+    assert (asked.macnn_init, asked.macnn_init_epoch) == ("clustering", 2)
+    assert parse_args(["--weights", "w.h5", "--macnn-init", "none"]).macnn_init == "none"
+
+
+def test_warmup_is_longer_only_for_macnn_from_scratch():
+    from keras_fg.cli.train_config import parse_args
+
+    assert parse_args([]).warmup_epochs == 3.0  # 30 synthetic epochs
+    assert parse_args(["--epochs", "5"]).warmup_epochs == 1.0
+    assert parse_args(["--weights", "w.h5"]).warmup_epochs == 1.0
+    assert parse_args(["--model", "gap"]).warmup_epochs == 1.0
+    assert parse_args(["--warmup-epochs", "0"]).warmup_epochs == 0.0
+    with pytest.raises(ValueError, match="--warmup-epochs must be >= 0"):
+        parse_args(["--warmup-epochs", "-1"])
+
+
 def test_balanced_class_weights():
     from keras_fg.cli.train import balanced_class_weights
 
