@@ -16,7 +16,8 @@ ablation (CVPR-W 2019, Table 1), each adding one trick to the row above:
 
 then the full recipe on the other families (`--families`), each also with last stride 2
 (rows `full_last_stride_2`, `full_<family>_last_stride_2`) and with the backbone learning at a
-tenth of the rate (`full_<family>_backbone_lr_0.1`), and the frozen floor: the
+tenth of the rate (`full_<family>_backbone_lr_0.1`) and with the circle loss in place of
+the triplet loss (`full_<family>_circle`), and the frozen floor: the
 pretrained backbone's global-average-pooled features, no training.
 
 Each run writes bench/results/reid_ablation/<row>_seed<k>.json as soon as it finishes; a run
@@ -81,6 +82,7 @@ def rows(families):
     for family in families:
         table[f"full_{family}"] = ["--model", family]
         table[f"full_{family}_last_stride_2"] = ["--model", family, "--last-stride", "2"]
+        table[f"full_{family}_circle"] = ["--model", family, "--metric-loss", "circle"]
         # 16 training identities: does a backbone that moves less generalise better?
         table[f"full_{family}_backbone_lr_0.1"] = [
             "--model", family, "--backbone-lr-multiplier", "0.1",
