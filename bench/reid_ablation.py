@@ -14,10 +14,10 @@ ablation (CVPR-W 2019, Table 1), each adding one trick to the row above:
     +bnneck
     +center_loss      weight 5e-4 — the full recipe, train.py's --task reid default
 
-then the full recipe on the other families (`--families`), each also with last stride 2
-(rows `full_last_stride_2`, `full_<family>_last_stride_2`) and with the backbone learning at a
-tenth of the rate (`full_<family>_backbone_lr_0.1`) and with the circle loss in place of
-the triplet loss (`full_<family>_circle`), and the frozen floor: the
+then the full recipe on the other families (`--families`: macnn, dasrbn and pcb by default),
+each also with last stride 2 (rows `full_last_stride_2`, `full_<family>_last_stride_2`), with
+the backbone learning at a tenth of the rate (`full_<family>_backbone_lr_0.1`) and with the
+circle loss in place of the triplet loss (`full_<family>_circle`), and the frozen floor: the
 pretrained backbone's global-average-pooled features, no training.
 
 Each run writes bench/results/reid_ablation/<row>_seed<k>.json as soon as it finishes; a run
@@ -212,7 +212,7 @@ def main():
         default=None,
         help="rows to run (default: floor, the tricks, the families)",
     )
-    parser.add_argument("--families", nargs="*", default=["macnn", "dasrbn"])
+    parser.add_argument("--families", nargs="*", default=["macnn", "dasrbn", "pcb"])
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument(
         "--epochs",

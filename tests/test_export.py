@@ -49,6 +49,7 @@ FAMILIES = {
     "bcnn": {"reduction_dim": 8},
     "macnn": {"num_parts": 2},
     "dasrbn": {"stream_dim": 4, "lstm_units": 8, "attention_units": 8},
+    "pcb": {"num_stripes": 2},
 }
 ATTENTION_FAMILIES = ("macnn", "dasrbn")
 BUILTINS_ONLY = "ops that are not TFLite builtins"

@@ -23,6 +23,7 @@ FAMILIES = {
     "bcnn_compact": {"reduction_dim": 16, "projection_dim": 64},
     "macnn": {"num_parts": 2},
     "dasrbn": {"stream_dim": 8, "lstm_units": 16, "attention_units": 8, "dropout": 0.0},
+    "pcb": {"num_stripes": 4},
 }
 
 
@@ -75,6 +76,8 @@ def test_one_epoch_on_real_birds_lowers_the_training_loss(family, bird_batch, tm
     assert "classification_loss" in history.history and "accuracy" in history.history
     if family == "macnn":
         assert {"part_loss", "channel_grouping_loss"} <= set(history.history)
+    if family == "pcb":
+        assert "part_loss" in history.history
 
     path = tmp_path / f"{family}.keras"
     model.save(path)

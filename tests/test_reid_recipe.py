@@ -222,3 +222,17 @@ def test_dropout_flag_keeps_each_familys_default_unless_given():
         parse_args(["--model", "dasrbn", "--image-size", "64", "64", "--backbone", "tiny"])
     )
     assert model.dropout == 0.5
+
+
+def test_pcb_flags_build_the_stripes_asked_for_with_the_full_recipe():
+    model = build(reid_args("--backbone", "tiny", "--model", "pcb", "--num-stripes", "3"))
+    assert model.num_stripes == 3
+    assert model.get_layer("stripe_pool").output.shape[1:] == (3, model.backbone.output_shape[-1])
+    assert model.bnneck and model.triplet_weight == 1.0 and model.center_loss_weight == 5e-4
+    assert model.loss_term_names() == [
+        "classification_loss",
+        "triplet_loss",
+        "center_loss",
+        "part_loss",
+    ]
+    assert "num_stripes" not in family_options(reid_args("--backbone", "tiny"))

@@ -392,6 +392,8 @@ def family_options(args):
             signed_channel_weights=not args.unsigned_channel_weights,
             maps_train_backbone=args.maps_train_backbone,
         )
+    elif args.model == "pcb":
+        options.update(num_stripes=args.num_stripes)
     elif args.model == "bcnn":
         options.update(projection_dim=args.projection_dim, reduction_dim=args.reduction_dim)
     elif args.model == "dasrbn":

@@ -117,6 +117,9 @@ def build_parser():
     )
     model.add_argument("--num-parts", type=int, default=4, help="macnn: parts")
     model.add_argument(
+        "--num-stripes", type=int, default=4, help="pcb: horizontal stripes of the feature map"
+    )
+    model.add_argument(
         "--part-crop-size",
         type=int,
         default=None,

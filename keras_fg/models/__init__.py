@@ -14,4 +14,5 @@ from keras_fg.models.head_training import (
     transfer_weights,
 )
 from keras_fg.models.macnn import MACNN, ChannelGroupingInitializer, cluster_channels
+from keras_fg.models.pcb import PCB
 from keras_fg.models.phase_schedule import PhaseSchedule

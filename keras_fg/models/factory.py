@@ -5,12 +5,14 @@ from keras_fg.models.bilinear_cnn import BilinearCNN
 from keras_fg.models.dasrbn import DASRBN
 from keras_fg.models.gap_classifier import GAPClassifier
 from keras_fg.models.macnn import MACNN
+from keras_fg.models.pcb import PCB
 
 MODELS = {
     "gap": GAPClassifier,
     "bcnn": BilinearCNN,
     "macnn": MACNN,
     "dasrbn": DASRBN,
+    "pcb": PCB,
 }
 
 
@@ -34,7 +36,7 @@ def create_model(
     """Builds a model family on a backbone.
 
     Args:
-        name: the family: `"gap"`, `"bcnn"`, `"macnn"` or `"dasrbn"`.
+        name: the family: `"gap"`, `"bcnn"`, `"macnn"`, `"dasrbn"` or `"pcb"`.
         num_classes: number of classes (identities for re-identification).
         backbone: a backbone name from `keras_fg.models.list_backbones()`.
         weights: the backbone's weights: `None`, `"imagenet"` or a local `.weights.h5` path.

@@ -1,0 +1,133 @@
+"""PCB: horizontal stripes of the feature map as parts, one classifier each."""
+
+import keras
+from keras import ops
+
+from keras_fg.layers.horizontal_stripe_pooling import HorizontalStripePooling
+from keras_fg.models.fine_grained_model import (
+    FineGrainedModel,
+    classification_head,
+    image_input,
+    run_backbone,
+)
+
+
+@keras.saving.register_keras_serializable(package="keras_fg")
+class PCB(FineGrainedModel):
+    """Part-based Convolutional Baseline: S horizontal stripes, one classifier per stripe.
+
+        p_s = HorizontalStripePooling(S)(F)                  s = 1..S, top to bottom
+        stripe_logits_s = W_s p_s + b_s                      one classifier per stripe
+        z = W [GAP(F), p_1, ..., p_S] + b                    the fused classifier
+        logits = z + mean_s stripe_logits_s                  served
+        L = CE(z) + α Σ_s CE(stripe_logits_s)
+
+    The parts are fixed bands of rows, where MA-CNN learns them: a pedestrian crop is
+    upright, so each band holds about the same body part in every image. Sun et al. train
+    the stripes' classifiers alone and serve their concatenated features; here, as in MGN
+    (Wang et al., 2018) and keras_fg's MA-CNN, a global feature joins them, and for
+    re-identification (`bnneck`, `triplet_weight`, `center_loss_weight`) the metric losses
+    read the global feature alone while the served embedding holds the stripes:
+
+        e = GAP(F)                                           `"embedding"`
+        L += w_t · L_triplet(e) + w_c · ‖e − c_y‖²
+        features = BN([GAP(F), p_1, ..., p_S])               the re-ID embedding
+
+    A stripe of one person's image and the same stripe of another's image of that person
+    show the same body part, but not the same pixels (a step, a bag), and a batch-hard
+    triplet loss on the stripes pulls these apart from the identity they share.
+
+    Args:
+        backbone: a headless feature extractor from `keras_fg.models.create_backbone`
+            (use `last_stride=1` for re-ID: a 16×8 map at 256×128).
+        num_classes: number of classes (identities).
+        num_stripes: S, at most the feature map's height (the paper: 6 on a 24×8 map).
+        part_loss_weight: α, weight of the summed stripe cross-entropies.
+        dropout: dropout rate before the fused classifier.
+        bnneck: add a BNNeck (re-identification).
+        freeze_batchnorm: run the backbone's BatchNormalization in inference mode.
+        **kwargs: the `FineGrainedModel` options.
+
+    Example:
+
+    >>> backbone = keras_fg.models.create_backbone("tiny", image_size=(64, 32))
+    >>> model = PCB(backbone, num_classes=10, num_stripes=4)
+    >>> model.compile(optimizer="adam")
+
+    Reference:
+        Y. Sun, L. Zheng, Y. Yang, Q. Tian, S. Wang, "Beyond Part Models: Person Retrieval
+        with Refined Part Pooling (and a Strong Convolutional Baseline)", ECCV 2018.
+    """
+
+    def __init__(
+        self,
+        backbone,
+        num_classes,
+        num_stripes=4,
+        part_loss_weight=1.0,
+        dropout=0.0,
+        bnneck=False,
+        freeze_batchnorm=True,
+        **kwargs,
+    ):
+        if part_loss_weight < 0:
+            raise ValueError(
+                f"`part_loss_weight` must be >= 0. Received: part_loss_weight={part_loss_weight}"
+            )
+        images = image_input(backbone)
+        feature_map = run_backbone(backbone, images, freeze_batchnorm)
+        stripes = HorizontalStripePooling(num_stripes, name="stripe_pool", dtype="float32")(
+            feature_map
+        )  # (B, S, C)
+        stripe_logits = keras.layers.EinsumDense(
+            "bsc,sck->bsk",
+            output_shape=(num_stripes, num_classes),
+            bias_axes="sk",
+            name="stripe_classifiers",
+            dtype="float32",
+        )(stripes)
+        pooled = keras.layers.GlobalAveragePooling2D(name="global_pool", dtype="float32")(
+            feature_map
+        )
+        flat_stripes = keras.layers.Reshape(
+            (num_stripes * feature_map.shape[-1],), name="flatten_stripes"
+        )(stripes)
+        fused = keras.layers.Concatenate(name="fuse_stripes")([pooled, flat_stripes])
+        outputs = classification_head(fused, num_classes, dropout, bnneck)
+        metric_losses = (
+            kwargs.get("triplet_weight", 0) > 0 or kwargs.get("center_loss_weight", 0) > 0
+        )
+        if bnneck or metric_losses:
+            outputs["embedding"] = keras.layers.Identity(name="embedding", dtype="float32")(pooled)
+        outputs["part_logits"] = stripe_logits
+        if part_loss_weight > 0:
+            # The stripes' scores join the fused classifier's; each keeps its own loss.
+            outputs["classifier_logits"] = outputs["logits"]
+            outputs["logits"] = outputs["logits"] + ops.mean(stripe_logits, axis=1)
+            outputs["probabilities"] = keras.layers.Softmax(
+                name="fused_probabilities", dtype="float32"
+            )(outputs["logits"])
+        super().__init__(inputs=images, outputs=outputs, num_classes=num_classes, **kwargs)
+        self.backbone = backbone
+        self.num_stripes = num_stripes
+        self.part_loss_weight = float(part_loss_weight)
+        self.dropout = dropout
+        self.bnneck = bnneck
+        self.freeze_batchnorm = freeze_batchnorm
+
+    def loss_term_names(self):
+        return super().loss_term_names() + ["part_loss"]
+
+    def compute_loss_terms(self, y, y_pred):
+        terms = super().compute_loss_terms(y, y_pred)
+        stripe_logits = y_pred["part_logits"]
+        part_loss = sum(self.cross_entropy(y, stripe_logits[:, s]) for s in range(self.num_stripes))
+        terms["part_loss"] = (self.part_loss_weight, part_loss)
+        return terms
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_stripes": self.num_stripes,
+            "part_loss_weight": self.part_loss_weight,
+        }
