@@ -17,7 +17,10 @@ ablation (CVPR-W 2019, Table 1), each adding one trick to the row above:
 then the full recipe on the other families (`--families`: macnn, dasrbn and pcb by default),
 each also with last stride 2 (rows `full_last_stride_2`, `full_<family>_last_stride_2`), with
 the backbone learning at a tenth of the rate (`full_<family>_backbone_lr_0.1`) and with the
-circle loss in place of the triplet loss (`full_<family>_circle`), and the frozen floor: the
+circle loss in place of the triplet loss (`full_<family>_circle`), with the backbone's
+BatchNormalization learning (`full_train_batchnorm`, `full_<family>_train_batchnorm`); PCB
+with 4 stripes instead of 6 (`full_pcb_4_stripes`), also with the cross-entropies alone
+(`full_pcb_4_stripes_cross_entropy_only`); and the frozen floor: the
 pretrained backbone's global-average-pooled features, no training.
 
 Each run writes bench/results/reid_ablation/<row>_seed<k>.json as soon as it finishes; a run
@@ -79,13 +82,24 @@ def rows(families):
     table = {name: ["--model", "gap", *flags] for name, flags in TRICKS}
     # The full recipe without its one trick that costs on mini-MARS (see +last_stride_1).
     table["full_last_stride_2"] = ["--model", "gap", "--last-stride", "2"]
+    table["full_train_batchnorm"] = ["--model", "gap", "--train-batchnorm"]
     for family in families:
         table[f"full_{family}"] = ["--model", family]
         table[f"full_{family}_last_stride_2"] = ["--model", family, "--last-stride", "2"]
         table[f"full_{family}_circle"] = ["--model", family, "--metric-loss", "circle"]
+        # BoT trains BatchNormalization; keras_fg freezes it by default (DESIGN.md §4).
+        table[f"full_{family}_train_batchnorm"] = ["--model", family, "--train-batchnorm"]
         # 16 training identities: does a backbone that moves less generalise better?
         table[f"full_{family}_backbone_lr_0.1"] = [
             "--model", family, "--backbone-lr-multiplier", "0.1",
+        ]  # fmt: skip
+    if "pcb" in families:
+        # Four stripes instead of the paper's six, and trained as the paper trains PCB: with
+        # the cross-entropies alone, no metric loss.
+        table["full_pcb_4_stripes"] = ["--model", "pcb", "--num-stripes", "4"]
+        table["full_pcb_4_stripes_cross_entropy_only"] = [
+            "--model", "pcb", "--num-stripes", "4", "--triplet-weight", "0",
+            "--center-loss-weight", "0",
         ]  # fmt: skip
     return table
 

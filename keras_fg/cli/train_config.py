@@ -117,7 +117,7 @@ def build_parser():
     )
     model.add_argument("--num-parts", type=int, default=4, help="macnn: parts")
     model.add_argument(
-        "--num-stripes", type=int, default=4, help="pcb: horizontal stripes of the feature map"
+        "--num-stripes", type=int, default=6, help="pcb: horizontal stripes of the feature map"
     )
     model.add_argument(
         "--part-crop-size",

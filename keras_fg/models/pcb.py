@@ -41,7 +41,9 @@ class PCB(FineGrainedModel):
         backbone: a headless feature extractor from `keras_fg.models.create_backbone`
             (use `last_stride=1` for re-ID: a 16×8 map at 256×128).
         num_classes: number of classes (identities).
-        num_stripes: S, at most the feature map's height (the paper: 6 on a 24×8 map).
+        num_stripes: S, at most the feature map's height. Default 6, the paper's (on a 24×8
+            map). On mini-MARS (16×8 map, 3 seeds) 6 stripes gave rank-1 / mAP 47.8 / 45.9 %
+            and 4 stripes 46.4 / 43.2 %: see the README's re-ID table.
         part_loss_weight: α, weight of the summed stripe cross-entropies.
         dropout: dropout rate before the fused classifier.
         bnneck: add a BNNeck (re-identification).
@@ -63,7 +65,7 @@ class PCB(FineGrainedModel):
         self,
         backbone,
         num_classes,
-        num_stripes=4,
+        num_stripes=6,
         part_loss_weight=1.0,
         dropout=0.0,
         bnneck=False,
