@@ -33,9 +33,8 @@ class PCB(FineGrainedModel):
         L += w_t · L_triplet(e) + w_c · ‖e − c_y‖²
         features = BN([GAP(F), p_1, ..., p_S])               the re-ID embedding
 
-    A stripe of one person's image and the same stripe of another's image of that person
-    show the same body part, but not the same pixels (a step, a bag), and a batch-hard
-    triplet loss on the stripes pulls these apart from the identity they share.
+    On MA-CNN's fused vector the metric losses collapsed every embedding into one (see
+    `MACNN`'s `metric_embedding`); PCB's stripes under them are not measured.
 
     Args:
         backbone: a headless feature extractor from `keras_fg.models.create_backbone`
