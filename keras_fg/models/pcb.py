@@ -33,6 +33,10 @@ class PCB(FineGrainedModel):
         L += w_t · L_triplet(e) + w_c · ‖e − c_y‖²
         features = BN([GAP(F), p_1, ..., p_S])               the re-ID embedding
 
+    Stripes suit upright subjects: on keras_fg's synthetic set, where the deciding part may
+    sit anywhere, the summed stripe losses dominate and PCB classifies worse than MA-CNN (see
+    the README's re-ID notes).
+
     On MA-CNN's fused vector the metric losses collapsed every embedding into one (see
     `MACNN`'s `metric_embedding`); PCB's stripes under them are not measured.
 
