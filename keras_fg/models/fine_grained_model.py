@@ -142,6 +142,12 @@ class FineGrainedModel(keras.Model):
         )
         return per_sample
 
+    def part_cross_entropy(self, labels, part_logits):
+        """`Σ_i CE_ls(part_logits[:, i], y)`, per sample, over the parts of `(B, P, K)` logits."""
+        return sum(
+            self.cross_entropy(labels, part_logits[:, i]) for i in range(part_logits.shape[1])
+        )
+
     def _are_soft(self, labels):
         return len(labels.shape) == 2 and labels.shape[-1] == self.num_classes
 
@@ -489,6 +495,44 @@ def classification_head(features, num_classes, dropout=0.0, bnneck=False):
     outputs["probabilities"] = keras.layers.Softmax(name="probabilities", dtype="float32")(logits)
     outputs["features"] = features
     return outputs
+
+
+def per_part_classifiers(num_parts, num_classes, name, **options):
+    """`(B, P, C) -> (B, P, K)`: one linear classifier per part, `W_i x_i + b_i`."""
+    return keras.layers.EinsumDense(
+        "bpc,pck->bpk",
+        output_shape=(num_parts, num_classes),
+        bias_axes="pk",
+        name=name,
+        dtype="float32",
+        **options,
+    )
+
+
+def global_metric_embedding(outputs, pooled, bnneck, options):
+    """Points the re-ID metric losses at `pooled`, GAP(F), when the model has any of them.
+
+    The part families (MA-CNN, PCB) serve the fused vector but train the triplet and center
+    losses on the global feature alone, as MGN does (see `MACNN`'s `metric_embedding`).
+    """
+    metric_losses = options.get("triplet_weight", 0) > 0 or options.get("center_loss_weight", 0) > 0
+    if bnneck or metric_losses:
+        outputs["embedding"] = keras.layers.Identity(name="embedding", dtype="float32")(pooled)
+
+
+def serve_with_part_scores(outputs, *part_logits):
+    """Serves `logits = z + Σ_g mean_i part_logits_g[:, i]`, keeping `z` as "classifier_logits".
+
+    Each group of part scores `(B, P, K)` joins the main classifier's; each keeps its own loss.
+    """
+    outputs["classifier_logits"] = outputs["logits"]
+    fused = outputs["logits"]
+    for logits in part_logits:
+        fused = fused + ops.mean(logits, axis=1)
+    outputs["logits"] = fused
+    outputs["probabilities"] = keras.layers.Softmax(name="fused_probabilities", dtype="float32")(
+        fused
+    )
 
 
 def image_input(backbone):

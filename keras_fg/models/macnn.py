@@ -14,8 +14,11 @@ from keras_fg.models.fine_grained_model import (
     FineGrainedModel,
     classification_head,
     freeze_batch_normalization,
+    global_metric_embedding,
     image_input,
+    per_part_classifiers,
     run_backbone,
+    serve_with_part_scores,
 )
 
 METRIC_EMBEDDINGS = ("global", "fused")
@@ -165,7 +168,7 @@ class MACNN(FineGrainedModel):
         )(feature_map)
         part_features = grouping["part_features"]  # (B, P, C)
         channels = feature_map.shape[-1]
-        part_logits = _per_part_classifiers(num_parts, num_classes, "part_classifiers")(
+        part_logits = per_part_classifiers(num_parts, num_classes, "part_classifiers")(
             part_features
         )
         pooled = keras.layers.GlobalAveragePooling2D(name="global_pool", dtype="float32")(
@@ -188,31 +191,20 @@ class MACNN(FineGrainedModel):
             if crop_classifiers:
                 # Zeros: the crops start with no say in the served score, and their own
                 # loss trains the part network even once the fused classifier fits.
-                crop_logits = _per_part_classifiers(
+                crop_logits = per_part_classifiers(
                     num_parts, num_classes, "crop_classifiers", kernel_initializer="zeros"
                 )(crop_features)
         fused = keras.layers.Concatenate(name="fuse_parts")(fused_inputs)
         outputs = classification_head(fused, num_classes, dropout, bnneck)
-        metric_losses = (
-            kwargs.get("triplet_weight", 0) > 0 or kwargs.get("center_loss_weight", 0) > 0
-        )
-        if metric_embedding == "global" and (bnneck or metric_losses):
-            # The metric losses read the global feature only (see `metric_embedding`).
-            outputs["embedding"] = keras.layers.Identity(name="embedding", dtype="float32")(pooled)
+        if metric_embedding == "global":
+            global_metric_embedding(outputs, pooled, bnneck, kwargs)
         outputs["attention_maps"] = grouping["attention_maps"]
         outputs["part_logits"] = part_logits
         if crop_logits is not None:
             outputs["crop_logits"] = crop_logits
         if fuse_part_logits and part_loss_weight > 0:
-            # The parts' scores join the main classifier's; each keeps its own loss.
-            outputs["classifier_logits"] = outputs["logits"]
-            fused = outputs["logits"] + ops.mean(part_logits, axis=1)
-            if crop_logits is not None:
-                fused = fused + ops.mean(crop_logits, axis=1)
-            outputs["logits"] = fused
-            outputs["probabilities"] = keras.layers.Softmax(
-                name="fused_probabilities", dtype="float32"
-            )(fused)
+            scores = [part_logits] + ([crop_logits] if crop_logits is not None else [])
+            serve_with_part_scores(outputs, *scores)
         super().__init__(inputs=images, outputs=outputs, num_classes=num_classes, **kwargs)
         self.backbone = backbone
         self.num_parts = num_parts
@@ -242,10 +234,9 @@ class MACNN(FineGrainedModel):
     def compute_loss_terms(self, y, y_pred):
         terms = super().compute_loss_terms(y, y_pred)
         part_logits = y_pred["part_logits"]
-        part_loss = sum(self.cross_entropy(y, part_logits[:, i]) for i in range(self.num_parts))
+        part_loss = self.part_cross_entropy(y, part_logits)
         if "crop_logits" in y_pred:
-            crops = y_pred["crop_logits"]
-            part_loss += sum(self.cross_entropy(y, crops[:, i]) for i in range(self.num_parts))
+            part_loss += self.part_cross_entropy(y, y_pred["crop_logits"])
         maps = ops.cast(y_pred["attention_maps"], "float32")
         grouping_loss = distance_loss(
             maps, normalize_coordinates=self.normalize_coordinates
@@ -406,18 +397,6 @@ class ChannelGroupingInitializer(keras.callbacks.Callback):
                 f"{self.result['group_sizes']} channels, pre-training loss "
                 f"{self.result['loss']:.3f} ({time.time() - started:.0f} s)"
             )
-
-
-def _per_part_classifiers(num_parts, num_classes, name, **options):
-    """`(B, P, C) -> (B, P, K)`: one linear classifier per part, `W_i x_i + b_i`."""
-    return keras.layers.EinsumDense(
-        "bpc,pck->bpk",
-        output_shape=(num_parts, num_classes),
-        bias_axes="pk",
-        name=name,
-        dtype="float32",
-        **options,
-    )
 
 
 def _part_crop_features(images, maps, part_backbone, box_fraction, freeze_batchnorm):

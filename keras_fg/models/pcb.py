@@ -1,14 +1,16 @@
 """PCB: horizontal stripes of the feature map as parts, one classifier each."""
 
 import keras
-from keras import ops
 
 from keras_fg.layers.horizontal_stripe_pooling import HorizontalStripePooling
 from keras_fg.models.fine_grained_model import (
     FineGrainedModel,
     classification_head,
+    global_metric_embedding,
     image_input,
+    per_part_classifiers,
     run_backbone,
+    serve_with_part_scores,
 )
 
 
@@ -84,13 +86,9 @@ class PCB(FineGrainedModel):
         stripes = HorizontalStripePooling(num_stripes, name="stripe_pool", dtype="float32")(
             feature_map
         )  # (B, S, C)
-        stripe_logits = keras.layers.EinsumDense(
-            "bsc,sck->bsk",
-            output_shape=(num_stripes, num_classes),
-            bias_axes="sk",
-            name="stripe_classifiers",
-            dtype="float32",
-        )(stripes)
+        stripe_logits = per_part_classifiers(num_stripes, num_classes, "stripe_classifiers")(
+            stripes
+        )
         pooled = keras.layers.GlobalAveragePooling2D(name="global_pool", dtype="float32")(
             feature_map
         )
@@ -99,19 +97,10 @@ class PCB(FineGrainedModel):
         )(stripes)
         fused = keras.layers.Concatenate(name="fuse_stripes")([pooled, flat_stripes])
         outputs = classification_head(fused, num_classes, dropout, bnneck)
-        metric_losses = (
-            kwargs.get("triplet_weight", 0) > 0 or kwargs.get("center_loss_weight", 0) > 0
-        )
-        if bnneck or metric_losses:
-            outputs["embedding"] = keras.layers.Identity(name="embedding", dtype="float32")(pooled)
+        global_metric_embedding(outputs, pooled, bnneck, kwargs)
         outputs["part_logits"] = stripe_logits
         if part_loss_weight > 0:
-            # The stripes' scores join the fused classifier's; each keeps its own loss.
-            outputs["classifier_logits"] = outputs["logits"]
-            outputs["logits"] = outputs["logits"] + ops.mean(stripe_logits, axis=1)
-            outputs["probabilities"] = keras.layers.Softmax(
-                name="fused_probabilities", dtype="float32"
-            )(outputs["logits"])
+            serve_with_part_scores(outputs, stripe_logits)
         super().__init__(inputs=images, outputs=outputs, num_classes=num_classes, **kwargs)
         self.backbone = backbone
         self.num_stripes = num_stripes
@@ -125,9 +114,10 @@ class PCB(FineGrainedModel):
 
     def compute_loss_terms(self, y, y_pred):
         terms = super().compute_loss_terms(y, y_pred)
-        stripe_logits = y_pred["part_logits"]
-        part_loss = sum(self.cross_entropy(y, stripe_logits[:, s]) for s in range(self.num_stripes))
-        terms["part_loss"] = (self.part_loss_weight, part_loss)
+        terms["part_loss"] = (
+            self.part_loss_weight,
+            self.part_cross_entropy(y, y_pred["part_logits"]),
+        )
         return terms
 
     def get_config(self):
