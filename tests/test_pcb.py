@@ -33,17 +33,26 @@ def feature_map_of(model, images):
     return np.asarray(keras.Model(model.input, model.get_layer("global_pool").input)(images))
 
 
-def test_outputs_against_numpy():
-    """features = [GAP(F), p_1..p_S]; embedding = GAP(F); logits = z + mean_s stripe_logits_s."""
-    model = reid_pcb(bnneck=False)
+@pytest.mark.parametrize("descriptor", ["fused", "stripes"])
+def test_outputs_against_numpy(descriptor):
+    """features = [GAP(F), p_1..p_S] or [√w_s p_s/‖p_s‖]_s; embedding = GAP(F);
+    logits = z + mean_s stripe_logits_s."""
+    model = reid_pcb(bnneck=False, descriptor=descriptor)
+    weights = np.array([0.1, 0.2, 0.3, 0.4], "float32")
+    if descriptor == "stripes":
+        model.get_layer("stripe_descriptor").part_weights.assign(weights)
     images, _ = batch()
     feature_map = feature_map_of(model, images)  # (B, 8, 4, C)
     stripes = feature_map.reshape(len(images), 4, 2, 4, -1).mean(axis=(2, 3))  # 2 rows each
     pooled = feature_map.mean(axis=(1, 2))
     outputs = model.predict(images, verbose=0)
     np.testing.assert_allclose(outputs["embedding"], pooled, rtol=1e-5, atol=1e-6)
-    fused = np.concatenate([pooled, stripes.reshape(len(images), -1)], axis=1)
-    np.testing.assert_allclose(outputs["features"], fused, rtol=1e-5, atol=1e-6)
+    if descriptor == "fused":
+        served = np.concatenate([pooled, stripes.reshape(len(images), -1)], axis=1)
+    else:
+        unit = stripes / np.linalg.norm(stripes, axis=-1, keepdims=True)
+        served = (np.sqrt(weights)[None, :, None] * unit).reshape(len(images), -1)
+    np.testing.assert_allclose(outputs["features"], served, rtol=1e-5, atol=1e-6)
     kernel, bias = (np.asarray(w) for w in model.get_layer("stripe_classifiers").weights)
     stripe_logits = np.einsum("bsc,sck->bsk", stripes, kernel) + bias
     np.testing.assert_allclose(outputs["part_logits"], stripe_logits, rtol=1e-4, atol=1e-5)
@@ -98,18 +107,34 @@ def test_trains_saves_and_reloads_to_identical_outputs(tmp_path):
     history = model.fit(images, labels, batch_size=16, epochs=3, verbose=0, shuffle=False)
     assert {"part_loss", "triplet_loss", "center_loss"} <= set(history.history)
     assert history.history["loss"][-1] < history.history["loss"][0]
+    descriptor = model.get_layer("stripe_descriptor")
+    np.testing.assert_array_equal(descriptor.part_weights, np.full(4, 0.25, "float32"))
+    parts = keras.Model(model.input, descriptor.input).predict(images, verbose=0)
+    descriptor.adapt(parts, labels)
     path = tmp_path / "pcb.keras"
     model.save(path)
     reloaded = keras.saving.load_model(path)
     assert isinstance(reloaded, PCB) and reloaded.num_stripes == 4
+    adapted = reloaded.get_layer("stripe_descriptor").part_weights
+    np.testing.assert_array_equal(adapted, descriptor.part_weights)
     expected, actual = model.predict(images, verbose=0), reloaded.predict(images, verbose=0)
     assert set(actual) == set(expected)
     for key in expected:
         np.testing.assert_array_equal(actual[key], expected[key])
 
 
+def test_files_saved_before_the_descriptor_option_serve_the_fused_vector():
+    config = reid_pcb(bnneck=True).get_config()
+    del config["descriptor"]
+    older = PCB.from_config(config)
+    assert older.descriptor == "fused"
+    assert older.output["features"].shape[-1] == 5 * older.backbone.output.shape[-1]
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="part_loss_weight"):
         reid_pcb(part_loss_weight=-1.0)
+    with pytest.raises(ValueError, match="descriptor"):
+        reid_pcb(descriptor="global")
     with pytest.raises(ValueError, match="at least `num_stripes`=9 rows"):
         create_model("pcb", 4, backbone="tiny", image_size=(64, 32), num_stripes=9)

@@ -78,3 +78,47 @@ def test_short_reid_run_on_mini_mars_ranks_above_chance(mars_dir, tmp_path):
     assert evaluation["rank1"] > 2 * chance, (evaluation["rank1"], chance)
     history = (out / "history.csv").read_text()
     assert "triplet_loss" in history and "classification_loss" in history
+
+
+def train_pcb(mars_dir, out, *flags):
+    command = [
+        sys.executable, str(ROOT / "train.py"), "--task", "reid", "--data", str(mars_dir),
+        "--model", "pcb", "--backbone", "tiny", "--image-size", "128", "64", "--epochs", "1",
+        "--max-train-images", "300", "--verbose", "0", "--output", str(out), *flags,
+    ]  # fmt: skip
+    result = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads((out / "evaluation.json").read_text())
+
+
+def test_pcb_run_fits_its_stripe_weights_on_the_training_identities(mars_dir, tmp_path):
+    import keras
+
+    evaluation = train_pcb(mars_dir, tmp_path / "fisher")
+    found = evaluation["part_weights"]
+    weights, scores = np.array(found["part_weights"]), np.array(found["fisher_scores"])
+    assert weights.shape == (6,) and np.isclose(weights.sum(), 1.0)
+    np.testing.assert_allclose(weights, scores / scores.sum())
+    assert weights.max() > 2 * weights.min()  # Stripes differ in worth: not all equal.
+    model = keras.saving.load_model(tmp_path / "fisher" / "model.keras")
+    descriptor = model.get_layer("stripe_descriptor")
+    np.testing.assert_allclose(descriptor.part_weights, weights, rtol=1e-6)
+
+    # The switch off keeps equal weights and changes nothing else.
+    evaluation = train_pcb(mars_dir, tmp_path / "equal", "--part-weights", "equal")
+    assert "part_weights" not in evaluation
+    equal = keras.saving.load_model(tmp_path / "equal" / "model.keras")
+    np.testing.assert_array_equal(
+        equal.get_layer("stripe_descriptor").part_weights, np.full(6, 1 / 6, "float32")
+    )
+    for layer in model.layers:
+        if layer.name != "stripe_descriptor":
+            for u, v in zip(layer.get_weights(), equal.get_layer(layer.name).get_weights()):
+                np.testing.assert_array_equal(u, v)

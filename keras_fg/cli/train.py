@@ -171,8 +171,11 @@ def run(args):
         raise
     training_seconds = time.time() - started
 
+    part_weights = data.fit_part_weights(model, args) if args.task == "reid" else None
     atomic_save(model, output / "model.keras")
     evaluation = data.evaluate(model, args)
+    if part_weights:
+        evaluation["part_weights"] = part_weights
     evaluation["training_seconds"] = round(training_seconds, 1)
     evaluation["skipped_images"] = data.skipped_images()
     write_json(output / "evaluation.json", evaluation)
@@ -393,7 +396,7 @@ def family_options(args):
             maps_train_backbone=args.maps_train_backbone,
         )
     elif args.model == "pcb":
-        options.update(num_stripes=args.num_stripes)
+        options.update(num_stripes=args.num_stripes, descriptor=args.descriptor)
     elif args.model == "bcnn":
         options.update(projection_dim=args.projection_dim, reduction_dim=args.reduction_dim)
     elif args.model == "dasrbn":

@@ -214,8 +214,8 @@ class ReidData:
     def validation_pipeline(self, args):
         return None
 
-    def embed(self, model, records, args):
-        """Embeddings of `records` and of their mirror images, and the indices read."""
+    def embed(self, model, records, args, output="features"):
+        """Embeddings (`model`'s `output`) of `records` and their mirror images; indices read."""
         indexed = ImageRecords(
             records.paths, np.arange(len(records)), [str(i) for i in range(len(records))]
         )
@@ -229,10 +229,28 @@ class ReidData:
         )
         features, flipped, indices = [], [], []
         for images, batch_indices in pipeline:
-            features.append(np.asarray(model.predict_on_batch(images)["features"]))
-            flipped.append(np.asarray(model.predict_on_batch(images[:, :, ::-1])["features"]))
+            features.append(np.asarray(model.predict_on_batch(images)[output]))
+            flipped.append(np.asarray(model.predict_on_batch(images[:, :, ::-1])[output]))
             indices.append(batch_indices.numpy())
         return np.concatenate(features), np.concatenate(flipped), np.concatenate(indices)
+
+    def fit_part_weights(self, model, args, max_images=2000):
+        """Adapts the model's `PartWeightedEmbedding` on (at most `max_images`) training images.
+
+        Returns what `adapt` returns, or None for a model without one or `--part-weights equal`.
+        """
+        import keras
+
+        from keras_fg.layers import PartWeightedEmbedding
+
+        layers = [layer for layer in model.layers if isinstance(layer, PartWeightedEmbedding)]
+        if not layers or args.part_weights == "equal":
+            return None
+        (layer,) = layers
+        sample = _limit(self.train, max_images, args.seed)
+        probe = keras.Model(model.input, {"parts": layer.input})
+        parts, _, index = self.embed(probe, sample, args, output="parts")
+        return layer.adapt(parts, sample.labels[index], sample.cameras[index])
 
     def evaluate(self, model, args):
         from keras_fg.metrics import evaluate_reid

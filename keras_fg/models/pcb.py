@@ -3,6 +3,7 @@
 import keras
 
 from keras_fg.layers.horizontal_stripe_pooling import HorizontalStripePooling
+from keras_fg.layers.part_weighted_embedding import PartWeightedEmbedding
 from keras_fg.models.fine_grained_model import (
     FineGrainedModel,
     classification_head,
@@ -12,6 +13,8 @@ from keras_fg.models.fine_grained_model import (
     run_backbone,
     serve_with_part_scores,
 )
+
+DESCRIPTORS = ("stripes", "fused")
 
 
 @keras.saving.register_keras_serializable(package="keras_fg")
@@ -27,13 +30,19 @@ class PCB(FineGrainedModel):
     The parts are fixed bands of rows, where MA-CNN learns them: a pedestrian crop is
     upright, so each band holds about the same body part in every image. Sun et al. train
     the stripes' classifiers alone and serve their concatenated features; here, as in MGN
-    (Wang et al., 2018) and keras_fg's MA-CNN, a global feature joins them, and for
-    re-identification (`bnneck`, `triplet_weight`, `center_loss_weight`) the metric losses
-    read the global feature alone while the served embedding holds the stripes:
+    (Wang et al., 2018) and keras_fg's MA-CNN, a global feature joins them in the classifier,
+    and for re-identification (`bnneck`, `triplet_weight`, `center_loss_weight`) the metric
+    losses read the global feature alone. The descriptor served is the stripes', each
+    weighed by its worth (`PartWeightedEmbedding`, whose weights train.py fits on the
+    training identities after training):
 
         e = GAP(F)                                           `"embedding"`
         L += w_t · L_triplet(e) + w_c · ‖e − c_y‖²
-        features = BN([GAP(F), p_1, ..., p_S])               the re-ID embedding
+        features = [√w_1 p_1/‖p_1‖, ..., √w_S p_S/‖p_S‖]     `descriptor="stripes"`
+        features = BN([GAP(F), p_1, ..., p_S])               `descriptor="fused"`
+
+    On mini-MARS the weighed stripes found more people than the fused vector (see
+    `descriptor` below).
 
     Stripes suit upright subjects: on keras_fg's synthetic set, where the deciding part may
     sit anywhere, the summed stripe losses dominate and PCB classifies worse than MA-CNN (see
@@ -50,6 +59,11 @@ class PCB(FineGrainedModel):
             map). On mini-MARS (16×8 map, 3 seeds) 6 stripes gave rank-1 / mAP 47.8 / 45.9 %
             and 4 stripes 46.4 / 43.2 %: see the README's re-ID table.
         part_loss_weight: α, weight of the summed stripe cross-entropies.
+        descriptor: the `"features"` output, the re-ID descriptor. `"stripes"` (default):
+            the stripes, L2-normalised and weighed by `PartWeightedEmbedding` (equal weights
+            until its `adapt`). `"fused"`: the fused vector (after the BNNeck, if any). On
+            mini-MARS (6 stripes, weights adapted) rank-1 / mAP 60.9 / 50.5 % against
+            47.8 / 45.9 % (seeds 0–2; 57.4 / 50.0 over seeds 0–4).
         dropout: dropout rate before the fused classifier.
         bnneck: add a BNNeck (re-identification).
         freeze_batchnorm: run the backbone's BatchNormalization in inference mode.
@@ -72,6 +86,7 @@ class PCB(FineGrainedModel):
         num_classes,
         num_stripes=6,
         part_loss_weight=1.0,
+        descriptor="stripes",
         dropout=0.0,
         bnneck=False,
         freeze_batchnorm=True,
@@ -80,6 +95,10 @@ class PCB(FineGrainedModel):
         if part_loss_weight < 0:
             raise ValueError(
                 f"`part_loss_weight` must be >= 0. Received: part_loss_weight={part_loss_weight}"
+            )
+        if descriptor not in DESCRIPTORS:
+            raise ValueError(
+                f"`descriptor` must be one of {DESCRIPTORS}. Received: descriptor={descriptor!r}"
             )
         images = image_input(backbone)
         feature_map = run_backbone(backbone, images, freeze_batchnorm)
@@ -99,12 +118,17 @@ class PCB(FineGrainedModel):
         outputs = classification_head(fused, num_classes, dropout, bnneck)
         global_metric_embedding(outputs, pooled, bnneck, kwargs)
         outputs["part_logits"] = stripe_logits
+        if descriptor == "stripes":
+            outputs["features"] = PartWeightedEmbedding(name="stripe_descriptor", dtype="float32")(
+                stripes
+            )
         if part_loss_weight > 0:
             serve_with_part_scores(outputs, stripe_logits)
         super().__init__(inputs=images, outputs=outputs, num_classes=num_classes, **kwargs)
         self.backbone = backbone
         self.num_stripes = num_stripes
         self.part_loss_weight = float(part_loss_weight)
+        self.descriptor = descriptor
         self.dropout = dropout
         self.bnneck = bnneck
         self.freeze_batchnorm = freeze_batchnorm
@@ -125,4 +149,10 @@ class PCB(FineGrainedModel):
             **super().get_config(),
             "num_stripes": self.num_stripes,
             "part_loss_weight": self.part_loss_weight,
+            "descriptor": self.descriptor,
         }
+
+    @classmethod
+    def from_config(cls, config):
+        # Files saved before the option served the fused vector.
+        return super().from_config({"descriptor": "fused", **config})
