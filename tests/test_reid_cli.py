@@ -122,3 +122,25 @@ def test_pcb_run_fits_its_stripe_weights_on_the_training_identities(mars_dir, tm
         if layer.name != "stripe_descriptor":
             for u, v in zip(layer.get_weights(), equal.get_layer(layer.name).get_weights()):
                 np.testing.assert_array_equal(u, v)
+
+
+def test_pcb_run_on_one_camera_keeps_equal_weights_and_finishes(mars_dir, tmp_path):
+    import re
+    import shutil
+
+    import keras
+
+    data = tmp_path / "one_camera"
+    for split in ("query", "bounding_box_test"):
+        shutil.copytree(mars_dir / split, data / split)
+    (data / "bounding_box_train").mkdir()
+    for path in sorted((mars_dir / "bounding_box_train").glob("*.jpg"))[::4]:
+        renamed = data / "bounding_box_train" / re.sub(r"_c\d", "_c1", path.name, count=1)
+        if not renamed.exists():
+            shutil.copy(path, renamed)
+    evaluation = train_pcb(data, tmp_path / "run")
+    assert "part_weights" not in evaluation
+    model = keras.saving.load_model(tmp_path / "run" / "model.keras")
+    np.testing.assert_array_equal(
+        model.get_layer("stripe_descriptor").part_weights, np.full(6, 1 / 6, "float32")
+    )

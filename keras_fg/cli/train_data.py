@@ -250,7 +250,11 @@ class ReidData:
         sample = _limit(self.train, max_images, args.seed)
         probe = keras.Model(model.input, {"parts": layer.input})
         parts, _, index = self.embed(probe, sample, args, output="parts")
-        return layer.adapt(parts, sample.labels[index], sample.cameras[index])
+        try:
+            return layer.adapt(parts, sample.labels[index], sample.cameras[index])
+        except ValueError as error:  # No person seen by two cameras: nothing to weigh by.
+            print(f"Part weights left equal. {error}")
+            return None
 
     def evaluate(self, model, args):
         from keras_fg.metrics import evaluate_reid
