@@ -24,34 +24,15 @@ def chance_rank1(query, gallery):
     return float(np.mean(rates))
 
 
-def test_short_reid_run_on_mini_mars_ranks_above_chance(mars_dir, tmp_path):
-    out = tmp_path / "reid"
+def train_reid(mars_dir, out, *flags):
+    """Runs train.py --task reid on `mars_dir` into `out`; returns its evaluation.json."""
+    command = [
+        sys.executable, str(ROOT / "train.py"), "--task", "reid", "--data", str(mars_dir),
+        "--backbone", "tiny", "--image-size", "128", "64", "--verbose", "0",
+        "--output", str(out), *flags,
+    ]  # fmt: skip
     result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "train.py"),
-            "--task",
-            "reid",
-            "--data",
-            str(mars_dir),
-            "--model",
-            "gap",
-            "--backbone",
-            "tiny",
-            "--image-size",
-            "128",
-            "64",
-            "--epochs",
-            "2",
-            "--num-identities",
-            "8",
-            "--num-instances",
-            "4",
-            "--verbose",
-            "0",
-            "--output",
-            str(out),
-        ],
+        command,
         capture_output=True,
         text=True,
         timeout=600,
@@ -59,7 +40,15 @@ def test_short_reid_run_on_mini_mars_ranks_above_chance(mars_dir, tmp_path):
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    evaluation = json.loads((out / "evaluation.json").read_text())
+    return json.loads((out / "evaluation.json").read_text())
+
+
+def test_short_reid_run_on_mini_mars_ranks_above_chance(mars_dir, tmp_path):
+    out = tmp_path / "reid"
+    evaluation = train_reid(
+        mars_dir, out, "--model", "gap", "--epochs", "2", "--num-identities", "8",
+        "--num-instances", "4",
+    )  # fmt: skip
     for key in ("rank1", "rank5", "rank10", "mAP", "mINP"):
         assert 0.0 <= evaluation[key] <= 1.0
     assert evaluation["num_query_images"] == 32 and evaluation["num_gallery_images"] == 529
@@ -81,21 +70,9 @@ def test_short_reid_run_on_mini_mars_ranks_above_chance(mars_dir, tmp_path):
 
 
 def train_pcb(mars_dir, out, *flags):
-    command = [
-        sys.executable, str(ROOT / "train.py"), "--task", "reid", "--data", str(mars_dir),
-        "--model", "pcb", "--backbone", "tiny", "--image-size", "128", "64", "--epochs", "1",
-        "--max-train-images", "300", "--verbose", "0", "--output", str(out), *flags,
-    ]  # fmt: skip
-    result = subprocess.run(
-        command,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    return train_reid(
+        mars_dir, out, "--model", "pcb", "--epochs", "1", "--max-train-images", "300", *flags
     )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads((out / "evaluation.json").read_text())
 
 
 def test_pcb_run_fits_its_stripe_weights_on_the_training_identities(mars_dir, tmp_path):
