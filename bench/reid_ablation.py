@@ -19,8 +19,10 @@ each also with last stride 2 (rows `full_last_stride_2`, `full_<family>_last_str
 the backbone learning at a tenth of the rate (`full_<family>_backbone_lr_0.1`) and with the
 circle loss in place of the triplet loss (`full_<family>_circle`), with the backbone's
 BatchNormalization learning (`full_train_batchnorm`, `full_<family>_train_batchnorm`); PCB
-with 4 stripes instead of 6 (`full_pcb_4_stripes`), also with the cross-entropies alone
-(`full_pcb_4_stripes_cross_entropy_only`); and the frozen floor: the
+with 4 stripes instead of 6 (`full_pcb_4_stripes`), its stripes weighed equally
+(`full_pcb_equal_weights`), serving the fused vector (`full_pcb_fused`,
+`full_pcb_4_stripes_fused`), also with the cross-entropies alone
+(`full_pcb_4_stripes_cross_entropy_only_fused`); and the frozen floor: the
 pretrained backbone's global-average-pooled features, no training.
 
 Each run writes bench/results/reid_ablation/<row>_seed<k>.json as soon as it finishes; a run
@@ -95,11 +97,17 @@ def rows(families):
         ]  # fmt: skip
     if "pcb" in families:
         # Four stripes instead of the paper's six, and trained as the paper trains PCB: with
-        # the cross-entropies alone, no metric loss.
+        # the cross-entropies alone, no metric loss. The descriptor: the stripes weighed
+        # equally (the paper's), or the fused vector (PCB's default before the weighing).
         table["full_pcb_4_stripes"] = ["--model", "pcb", "--num-stripes", "4"]
-        table["full_pcb_4_stripes_cross_entropy_only"] = [
+        table["full_pcb_equal_weights"] = ["--model", "pcb", "--part-weights", "equal"]
+        table["full_pcb_fused"] = ["--model", "pcb", "--descriptor", "fused"]
+        table["full_pcb_4_stripes_fused"] = [
+            "--model", "pcb", "--num-stripes", "4", "--descriptor", "fused",
+        ]  # fmt: skip
+        table["full_pcb_4_stripes_cross_entropy_only_fused"] = [
             "--model", "pcb", "--num-stripes", "4", "--triplet-weight", "0",
-            "--center-loss-weight", "0",
+            "--center-loss-weight", "0", "--descriptor", "fused",
         ]  # fmt: skip
     return table
 

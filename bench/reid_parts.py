@@ -3,13 +3,17 @@
 For a model trained by `train.py --task reid` (a run directory holding `model.keras`), ranks
 the shared mini-MARS queries against the gallery (flip-averaged, cosine, no re-ranking) with:
 
-    features    the embedding train.py evaluates (the BNNeck of the fused vector)
-    global      GAP(F) alone
-    parts       the part features concatenated (PCB's stripes, MA-CNN's parts)
-    part<i>     each part's features alone (PCB: stripe i, top to bottom)
+    features      the embedding train.py evaluates (the model's "features" output)
+    global        GAP(F) alone
+    parts         the part features concatenated (PCB's stripes, MA-CNN's parts)
+    parts_equal   the parts each L2-normalised, weighed equally (`PartWeightedEmbedding`)
+    parts_fisher  the same, weighed by their Fisher scores on the training images (its
+                  `adapt`, fitted here on the flip-averaged training features)
+    part<i>       each part's features alone (PCB: stripe i, top to bottom)
 
-and writes bench/results/reid_parts.json, one entry per run directory. The parts are chosen
-here by their test figures: this says where the identity is, it is not a recipe.
+and writes bench/results/reid_parts.json, one entry per run directory. The single parts are
+picked here by their test figures: they say where the identity is, they are not a recipe;
+the Fisher weights see only the training images.
 
     python train.py --task reid --data ../shared/data/reid/mini_mars --model pcb \\
         --backbone mobilenetv2 --weights ../shared/weights/mobilenet_v2_1.0.weights.h5 \\
@@ -31,12 +35,11 @@ SETTINGS = ("model", "num_stripes", "num_parts", "backbone", "image_size", "epoc
 
 
 def part_features(model):
-    """The model's `(B, P, C)` part features, or None for a family without parts."""
+    """The model's `(B, P, C)` part features (its per-part classifiers' input), or None."""
     names = [layer.name for layer in model.layers]
-    if "stripe_pool" in names:
-        return model.get_layer("stripe_pool").output
-    if "channel_grouping" in names:
-        return model.get_layer("channel_grouping").output["part_features"]
+    for name in ("stripe_classifiers", "part_classifiers"):
+        if name in names:
+            return model.get_layer(name).input
     return None
 
 
@@ -58,6 +61,7 @@ def evaluate_parts(run_dir):
     import keras
 
     from keras_fg.data import load_dataset
+    from keras_fg.layers import PartWeightedEmbedding
     from keras_fg.metrics import evaluate_reid
 
     model = keras.saving.load_model(Path(run_dir) / "model.keras", compile=False)
@@ -76,6 +80,12 @@ def evaluate_parts(run_dir):
             q["parts"].reshape(len(query), -1),
             g["parts"].reshape(len(gallery), -1),
         )
+        train = load_dataset("market1501", MARS_ROOT, "train")
+        train_parts = embeddings(keras.Model(model.input, {"parts": parts}), train, size)["parts"]
+        equal, fisher = PartWeightedEmbedding(), PartWeightedEmbedding()
+        fisher.adapt(train_parts, train.labels, train.cameras)
+        for name, layer in (("parts_equal", equal), ("parts_fisher", fisher)):
+            choices[name] = (np.asarray(layer(q["parts"])), np.asarray(layer(g["parts"])))
         for i in range(q["parts"].shape[1]):
             choices[f"part{i}"] = (q["parts"][:, i], g["parts"][:, i])
     results = {}
@@ -85,6 +95,8 @@ def evaluate_parts(run_dir):
             gallery_features, gallery.labels, gallery.cameras, metric="cosine",
         )  # fmt: skip
         results[name] = {key: scores[key] for key in ("rank1", "mAP", "num_valid_queries")}
+    if parts is not None:
+        results["parts_fisher"]["part_weights"] = np.asarray(fisher.part_weights).tolist()
     return results
 
 
