@@ -64,7 +64,7 @@ class PartWeightedEmbedding(keras.layers.Layer):
         )
 
     def call(self, inputs):
-        # ops.normalize would divide by max(‖x‖, ε); an all-zero part stays zero either way.
+        # The squared norm is clamped: a part of dead ReLUs (all zeros) stays zero, not NaN.
         squared_norms = ops.sum(ops.square(inputs), axis=-1, keepdims=True)
         unit = inputs * ops.rsqrt(ops.maximum(squared_norms, 1e-24))
         scaled = unit * ops.sqrt(ops.cast(self.part_weights, inputs.dtype))[None, :, None]
