@@ -338,8 +338,8 @@ def test_full_macnn_with_part_crops_converts_to_builtins(jpeg_bytes, tmp_path):
     result = check_parity(model, path, jpeg_bytes, latency_runs=1)
     assert result["check"]["passed"] and result["max_abs_diff"] < 1e-5, result
     # int8: the backbone runs on the image, the part networks on the crops. The float prefix
-    # ends with the stem's first run (conv1, conv2), the head starts after the part networks:
-    # every other convolution of the backbone and of the part networks is int8.
+    # ends with the stem's first run (conv1 to conv3), the head starts after the part
+    # networks: every other convolution of the backbone and of the part networks is int8.
     images = np.random.default_rng(1).uniform(0, 255, (16, SIZE, SIZE, 3)).astype("float32")
     path = tmp_path / "macnn_crops_int8.tflite"
     details = export_tflite(model, path, "int8", representative_images=images, return_details=True)
@@ -351,12 +351,11 @@ def test_full_macnn_with_part_crops_converts_to_builtins(jpeg_bytes, tmp_path):
         for op in interpreter._get_ops_details()
         if op["op_name"] == "CONV_2D"
     }
-    stem = {
-        name
-        for name in convolutions
-        if _layer_tensors("conv1", [name]) + _layer_tensors("conv2", [name])
-    }
-    assert len(convolutions) == 4 * 3 and len(stem) == 2 * 3  # 4 layers; image and 2 crops.
+    stem_layers = [f"conv{index}" for index in range(1, INT8_FLOAT_STEM + 1)]
+    stem = {name for name in convolutions for layer in stem_layers if _layer_tensors(layer, [name])}
+    # 4 layers, of which INT8_FLOAT_STEM (3) in the stem; the image and 2 crops.
+    assert INT8_FLOAT_STEM < 4
+    assert len(convolutions) == 4 * 3 and len(stem) == INT8_FLOAT_STEM * 3
     assert all(
         dtype == (np.float32 if name in stem else np.int8) for name, dtype in convolutions.items()
     )
@@ -826,15 +825,15 @@ def test_int8_keeps_the_stem_in_float_behind_one_quantize(tmp_path):
     path = tmp_path / "stem.tflite"
     details = export_tflite(model, path, "int8", representative_images=images, return_details=True)
     rows = {row["layer"]: row for row in details["float_layers"]}
+    stem = [f"conv{index}" for index in range(INT8_FLOAT_STEM)]
     assert [row["why"] for row in details["float_layers"]] == [
-        "writes the logits", "the stem: reads the image", "the stem: reads the image"
+        "writes the logits", *["the stem: reads the image"] * INT8_FLOAT_STEM
     ]  # fmt: skip
-    assert set(rows) == {"classifier", "conv0", "conv1"}
+    assert set(rows) == {"classifier", *stem}
     interpreter = Interpreter(model_path=str(path))
     dtypes = {t["name"]: t["dtype"] for t in interpreter.get_tensor_details()}
-    assert all(dtypes[name] == np.float32 for layer in ("conv0", "conv1")
-               for name in rows[layer]["tensors"])  # fmt: skip
-    later = _layer_tensors("conv2", list(dtypes))
+    assert all(dtypes[name] == np.float32 for layer in stem for name in rows[layer]["tensors"])
+    later = _layer_tensors(f"conv{INT8_FLOAT_STEM}", list(dtypes))
     assert later and all(dtypes[name] == np.int8 for name in later)
     # The stem joins the float input: the int8 graph is entered once.
     ops_used = [op["op_name"] for op in interpreter._get_ops_details()]
@@ -936,6 +935,41 @@ def test_int8_head_runs_its_dense_and_convolution_layers_on_int8_weights(tmp_pat
     assert np.mean(hybrid.argmax(-1) == float_head.argmax(-1)) >= 0.95
     with pytest.raises(ValueError, match="Received: int8_head_weights=0"):
         export_tflite(model, path, "int8", representative_images=images, int8_head_weights=0)
+
+
+def test_int8_head_runs_its_constant_matrix_products_on_int8_weights(tmp_path, monkeypatch):
+    import keras_fg.export.tflite as tflite
+
+    # MA-CNN's channel grouping and part classifiers are einsums with constant weights:
+    # TFLite BATCH_MATMULs, hybrid with int8 weights and one scale for the whole tensor.
+    model = build("macnn")
+    images = np.random.default_rng(2).uniform(0, 255, (40, SIZE, SIZE, 3)).astype("float32")
+    options = {"representative_images": images, "int8_float_stem": 0, "return_details": True}
+    path, plain_path = tmp_path / "hybrid.tflite", tmp_path / "float_head.tflite"
+    monkeypatch.setattr(tflite, "INT8_HEAD_WEIGHTS_MIN_SIZE", 1)
+    head = export_tflite(model, path, "int8", **options)["float_layers"][-1]
+    export_tflite(model, plain_path, "int8", int8_head_weights=False, **options)
+    plain = Interpreter(model_path=str(plain_path))
+    float_weights = {t["name"]: t["index"] for t in plain.get_tensor_details()}
+    interpreter = Interpreter(model_path=str(path))
+    details = interpreter.get_tensor_details()
+    matrix_products = [
+        op for op in interpreter._get_ops_details()
+        if op["op_name"] == "BATCH_MATMUL" and details[op["outputs"][0]]["name"] in head["int8_weights"]
+    ]  # fmt: skip
+    assert len(matrix_products) == 2, head["int8_weights"]
+    for op in matrix_products:
+        data, weights = (details[i] for i in op["inputs"][:2])
+        assert data["dtype"] == details[op["outputs"][0]]["dtype"] == np.float32
+        assert weights["dtype"] == np.int8
+        (scale,) = weights["quantization_parameters"]["scales"]
+        original = plain.get_tensor(float_weights[weights["name"]])
+        assert scale == pytest.approx(np.abs(original).max() / 127, rel=1e-6)
+        stored = interpreter.get_tensor(weights["index"])
+        np.testing.assert_array_equal(stored, np.round(original / np.float32(scale)))
+    hybrid, float_head = (run_tflite(p, images)["probabilities"] for p in (path, plain_path))
+    assert np.abs(hybrid - float_head).max() < 0.05
+    assert np.mean(hybrid.argmax(-1) == float_head.argmax(-1)) >= 0.95
 
 
 def planted_shifted_model():

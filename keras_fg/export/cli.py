@@ -87,8 +87,8 @@ def build_parser():
         "--int8-head-weights",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="full-integer int8 gives the float head's dense and convolution layers int8 "
-        "weights, run as hybrid kernels (default: on, see README)",
+        help="full-integer int8 gives the float head's dense and convolution layers and "
+        "constant matrix products int8 weights, run as hybrid kernels (default: on, see README)",
     )
     serving = parser.add_argument_group("serving")
     serving.add_argument("--version", type=int, default=1, help="SavedModel version (default: 1)")

@@ -51,7 +51,14 @@ INT8_OPS = frozenset(
 # means that the layers after them amplify. The stem's layers have the fewest weights per
 # output (27 in Conv1, 9 in the first depthwise convolution), two of the three layers
 # that move the logits most, and hold 5 % of the compute; in float they join the float
-# input, so the file gains one QUANTIZE and no island of float in the int8 graph. The head
+# input, so the file gains one QUANTIZE and no island of float in the int8 graph. The third,
+# MobileNetV2's first projection (32 to 16 channels at 112 x 112), ends the stem: the
+# QUANTIZE then converts 16 channels instead of 32, and XNNPACK's int8 kernels ran that
+# few-channel layer slower than float on x86. With a stem of 3 layers the int8 files of
+# GAP, B-CNN and MA-CNN ran 3-4 % faster than with 2 (GAP: 3.13-3.21 ms against
+# 3.26-3.37, three runs, files timed in turns), and as fast or faster than with 0, 6, 9 or
+# 12 (3.60, 3.35, 3.40, 3.47 ms): int8 gains little at 112 x 112, most at 14 x 14 and
+# 7 x 7, where float32 reads more weights than activations. The head
 # (INT8_FLOAT_HEAD: every op after the backbone) stays float too: in int8, its float-only
 # math (square roots, divisions, softmaxes) cuts it into islands, each behind its own
 # QUANTIZE and DEQUANTIZE. On GAP, B-CNN and MA-CNN heads, logits, stem and head in float
@@ -61,11 +68,12 @@ INT8_OPS = frozenset(
 # stem and head, 98.1 %, 98.7 % and 97.7 % at 1.73x, 1.45x and 1.81x, and a slower export
 # (every layer is measured). These are the run of 2026-12-03; on a later, faster CPU int8's
 # speed-up was smaller (1.59x, 1.74x, 1.61x for the default). See the README (*Exporting*).
-INT8_FLOAT_STEM = 2
+INT8_FLOAT_STEM = 3
 INT8_FLOAT_LAYERS = 0
 INT8_FLOAT_HEAD = True
-# In the float head, the dense and convolution layers (the logits' too) with at least
-# INT8_HEAD_WEIGHTS_MIN_SIZE weights keep int8 weights (INT8_HEAD_WEIGHTS): TFLite runs them
+# In the float head, the dense and convolution layers (the logits' too) and the matrix
+# products with constant weights (Keras einsums: MA-CNN's channel grouping and part
+# classifiers) with at least INT8_HEAD_WEIGHTS_MIN_SIZE weights keep int8 weights (INT8_HEAD_WEIGHTS): TFLite runs them
 # as hybrid kernels, which quantize their float input on the fly, as the "dynamic" file does.
 # A batch-1 dense layer reads each weight once per image, so its speed is its weights' bytes:
 # B-CNN's head reads 13 MB of float32 weights (its 65,536 x 50 classifier), and with int8
@@ -82,7 +90,7 @@ _STEM = "the stem: reads the image"
 _HEAD = "the head: after the backbone"
 _RANKED = "its int8 weights move the logits"
 # The float ops that TFLite runs as hybrid kernels when their weights are int8.
-_HYBRID_OPS = ("CONV_2D", "FULLY_CONNECTED")
+_HYBRID_OPS = ("CONV_2D", "FULLY_CONNECTED", "BATCH_MATMUL")
 DEBUG_IMAGES = 32
 # Bias correction for int8 weights (`_bias_corrections`) measures each layer's shift on
 # this many calibration images.
@@ -121,8 +129,8 @@ def export_tflite(
       heads' other math stays float32 (see `INT8_OPS` for why), and so do the layer that
       writes the logits, the stem (the first `int8_float_stem` layers), the head (every op
       after the backbone) and the `int8_float_layers` others whose int8 weights move the
-      logits most (`_float_layers`); the float head's dense and convolution layers keep
-      int8 weights (hybrid kernels, `int8_head_weights`);
+      logits most (`_float_layers`); the float head's dense and convolution layers and
+      constant matrix products keep int8 weights (hybrid kernels, `int8_head_weights`);
     - `"int16x8"`: int16 activations and int8 weights (TFLite's 16x8 mode), calibrated on
       `representative_images`; ops without a 16x8 kernel stay float32.
 
@@ -156,9 +164,9 @@ def export_tflite(
             head, which reads the feature maps; default `INT8_FLOAT_HEAD`. A model without
             a nested model has no head to keep.
         int8_head_weights: for `"int8"` with the head in float, give the head's dense and
-            convolution layers (the logits' too) int8 weights, which TFLite runs as hybrid
-            kernels (`_with_int8_weights`); default `INT8_HEAD_WEIGHTS`. The layers chosen
-            by `int8_float_layers` keep float weights.
+            convolution layers (the logits' too) and constant matrix products int8 weights,
+            which TFLite runs as hybrid kernels (`_with_int8_weights`); default
+            `INT8_HEAD_WEIGHTS`. The layers chosen by `int8_float_layers` keep float weights.
         bias_correction: for `"int8"` and `"int16x8"`, correct the biases for the int8
             weights (default). The model itself is left as it was.
         return_details: return a dict instead of the op names.
@@ -644,19 +652,23 @@ def _quantize_int8(converter, float_layers, head_after=None, head_weights=False,
 
 
 def _with_int8_weights(flatbuffer, tensors, min_size=0):
-    """`flatbuffer` with int8 weights in the float dense and convolution ops that write `tensors`
-    and have at least `min_size` weights.
+    """`flatbuffer` with int8 weights in the float dense, convolution and matrix-product ops
+    that write `tensors` and have at least `min_size` weights.
 
-    A FULLY_CONNECTED or CONV_2D op with float input and output and int8 weights is a
-    hybrid kernel in TFLite (dynamic range): it quantizes its input on the fly (per image;
-    asymmetrically for FULLY_CONNECTED), multiplies in integers and rescales to float,
+    A FULLY_CONNECTED, CONV_2D or BATCH_MATMUL op with float input and output and int8
+    weights is a hybrid kernel in TFLite (dynamic range): it quantizes its input on the fly
+    (per image; asymmetrically for FULLY_CONNECTED), multiplies in integers and rescales to
+    float,
 
         y = s_x · s_w[c] · Σ_i q_x,i · q_w[c, i] + b[c]       (q_x = round(x / s_x) − z_x)
 
-    The weights are rounded as `_int8_weights` rounds them, and as the converter rounds a
-    full-integer op's: per output channel (axis 0 of a TFLite kernel), symmetric, with
-    scale `max |w[c]| / 127`. So the bias correction measured for them on the Keras model
-    holds. A weight buffer that another tensor also reads is left as it is.
+    The weights of a dense or convolution op are rounded as `_int8_weights` rounds them,
+    and as the converter rounds a full-integer op's: per output channel (axis 0 of a TFLite
+    kernel), symmetric, with scale `max |w[c]| / 127`. So the bias correction measured for
+    them on the Keras model holds. A BATCH_MATMUL's constant right-hand side (MA-CNN's
+    channel grouping and part classifiers, einsums in Keras) has one scale for the whole
+    tensor, `max |w| / 127`: TFLite's hybrid matrix product reads no other. A weight buffer
+    that another tensor also reads is left as it is.
 
     Returns:
         `(flatbuffer, changed)`: the new model, and the output tensors of the ops changed.
@@ -670,7 +682,8 @@ def _with_int8_weights(flatbuffer, tensors, min_size=0):
     graph = model.subgraphs[0]
     for op in graph.operators:
         code = model.operatorCodes[op.opcodeIndex]
-        if _BUILTIN_NAMES[max(code.builtinCode, code.deprecatedBuiltinCode)] not in _HYBRID_OPS:
+        op_name = _BUILTIN_NAMES[max(code.builtinCode, code.deprecatedBuiltinCode)]
+        if op_name not in _HYBRID_OPS:
             continue
         output = graph.tensors[op.outputs[0]]
         weights = graph.tensors[op.inputs[1]]
@@ -685,9 +698,10 @@ def _with_int8_weights(flatbuffer, tensors, min_size=0):
         ):
             continue
         kernel = np.frombuffer(np.asarray(data, np.uint8).tobytes(), "<f4").reshape(weights.shape)
-        scale = np.max(np.abs(kernel.reshape(len(kernel), -1)), axis=1) / 127.0
+        channels = kernel.reshape(1 if op_name == "BATCH_MATMUL" else len(kernel), -1)
+        scale = np.max(np.abs(channels), axis=1) / 127.0
         scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-        rounded = np.round(kernel / scale.reshape((-1,) + (1,) * (kernel.ndim - 1)))
+        rounded = np.round(channels / scale[:, None]).reshape(kernel.shape)
         model.buffers[weights.buffer].data = (
             np.clip(rounded, -127, 127).astype(np.int8).view(np.uint8).ravel()
         )
