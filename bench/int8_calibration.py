@@ -6,7 +6,8 @@ CUB model (the same models, the head then every layer trained, from bench/cache/
 draws of the same size and checks each against Keras on all 1,449 test images, as
 `check_parity` does (and its top-1 accuracy on the labels against Keras's), so that the table
 can give the agreement as a mean over draws with its spread, not the figure of one lucky or
-unlucky draw. Figures of a model trained by another recipe are measured again.
+unlucky draw. Figures of a model trained by another recipe, or of an int8 file made with other
+defaults (`int8_defaults`), are measured again.
 
     python bench/int8_calibration.py                          # gap, bcnn, macnn; draws 0-3
     python bench/int8_calibration.py --families macnn --draws 0 1
@@ -39,11 +40,19 @@ def main():
     require_shared(CUB_ROOT, MOBILENET_WEIGHTS)
 
     from keras_fg.data import load_dataset
-    from keras_fg.export import export_tflite, run_tflite
+    from keras_fg.export import export_tflite, run_tflite, tflite
     from keras_fg.export.parity import model_outputs
     from keras_fg.export.preprocess import load_images
     from keras_fg.export.run_directory import stratified_indices
 
+    # A change of the default int8 file's choices makes another file: measure it again.
+    defaults = {
+        "int8_float_stem": tflite.INT8_FLOAT_STEM,
+        "int8_float_layers": tflite.INT8_FLOAT_LAYERS,
+        "int8_float_head": tflite.INT8_FLOAT_HEAD,
+        "int8_head_weights": tflite.INT8_HEAD_WEIGHTS,
+        "hybrid_ops": list(tflite._HYBRID_OPS),
+    }
     path = RESULTS / f"{NAME}.json"
     families = json.loads(path.read_text())["families"] if path.exists() else {}
     train = load_dataset("cub", CUB_ROOT, "train")
@@ -51,8 +60,9 @@ def main():
     images = None
     for family in args.families:
         entry = families.get(family)
-        if not entry or entry.get("training", {}).get("recipe") != RECIPE:  # Another model: redo.
-            entry = families[family] = {"draws": {}}
+        recipe = (entry or {}).get("training", {}).get("recipe")
+        if recipe != RECIPE or entry.get("int8_defaults") != defaults:  # Another file: redo.
+            entry = families[family] = {"draws": {}, "int8_defaults": defaults}
         todo = [draw for draw in args.draws if str(draw) not in entry["draws"]]
         if not todo:
             continue
