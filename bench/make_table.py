@@ -334,9 +334,9 @@ def export_section(result):
         "the Keras model on the CUB test images; int8 and 16x8 calibrated on 300 training "
         "images (6 per class), biases corrected for the int8 weights. int8 keeps in float the "
         "layer that writes the logits, the *stem* (the first layers, which read the image), "
-        "the *head* (every op after the backbone; its dense and convolution layers on int8 "
-        "weights where said: hybrid kernels) and/or the N *ranked layers* whose int8 "
-        "weights move the logits most.",
+        "the *head* (every op after the backbone; its dense and convolution layers and "
+        "constant matrix products on int8 weights where said: hybrid kernels) and/or the N "
+        "*ranked layers* whose int8 weights move the logits most.",
         "",
         "| model | runtime | latency | speed vs TFLite fp32 | latency, 1 thread | size "
         "| top-1 agreement with Keras |",
