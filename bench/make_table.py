@@ -428,6 +428,40 @@ def int8_calibration_section(result):
     return lines + [f"- `{c}` — {machine_line(result)}" for c in commands] + [""]
 
 
+def int8_stages_section(result):
+    """float32 against int8, stage by stage, on GAP's files (bench/int8_stages.py)."""
+    if not result:
+        return []
+    lines = [
+        "### float32 against int8, stage by stage (GAP, 224 px, CPU)",
+        "",
+        f"{result['settings']}.",
+        "",
+        "| stage | float32 | int8 | int8 speed-up |",
+        "| --- | --- | --- | --- |",
+    ]
+    for row in result["stages"]:
+        speedup = f"{row['int8_speedup']:.2f}x" if "int8_speedup" in row else ""
+        lines.append(
+            f"| {row['stage']} | {row['fp32_stage_ms']:.2f} ms | {row['int8_stage_ms']:.2f} ms "
+            f"| {speedup} |"
+        )
+    stems = result.get("float_stems", [])
+    if stems:
+        lines += [
+            "",
+            "| int8 file, float stem of | latency | speed vs float32 |",
+            "| --- | --- | --- |",
+        ]
+        for row in stems:
+            default = " (the default)" if row["default"] else ""
+            lines.append(
+                f"| {row['int8_float_stem']} layers{default} | {row['latency_ms']:.2f} ms "
+                f"| {row['speed_vs_fp32']:.2f}x |"
+            )
+    return lines + ["", f"- `{result['command'].strip()}` — {machine_line(result)}", ""]
+
+
 def main():
     accuracy = [
         load(p.stem)
@@ -448,6 +482,7 @@ def main():
     if export:
         lines += export_section(export)
     lines += int8_calibration_section(load("int8_calibration"))
+    lines += int8_stages_section(load("int8_stages"))
     lines += train_runs_section(load("reid") or load("reid_quick"))
     lines += attention_section(load("attention") or load("attention_quick"))
     table = "\n".join(lines).rstrip() + "\n"
