@@ -49,6 +49,8 @@ FULL = [
     ["train_runs.py"],
     ["attention.py"],
     ["export_latency.py"],
+    ["int8_calibration.py"],
+    ["int8_stages.py"],
 ]
 QUICK = [
     ["bilinear_pooling.py", "--quick", "--output", "results/bilinear_pooling_quick.json"],
