@@ -953,9 +953,10 @@ def test_int8_head_runs_its_constant_matrix_products_on_int8_weights(tmp_path, m
     float_weights = {t["name"]: t["index"] for t in plain.get_tensor_details()}
     interpreter = Interpreter(model_path=str(path))
     details = interpreter.get_tensor_details()
+    hybrid_outputs = set(head["int8_weights"])
     matrix_products = [
         op for op in interpreter._get_ops_details()
-        if op["op_name"] == "BATCH_MATMUL" and details[op["outputs"][0]]["name"] in head["int8_weights"]
+        if op["op_name"] == "BATCH_MATMUL" and details[op["outputs"][0]]["name"] in hybrid_outputs
     ]  # fmt: skip
     assert len(matrix_products) == 2, head["int8_weights"]
     for op in matrix_products:

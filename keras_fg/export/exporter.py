@@ -94,7 +94,8 @@ def export_model(
         int8_float_head: full-integer int8 keeps in float every op after the model's
             backbone (default: `tflite.INT8_FLOAT_HEAD`).
         int8_head_weights: full-integer int8 gives the float head's dense and convolution
-            layers and constant matrix products int8 weights, run as hybrid kernels (default: `tflite.INT8_HEAD_WEIGHTS`).
+            layers and constant matrix products int8 weights, run as hybrid kernels
+            (default: `tflite.INT8_HEAD_WEIGHTS`).
         run: what a train.py run directory gave (recorded in the report).
 
     Returns:

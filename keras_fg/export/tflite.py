@@ -55,10 +55,10 @@ INT8_OPS = frozenset(
 # MobileNetV2's first projection (32 to 16 channels at 112 x 112), ends the stem: the
 # QUANTIZE then converts 16 channels instead of 32, and XNNPACK's int8 kernels ran that
 # few-channel layer slower than float on x86. With a stem of 3 layers the int8 files of
-# GAP, B-CNN and MA-CNN ran 3-4 % faster than with 2 (GAP: 3.13-3.21 ms against
-# 3.26-3.37, three runs, files timed in turns), and as fast or faster than with 0, 6, 9 or
-# 12 (3.60, 3.35, 3.40, 3.47 ms): int8 gains little at 112 x 112, most at 14 x 14 and
-# 7 x 7, where float32 reads more weights than activations. It kept slightly fewer of the
+# GAP, B-CNN and MA-CNN ran 3-5 % faster than with 2, and faster than with 0, 6, 9 or 12
+# (GAP: 2.83 ms; 2.97, 3.21 and 3.00 with 2, 0 and 6 layers; `bench/int8_stages.py`,
+# files timed in turns): int8 gains little at 112 x 112, most at 14 x 14 and 7 x 7,
+# where float32 reads more weights than activations. It kept slightly fewer of the
 # Keras top-1 classes (GAP 99.0 % against 99.2 %, four calibration draws). The head
 # (INT8_FLOAT_HEAD: every op after the backbone) stays float too: in int8, its float-only
 # math (square roots, divisions, softmaxes) cuts it into islands, each behind its own
@@ -74,8 +74,9 @@ INT8_FLOAT_LAYERS = 0
 INT8_FLOAT_HEAD = True
 # In the float head, the dense and convolution layers (the logits' too) and the matrix
 # products with constant weights (Keras einsums: MA-CNN's channel grouping and part
-# classifiers) with at least INT8_HEAD_WEIGHTS_MIN_SIZE weights keep int8 weights (INT8_HEAD_WEIGHTS): TFLite runs them
-# as hybrid kernels, which quantize their float input on the fly, as the "dynamic" file does.
+# classifiers) with at least INT8_HEAD_WEIGHTS_MIN_SIZE weights keep int8 weights
+# (INT8_HEAD_WEIGHTS): TFLite runs them as hybrid kernels, which quantize their float
+# input on the fly, as the "dynamic" file does.
 # A batch-1 dense layer reads each weight once per image, so its speed is its weights' bytes:
 # B-CNN's head reads 13 MB of float32 weights (its 65,536 x 50 classifier), and with int8
 # weights its file ran 1.99x float32's speed against 1.73x, agreed with Keras on 98.3 % of
