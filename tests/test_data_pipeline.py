@@ -259,3 +259,59 @@ def test_pk_batches_of_real_reid_images(mars_dir):
         make_pipeline(train, (64, 32), 16, training=True, seed=0, sampler=again)
     )
     np.testing.assert_array_equal(labels, train.labels[again.epoch_batches(0)[0]])
+
+
+@pytest.mark.parametrize(
+    "augment", [None, "random_erasing", ["randaugment", "mixup"], ["cutmix", "random_erasing"]]
+)
+def test_epochs_depend_on_seed_and_epoch_alone(augment):
+    """A pipeline of epochs 1-2 holds exactly the batches that one of epochs 0-2 ends with:
+    the shuffling, every image's crop and flip, and every batch layer's draw."""
+    data = SyntheticFineGrained(num_classes=4, image_size=32, num_train=100, num_test=0, seed=1)
+
+    def batches(first, end):
+        dataset = make_pipeline(
+            (data.x_train, data.y_train),
+            32,
+            16,
+            training=True,
+            seed=3,
+            augment=augment,
+            epochs=(first, end),
+            steps_per_epoch=6,
+        )
+        assert dataset.cardinality() == 6 * (end - first)
+        return [(x.numpy(), y.numpy()) for x, y in dataset]
+
+    whole, tail = batches(0, 3), batches(1, 3)
+    assert len(whole) == 18 and len(tail) == 12
+    for (x, y), (x_again, y_again) in zip(whole[6:], tail, strict=True):
+        np.testing.assert_array_equal(x, x_again)
+        np.testing.assert_array_equal(y, y_again)
+    assert not np.array_equal(whole[0][0], whole[6][0])  # Each epoch is a new draw.
+
+
+def test_sampler_epochs_follow_the_sampler_draw_of_each_epoch(mars_dir):
+    train = load_dataset("market1501", mars_dir, "train")
+    sampler = PKSampler(train.labels, num_identities=4, num_instances=4, seed=0)
+    dataset = make_pipeline(
+        train, (64, 32), 16, training=True, seed=0, sampler=sampler, epochs=(2, 4),
+        steps_per_epoch=3,
+    )  # fmt: skip
+    labels = [y.numpy() for _, y in dataset]
+    assert len(labels) == 6
+    for epoch, first in ((2, 0), (3, 3)):
+        expected = train.labels[sampler.epoch_batches(epoch)[:3]]
+        np.testing.assert_array_equal(np.stack(labels[first : first + 3]), expected)
+    assert sampler.epoch == 0  # Explicit epochs leave the sampler's own counter alone.
+
+
+def test_epochs_argument_errors():
+    data = SyntheticFineGrained(num_classes=2, image_size=32, num_train=16, num_test=0)
+    arrays = (data.x_train, data.y_train)
+    with pytest.raises(ValueError, match="applies to training pipelines only"):
+        make_pipeline(arrays, 32, 4, training=False, epochs=(0, 1))
+    with pytest.raises(ValueError, match=r"Received: epochs=\(2, 2\)"):
+        make_pipeline(arrays, 32, 4, training=True, epochs=(2, 2))
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        make_pipeline(arrays, 32, 4, training=True, steps_per_epoch=3)

@@ -67,12 +67,13 @@ def make_pipeline(
     resize_mode="resize",
     strict=False,
     drop_remainder=None,
-    shuffle_buffer=None,
     skip_counter=None,
     num_parallel_calls=tf.data.AUTOTUNE,
     sampler=None,
     crop_fraction=0.875,
     num_classes=None,
+    epochs=None,
+    steps_per_epoch=None,
 ):
     """A tf.data.Dataset of `(images, labels)` batches for `model.fit` / `evaluate` / `predict`.
 
@@ -94,16 +95,22 @@ def make_pipeline(
     Per batch, when training: RandAugment (`keras.layers.RandAugment`, one op choice per batch),
     then MixUp or CutMix (`keras.layers.MixUp` / `CutMix`).
 
-    Randomness is stateless and seeded per element (a `Dataset.random(seed)` stream zipped with the
-    shuffled indices) and the batch layers run in order, so the same `seed` gives the same batches,
-    shuffling and augmentation included, whatever `num_parallel_calls` is.
+    **Epochs.** A training pipeline is a sequence of epochs, each a function of `(seed, epoch)`
+    alone: its shuffling (a stateless permutation, or the `sampler`'s draw for that epoch), each
+    image's crop, flip and erasing, and each batch's RandAugment and mixing. With
+    `epochs=(first, end)` the dataset holds epochs `first .. end - 1` one after another, each
+    exactly `steps_per_epoch` batches long, so that one `fit(..., initial_epoch=first,
+    epochs=end, steps_per_epoch=...)` reads it end to end and a resumed run sees the batches an
+    uninterrupted one saw. Without `epochs`, every pass over the dataset (every Keras epoch) is
+    a new epoch, drawn from `seed`. Everything runs in tf.data: no Python step per batch.
 
     Unreadable files (missing, truncated, not an image) never end an epoch with an opaque error:
     each image is decoded in its own one-element dataset with `ignore_errors()`, falling back to a
     marked placeholder. The placeholder is dropped and its path recorded in `skip_counter` (also
     attached to the returned dataset as `.skip_counter`), or, with `strict=True`, the pipeline stops
-    at once with an InvalidArgumentError whose message names the file. With a `sampler`, a skipped
-    image shifts the P×K structure of the batches that follow it.
+    at once with an InvalidArgumentError whose message names the file. An epoch shortened by
+    skipped images repeats its own first batches up to `steps_per_epoch`; with a `sampler`, a
+    skipped image shifts the P×K structure of the batches that follow it.
 
     Args:
         records_or_arrays: an `ImageRecords`, or a tuple `(images, labels)` of a uint8 array
@@ -117,14 +124,15 @@ def make_pipeline(
         resize_mode: "resize" or "center_crop" (see above).
         strict: stop at the first unreadable file instead of skipping it.
         drop_remainder: drop the last incomplete batch (default: when training).
-        shuffle_buffer: shuffle buffer size (default: the whole dataset; only indices are
-            shuffled, so this costs 8 bytes per image).
         skip_counter: a `SkipCounter` to record skipped files (default: a new one).
         num_parallel_calls: parallelism of decoding (`tf.data.AUTOTUNE`, an int, or None).
         sampler: a `PKSampler` that orders the images (then no shuffling here).
         crop_fraction: fraction of the resized image the crop keeps, in (0, 1].
         num_classes: number of classes for one-hot labels (default: from the records, or the
             largest label + 1 for arrays).
+        epochs: training only: `(first, end)`, the epochs the dataset holds (see above).
+        steps_per_epoch: with `epochs`, the batches of each epoch (default: one pass over the
+            images, or the sampler's batches of the epoch).
 
     Returns:
         A `tf.data.Dataset`, prefetched.
@@ -136,6 +144,8 @@ def make_pipeline(
     >>> images, labels = next(iter(dataset))
     >>> images.shape, labels.dtype
     (TensorShape([32, 64, 64, 3]), tf.int32)
+    >>> resumable = make_pipeline((data.x_train, data.y_train), 64, 32, training=True, seed=0,
+    ...                           epochs=(3, 10), steps_per_epoch=2)   # epochs 4 to 10
     """
     height, width = _pair(image_size)
     augments = _parse_augment(augment)
@@ -156,6 +166,18 @@ def make_pipeline(
         raise ValueError(
             f"`batch_size` must equal the sampler's P*K = {sampler.batch_size}. "
             f"Received: batch_size={batch_size}"
+        )
+    if epochs is not None:
+        if not training:
+            raise ValueError("`epochs` applies to training pipelines only (training=True).")
+        if len(epochs) != 2 or not 0 <= epochs[0] < epochs[1]:
+            raise ValueError(
+                f"`epochs` must be (first, end) with 0 <= first < end. Received: epochs={epochs}"
+            )
+    if steps_per_epoch is not None and (epochs is None or steps_per_epoch < 1):
+        raise ValueError(
+            "`steps_per_epoch` must be >= 1 and comes with `epochs`. "
+            f"Received: steps_per_epoch={steps_per_epoch}, epochs={epochs}"
         )
 
     if isinstance(records_or_arrays, ImageRecords):
@@ -194,85 +216,187 @@ def make_pipeline(
     transform = _make_transform(
         height, width, training, resize_mode, crop_fraction, "random_erasing" in augments
     )
-
-    if sampler is not None:
-        indices = sampler.as_dataset()
-        drop_remainder = True
-    else:
-        indices = tf.data.Dataset.range(len(labels))
-        if training:
-            indices = indices.shuffle(
-                shuffle_buffer or len(labels), seed=shuffle_seed, reshuffle_each_iteration=True
-            )
-    randoms = tf.data.Dataset.random(seed=element_seed, rerandomize_each_iteration=True)
-    dataset = tf.data.Dataset.zip((indices, randoms))
     labels_table = tf.constant(labels, dtype=tf.int32)
-
     if records is None:
         images_table = tf.constant(images.astype(np.uint8))
 
-        def from_array(index, random):
-            return transform(tf.gather(images_table, index), random), tf.gather(labels_table, index)
+        def read(elements, parallel):
+            return elements.map(
+                lambda index, random: (
+                    transform(tf.gather(images_table, index), random),
+                    tf.gather(labels_table, index),
+                ),
+                **parallel,
+            )
 
-        dataset = dataset.map(from_array, num_parallel_calls=num_parallel_calls)
     else:
-        paths_table = tf.constant(records.paths)
-        placeholder = tf.zeros([height, width, 3], tf.float32)
-
-        def load(index, random):
-            path = tf.gather(paths_table, index)
-            decoded = (
-                tf.data.Dataset.from_tensors(path)
-                .map(lambda p: (transform(_decode(p), random), True))
-                .ignore_errors()
-            )
-            fallback = tf.data.Dataset.from_tensors((placeholder, False))
-            return (
-                decoded.concatenate(fallback)
-                .take(1)
-                .map(
-                    lambda image, readable: (image, tf.gather(labels_table, index), path, readable)
-                )
-            )
-
-        def keep(image, label, path, readable):
-            if strict:
-                message = tf.strings.join(["Unreadable image file (strict=True): ", path])
-                with tf.control_dependencies([tf.debugging.Assert(readable, [message])]):
-                    return tf.identity(readable)
-            return tf.cond(
+        load, keep = _file_loader(records.paths, labels_table, transform, height, width, strict)
+        keep = keep or (
+            lambda image, label, path, readable: tf.cond(
                 readable,
                 lambda: tf.constant(True),
                 lambda: tf.py_function(lambda p: skip_counter.record(p) or False, [path], tf.bool),
             )
+        )
 
+        def read(elements, parallel):
+            return (
+                elements.interleave(load, **parallel)
+                .filter(keep)
+                .map(lambda image, label, path, readable: (image, label))
+            )
+
+    def epoch_order(key):
+        """The image indices of the epoch `key`, in the order they are read."""
+        if not training:
+            return tf.range(len(labels), dtype=tf.int64)
+        if sampler is not None:
+            draw = sampler.epoch_batches if epochs is not None else _next_epoch(sampler)
+            order = tf.numpy_function(
+                lambda k: draw(int(k)).reshape(-1).astype(np.int64), [key], tf.int64
+            )
+            return tf.ensure_shape(order, [None])
+        return epoch_permutation(len(labels), shuffle_seed, key)
+
+    def one_epoch(key):
+        order = epoch_order(key)
+        randoms = tf.random.stateless_uniform(
+            tf.shape(order), _seed_pair(element_seed, key), minval=None, maxval=None, dtype=tf.int64
+        )
+        elements = tf.data.Dataset.from_tensor_slices((order, randoms))
         parallel = (
             {}
             if num_parallel_calls is None
             else {"num_parallel_calls": num_parallel_calls, "deterministic": True}
         )
-        dataset = dataset.interleave(load, **parallel)
-        dataset = dataset.filter(keep).map(lambda image, label, path, readable: (image, label))
+        batches = read(elements, parallel).batch(batch_size, drop_remainder=drop_remainder)
+        if steps_per_epoch is not None:
+            batches = batches.repeat().take(steps_per_epoch)
+        # Each batch's key for the batch layers: (epoch, position in the epoch).
+        positions = tf.data.Dataset.range(np.iinfo(np.int64).max)
+        return tf.data.Dataset.zip((batches, positions)).map(
+            lambda batch, position: (*batch, key, position)
+        )
 
-    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+    if not training:
+        keys = tf.data.Dataset.range(1)
+    elif epochs is not None:
+        keys = tf.data.Dataset.range(*epochs)
+    else:  # A new key each time the dataset is iterated: every Keras epoch differs.
+        keys = tf.data.Dataset.random(seed=shuffle_seed, rerandomize_each_iteration=True).take(1)
+    dataset = keys.flat_map(one_epoch)
     if one_hot:
-        dataset = dataset.map(lambda x, y: (x, tf.one_hot(y, num_classes, dtype=tf.float32)))
+        dataset = dataset.map(
+            lambda x, y, key, position: (
+                x,
+                tf.one_hot(y, num_classes, dtype=tf.float32),
+                key,
+                position,
+            )
+        )
     batch_layers = []
     if training and "randaugment" in augments:
         randaugment = keras.layers.RandAugment(value_range=(0, 255), seed=layer_seeds[0])
         batch_layers.append(
-            lambda x, y: (tf.clip_by_value(randaugment(x, training=True), 0.0, 255.0), y)
+            (
+                randaugment,
+                lambda x, y: (tf.clip_by_value(randaugment(x, training=True), 0.0, 255.0), y),
+            )
         )
     mixers = (("mixup", keras.layers.MixUp), ("cutmix", keras.layers.CutMix))
     for (name, layer_class), layer_seed in zip(mixers, layer_seeds[1:]):
         if training and name in augments:
             layer = layer_class(seed=layer_seed)
-            batch_layers.append(lambda x, y, layer=layer: _mix(layer, x, y))
-    for apply in batch_layers:
-        dataset = dataset.map(apply)  # sequential: the layers' seed generators advance in order
+            batch_layers.append((layer, lambda x, y, layer=layer: _mix(layer, x, y)))
+    for (layer, apply), layer_seed in zip(batch_layers, layer_seeds):
+        dataset = dataset.map(
+            lambda x, y, key, position, layer=layer, apply=apply, layer_seed=layer_seed: (
+                *_seeded(layer, layer_seed, key, position, apply, x, y),
+                key,
+                position,
+            )
+        )  # Sequential, as the layers' own random state requires.
+    dataset = dataset.map(lambda x, y, key, position: (x, y))
+    if epochs is not None:
+        steps = steps_per_epoch or _epoch_length(len(labels), batch_size, drop_remainder, sampler)
+        if steps is not None:  # Lets fit and its progress bar know the length.
+            dataset = dataset.apply(
+                tf.data.experimental.assert_cardinality(steps * (epochs[1] - epochs[0]))
+            )
     dataset = dataset.prefetch(tf.data.AUTOTUNE)
     dataset.skip_counter = skip_counter
     return dataset
+
+
+def epoch_permutation(size, seed, epoch):
+    """The order of `size` items in epoch `epoch`: a stateless random permutation.
+
+    A function of `(seed, epoch)` alone, so any epoch can be drawn again without the ones before.
+    """
+    keys = tf.random.stateless_uniform([size], _seed_pair(seed, epoch))
+    return tf.cast(tf.argsort(keys, stable=True), tf.int64)
+
+
+def _seed_pair(seed, key):
+    return tf.stack([tf.constant(seed, tf.int64), tf.cast(key, tf.int64)])
+
+
+def _seeded(layer, seed, key, position, apply, images, labels):
+    """Applies a Keras augmentation layer with its random state set from (seed, key, position).
+
+    The layer draws from its own `SeedGenerator`, whose state would otherwise run on from batch
+    to batch across epochs: set per batch, the draw depends on the batch alone.
+    """
+    state = tf.random.experimental.stateless_fold_in(_seed_pair(seed, key), position)
+    generator = layer.generator
+    generator.state.assign(tf.cast(state, generator.state.dtype))
+    return apply(images, labels)
+
+
+def _next_epoch(sampler):
+    """`key -> index batches` of the sampler's next epoch (each pass over a dataset without
+    explicit epochs takes the next one, as `PKSampler.__iter__` does)."""
+
+    def draw(key):
+        batches = sampler.epoch_batches(sampler.epoch)
+        sampler.epoch += 1
+        return batches
+
+    return draw
+
+
+def _epoch_length(size, batch_size, drop_remainder, sampler):
+    if sampler is not None:
+        return None  # The sampler's epochs differ in length.
+    return size // batch_size if drop_remainder else -(-size // batch_size)
+
+
+def _file_loader(paths, labels_table, transform, height, width, strict):
+    """(index, random) -> a one-element dataset of (image, label, path, readable), and the
+    strict filter (None when unreadable files are skipped)."""
+    paths_table = tf.constant(paths)
+    placeholder = tf.zeros([height, width, 3], tf.float32)
+
+    def load(index, random):
+        path = tf.gather(paths_table, index)
+        decoded = (
+            tf.data.Dataset.from_tensors(path)
+            .map(lambda p: (transform(_decode(p), random), True))
+            .ignore_errors()
+        )
+        fallback = tf.data.Dataset.from_tensors((placeholder, False))
+        return (
+            decoded.concatenate(fallback)
+            .take(1)
+            .map(lambda image, readable: (image, tf.gather(labels_table, index), path, readable))
+        )
+
+    def keep_strict(image, label, path, readable):
+        message = tf.strings.join(["Unreadable image file (strict=True): ", path])
+        with tf.control_dependencies([tf.debugging.Assert(readable, [message])]):
+            return tf.identity(readable)
+
+    return load, keep_strict if strict else None
 
 
 def _pair(image_size):
