@@ -253,6 +253,11 @@ class FineGrainedModel(keras.Model):
             )
         return super().compute_metrics(x, y, y_pred, sample_weight)
 
+    def predict_on_batch(self, x):
+        """`keras.Model.predict_on_batch`, one row per image under a distribution strategy too
+        (see `predict_batch`)."""
+        return predict_batch(super(), x)
+
     # ----------------------------------------------------------------------------------------
     # Training phases (MA-CNN's alternating optimisation).
 
@@ -376,6 +381,31 @@ class FineGrainedModel(keras.Model):
             if isinstance(config.get(key), dict):
                 config[key] = keras.saving.deserialize_keras_object(config[key])
         return cls(**config)
+
+
+def predict_batch(model, x):
+    """`model`'s outputs for one batch `x`, exactly one row per image on any strategy.
+
+    Keras 3.15's `predict_on_batch` hands the whole batch to every replica of a
+    `MirroredStrategy` and concatenates their outputs: R rows per image on R replicas. `predict`
+    splits its batches across the replicas, so it serves a model built under such a strategy.
+
+    Args:
+        model: a Keras model (or `super()` inside one, to reach Keras' own method).
+        x: one batch of inputs.
+    """
+    owner = getattr(model, "__self__", model)  # `super()` proxies its instance.
+    if _strategy_replicas(owner) > 1:
+        size = int(keras.tree.flatten(x)[0].shape[0])
+        return owner.predict(x, batch_size=max(size, 1), verbose=0)
+    return model.predict_on_batch(x)
+
+
+def _strategy_replicas(model):
+    if keras.backend.backend() != "tensorflow":
+        return 1
+    strategy = getattr(model, "distribute_strategy", None)
+    return getattr(strategy, "num_replicas_in_sync", 1)
 
 
 def sample_ones(labels):
