@@ -203,3 +203,126 @@ def test_transfer_weights_rejects_a_missing_layer_or_a_shrinking_weight():
     other = create_model("bcnn", 5, backbone="tiny", image_size=32, reduction_dim=8)
     with pytest.raises(ValueError, match="has no layer"):
         transfer_weights(other, small)
+
+
+# --------------------------------------------------------------------------- FeatureCache
+
+
+def labelled_batches(x, labels, batch_size=3):
+    import tensorflow as tf
+
+    return tf.data.Dataset.from_tensor_slices((x, labels)).batch(batch_size)
+
+
+def test_feature_cache_holds_the_features_then_their_flips_in_memory_or_on_disk(tmp_path):
+    from keras_fg.models import FeatureCache, feature_fingerprint
+
+    model = create_model("gap", 3, backbone="tiny", image_size=32)
+    x, y = images(7), np.arange(7) % 3
+    expected = np.concatenate(
+        [model.backbone.predict(x, verbose=0), model.backbone.predict(x[:, :, ::-1], verbose=0)]
+    )
+    memory = FeatureCache.build(model, labelled_batches(x, y), count=7, verbose=0)
+    assert memory.in_memory and memory.labels.tolist() == [*y, *y]
+    np.testing.assert_allclose(memory.features, expected, rtol=1e-5, atol=1e-5)
+    fingerprint = feature_fingerprint(model.backbone, (x, y), 32, True)
+    disk = FeatureCache.build(
+        model,
+        labelled_batches(x, y),
+        count=7,
+        directory=tmp_path,
+        memory_budget=1000,  # Bytes: far below 14 maps of 4x4x128 float32.
+        fingerprint=fingerprint,
+        verbose=0,
+    )
+    assert not disk.in_memory and disk.path == tmp_path / f"features-{fingerprint}.npy"
+    np.testing.assert_array_equal(np.asarray(disk.features), memory.features)
+    # A complete file of the same fingerprint is read back, not computed again: the data
+    # handed over this time has no batches at all.
+    again = FeatureCache.build(
+        model, [], count=7, directory=tmp_path, memory_budget=1000, fingerprint=fingerprint
+    )
+    np.testing.assert_array_equal(np.asarray(again.features), memory.features)
+    # Other images, labels or backbone weights make another fingerprint.
+    assert feature_fingerprint(model.backbone, (x, y + 1), 32, True) != fingerprint
+    other = create_model("gap", 3, backbone="tiny", image_size=32)
+    assert feature_fingerprint(other.backbone, (x, y), 32, True) != fingerprint
+    with pytest.raises(ValueError, match="over the memory budget"):
+        FeatureCache.build(model, labelled_batches(x, y), count=7, memory_budget=1000)
+
+
+def test_feature_cache_dataset_epochs_depend_on_seed_and_epoch_alone():
+    from keras_fg.models import FeatureCache
+
+    features = np.arange(10, dtype="float32").reshape(10, 1, 1, 1)
+    cache = FeatureCache(features, np.arange(10) % 2)
+
+    def epochs(first, end):
+        batches = cache.dataset(4, seed=3, epochs=(first, end))
+        return [(f.numpy().ravel().tolist(), y.numpy().tolist()) for f, y in batches]
+
+    whole, tail = epochs(0, 3), epochs(1, 3)
+    assert len(whole) == 9 and whole[3:] == tail  # 3 batches an epoch, the last of 2.
+    first_epoch = sorted(v for f, _ in whole[:3] for v in f)
+    assert first_epoch == list(range(10))  # Each feature once per epoch...
+    assert whole[:3] != whole[3:6]  # ...in a new order each epoch.
+    for values, labels in whole:
+        assert [int(v) % 2 for v in values] == labels
+    in_order = [f.numpy().ravel().tolist() for f, _ in cache.dataset(4, shuffle=False)]
+    assert in_order == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    with pytest.raises(ValueError, match="non-empty and of one length"):
+        FeatureCache(features, np.arange(9))
+
+
+PREDICT_UNDER_STRATEGY_SCRIPT = """
+import json
+import numpy as np
+import tensorflow as tf
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+from keras_fg.models import create_model, extract_features
+
+x = np.random.default_rng(0).uniform(0, 255, (7, 32, 32, 3)).astype("float32")
+single = create_model("macnn", 4, backbone="tiny", image_size=32, num_parts=2)
+with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
+    mirrored = create_model("macnn", 4, backbone="tiny", image_size=32, num_parts=2)
+mirrored.set_weights(single.get_weights())
+expected = single.predict_on_batch(x)
+figures = {}
+for name, outputs in (
+    ("predict_on_batch", mirrored.predict_on_batch(x)),
+    ("predict", mirrored.predict(x, batch_size=4, verbose=0)),
+):
+    figures[name] = {
+        "rows": int(outputs["logits"].shape[0]),
+        "error": max(float(np.abs(outputs[k] - expected[k]).max()) for k in expected),
+    }
+features = extract_features(mirrored, x, batch_size=5)
+figures["extract_features"] = {
+    "rows": int(features.shape[0]),
+    "error": float(np.abs(features - single.backbone.predict(x, verbose=0)).max()),
+}
+print(json.dumps(figures))
+"""
+
+
+def test_a_model_built_under_a_mirrored_strategy_predicts_one_row_per_image():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", PREDICT_UNDER_STRATEGY_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    for name, figure in figures.items():
+        assert figure["rows"] == 7, name
+        assert figure["error"] < 1e-5, name
