@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from keras_fg.cli.train import family_options, make_optimizer
+from keras_fg.cli.optimizers import make_optimizer
+from keras_fg.cli.train import family_options
 from keras_fg.cli.train_config import parse_args
 from keras_fg.data.pipeline import ERASE_FILL
 from keras_fg.models import create_backbone, create_model

@@ -14,6 +14,10 @@ class RunCheckpoint(keras.callbacks.Callback):
     replaced atomically once that file is complete, so a kill at any moment leaves either the
     previous epoch's checkpoint or the new one, never a mixture.
 
+    The record also names the training phase the epoch belonged to (`phase`, set before each
+    phase's `fit`): the weights of a head-phase epoch are its trainer's (the head and the head
+    optimizer), and load back into that phase's trainer.
+
     Args:
         folder: the checkpoint folder (created when the first epoch ends).
     """
@@ -21,6 +25,7 @@ class RunCheckpoint(keras.callbacks.Callback):
     def __init__(self, folder):
         super().__init__()
         self.folder = Path(folder)
+        self.phase = "image"
 
     def on_epoch_end(self, epoch, logs=None):
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -28,17 +33,24 @@ class RunCheckpoint(keras.callbacks.Callback):
         temporary = self.folder / f"{name[: -len('.weights.h5')]}.tmp.weights.h5"
         self.model.save_weights(temporary)  # The optimizer's state too.
         os.replace(temporary, self.folder / name)
-        _write_json(self.folder / "state.json", {"epoch": epoch + 1, "weights": name})
+        _write_json(
+            self.folder / "state.json", {"epoch": epoch + 1, "weights": name, "phase": self.phase}
+        )
         for old in self.folder.glob("epoch-*.weights.h5"):
             if old.name != name:
                 old.unlink(missing_ok=True)
 
-    def restore(self, model):
-        """Loads the last completed epoch into `model`; returns its number (0: none)."""
+    def state(self):
+        """The record of the last completed epoch, `{"epoch", "weights", "phase"}`, or None."""
         state = self.folder / "state.json"
-        if not state.exists():
+        return json.loads(state.read_text()) if state.exists() else None
+
+    def restore(self, model):
+        """Loads the last completed epoch into `model` (its phase's trainer); returns its
+        number (0: none)."""
+        state = self.state()
+        if state is None:
             return 0
-        state = json.loads(state.read_text())
         model.load_weights(self.folder / state["weights"])
         return state["epoch"]
 

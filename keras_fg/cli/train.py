@@ -4,31 +4,43 @@ Every run gets its own directory, `runs/<model>-<data>-<time>` unless `--output`
 `runs/latest` links to the newest. `--resume DIR` (or `--resume latest`) continues an
 interrupted run from its last completed epoch, to the same weights as an uninterrupted run.
 
+Training has up to two phases (docs/design.md, "The training recipe"):
+
+1. `--head-epochs N`: the head alone, the backbone frozen. By default (`--cache-features`)
+   the backbone's features of the training images and of their flips are computed once and
+   the head trains on them, with the family's own joint loss and its own optimizer
+   (`--head-learning-rate`, `--head-batch-size`); otherwise every epoch reads the images.
+2. The remaining epochs: every layer, on augmented images, at `--learning-rate`.
+
 The run directory holds:
     config.json          the resolved configuration (every flag, after the config file)
     model.keras          the trained model
-    history.csv          per-epoch metrics (training and validation)
+    history.csv          per-epoch metrics (training and validation) of both phases
     tensorboard/         TensorBoard logs, with the attention overlays as images
     evaluation.json      the final evaluation (top1, top5, mean_per_class_accuracy, ...;
-                         rank1, mAP, ... for re-identification)
+                         rank1, mAP, ... for re-identification) and the training times
     attention.png        attention overlays of a few test images (attention families)
     checkpoint/          the last completed epoch (weights, optimizer state), for resuming
+    feature_cache/       the head phase's features, when they exceed the memory budget
 """
 
-import json
 import os
 import shutil
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-from keras_fg.cli.train_config import RUNS, comparable, parse_args
-
-
-class RunError(Exception):
-    """A problem with the user's input, reported as one line."""
+from keras_fg.cli.run_directory import (
+    RunError,
+    atomic_save,
+    check_run_directory,
+    new_run_directory,
+    run_directory,
+    write_json,
+)
+from keras_fg.cli.strategies import fit_multi_worker, make_strategy, set_mixed_precision
+from keras_fg.cli.train_config import parse_args
 
 
 def main(argv=None):
@@ -81,105 +93,46 @@ def run(args):
         tf.config.experimental.enable_op_determinism()
     set_mixed_precision(args.mixed_precision)
     replicas = strategy.num_replicas_in_sync
-    if args.batch_size % replicas:
-        raise RunError(
-            f"--batch-size {args.batch_size} does not divide across {replicas} replicas; "
-            f"use a multiple of {replicas}"
-        )
+    for flag, size in (
+        ("--batch-size", args.batch_size),
+        ("--head-batch-size", args.head_batch_size),
+    ):
+        if size % replicas:
+            raise RunError(
+                f"{flag} {size} does not divide across {replicas} replicas; "
+                f"use a multiple of {replicas}"
+            )
 
     data = load_data(args)
     print(
         f"Data: {args.format}, {len(data.train_labels)} training images, "
         f"{data.num_classes} classes; {data.evaluation_size} evaluation images"
     )
-
-    from keras_fg.cli.run_checkpoint import RunCheckpoint
-    from keras_fg.models import PhaseSchedule, create_model
-    from keras_fg.models.keras_internals import detach_from_distribution_strategy
-    from keras_fg.models.phase_schedule import BackboneSchedule
-
     with strategy.scope():
-        model = create_model(
-            args.model,
-            data.num_classes,
-            backbone=args.backbone,
-            weights=args.weights,
-            image_size=tuple(args.image_size) if len(args.image_size) == 2 else args.image_size[0],
-            class_names=data.class_names,
-            label_smoothing=args.label_smoothing,
-            **family_options(args),
-        )
-        steps_per_epoch = data.steps_per_epoch(args.batch_size)
-        model.compile(optimizer=make_optimizer(args, model, steps_per_epoch))
-        # Every variable gets its optimizer slots now, before any phase or freeze hides some.
-        model.optimizer.build(model.trainable_variables)
-    multi_worker = args.strategy == "multi_worker"
-    if multi_worker:
-        # Keras 3.15's fit() fails under MultiWorkerMirroredStrategy (keras-team/keras#20585):
-        # the epochs run in `fit_multi_worker`, and the model itself is left without a
-        # strategy so that predict/evaluate stay local (every worker holds the same weights).
+        model = build_model(args, data)
+    if args.strategy == "multi_worker":
+        from keras_fg.models.keras_internals import detach_from_distribution_strategy
+
+        # The epochs run in `fit_multi_worker`; the model itself is left without a strategy
+        # so that predict/evaluate stay local (every worker holds the same weights).
         detach_from_distribution_strategy(model)
 
-    checkpoint = RunCheckpoint(output / "checkpoint")
-    start_epoch = checkpoint.restore(model)
-    if start_epoch:
-        print(f"Resuming {output} after epoch {start_epoch}")
-
-    # Phase switches and the backbone's unfreezing first: they set what the epoch trains.
-    callbacks = []
-    if args.model == "macnn":
-        callbacks.append(
-            PhaseSchedule([p.strip() for p in args.macnn_phases.split(",") if p.strip()])
-        )
-    if args.head_epochs:
-        callbacks.append(BackboneSchedule(args.head_epochs))
-    callbacks += [
-        keras.callbacks.CSVLogger(str(output / "history.csv"), append=True),
-        keras.callbacks.TensorBoard(str(output / "tensorboard"), write_graph=False),
-        checkpoint,
-    ]
-    if args.model == "macnn" and args.macnn_init == "clustering":
-        from keras_fg.models import ChannelGroupingInitializer
-
-        # First: the clustering sets the grouping weights that the epoch then trains.
-        callbacks.insert(
-            0,
-            ChannelGroupingInitializer(
-                data.pipeline(args, training=False, limit=256),
-                at_epoch=args.macnn_init_epoch,
-                seed=args.seed,
-            ),
-        )
-    class_weights = balanced_class_weights(data.train_labels, data.num_classes, args.class_weight)
-    started = time.time()
     try:
-        if multi_worker:
-            fit_multi_worker(model, strategy, data, args, class_weights, start_epoch, callbacks)
-        else:
-            model.fit(
-                training_batches(data, args, class_weights, start_epoch, steps_per_epoch),
-                steps_per_epoch=steps_per_epoch,
-                initial_epoch=start_epoch,
-                epochs=args.epochs,
-                validation_data=data.validation_pipeline(args),
-                callbacks=callbacks,
-                shuffle=False,  # Each epoch's pipeline shuffles, seeded by (seed, epoch).
-                verbose=args.verbose,
-            )
+        timings = Training(args, model, data, strategy, output).run()
     except (ValueError, FileNotFoundError) as error:
         error._during_training = True
         raise
-    training_seconds = time.time() - started
 
     part_weights = data.fit_part_weights(model, args) if args.task == "reid" else None
     atomic_save(model, output / "model.keras")
     evaluation = data.evaluate(model, args)
     if part_weights:
         evaluation["part_weights"] = part_weights
-    evaluation["training_seconds"] = round(training_seconds, 1)
+    evaluation.update(timings)
     evaluation["skipped_images"] = data.skipped_images()
     write_json(output / "evaluation.json", evaluation)
-    shutil.rmtree(checkpoint.folder, ignore_errors=True)
+    shutil.rmtree(output / "checkpoint", ignore_errors=True)
+    shutil.rmtree(output / "feature_cache", ignore_errors=True)
     write_attention_overlays(model, data, args, output)
     summary = ", ".join(
         f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
@@ -192,75 +145,333 @@ def run(args):
     return evaluation
 
 
-# --------------------------------------------------------------------------------------------
-# Pieces of the run.
+def build_model(args, data, **overrides):
+    from keras_fg.models import create_model
+
+    options = {**family_options(args), **overrides}
+    return create_model(
+        args.model,
+        data.num_classes,
+        backbone=args.backbone,
+        weights=args.weights,
+        image_size=tuple(args.image_size) if len(args.image_size) == 2 else args.image_size[0],
+        class_names=data.class_names,
+        label_smoothing=args.label_smoothing,
+        **options,
+    )
 
 
-def make_strategy(name):
-    import tensorflow as tf
+class Training:
+    """The two phases of a run (see the module docstring), resumable after any epoch.
 
-    gpus = tf.config.list_physical_devices("GPU")
-    if name == "auto":
-        return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
-    if name == "one_device":
-        return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
-    if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
-    if name == "multi_worker":
-        if "TF_CONFIG" not in os.environ:
-            raise RunError("--strategy multi_worker needs the TF_CONFIG environment variable")
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    if name == "tpu":
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
-        tf.config.experimental_connect_to_cluster(resolver)
-        tf.tpu.experimental.initialize_tpu_system(resolver)
-        return tf.distribute.TPUStrategy(resolver)
-    raise RunError(f"unknown strategy {name!r}")
-
-
-def fit_multi_worker(model, strategy, data, args, class_weights, start_epoch, callbacks):
-    """`fit`'s epochs of `model.train_step` on every replica of a multi-worker strategy.
-
-    The same step `fit` runs, without the result reduction that fails in Keras 3.15; the
-    metrics are read once at the end of each epoch, aggregated over all workers. One step
-    function is traced per training state (phase, backbone frozen or not), as `fit` does.
+    The checkpoint of an epoch records its phase: a head-phase checkpoint holds the head's
+    weights and the head optimizer's state, an image-phase one the whole model's and its
+    optimizer's. Resuming restores it into the same phase's trainer and carries on.
     """
-    import keras
-    import tensorflow as tf
 
-    callback_list = keras.callbacks.CallbackList(callbacks, model=model)
-    steps = {}
-    logs = {}
-    callback_list.on_train_begin()
-    for epoch in range(start_epoch, args.epochs):
-        model.reset_metrics()
-        callback_list.on_epoch_begin(epoch)
-        state = model.training_state()
-        if state not in steps:
-            steps[state] = tf.function(lambda batch: strategy.run(model.train_step, args=(batch,)))
-        dataset = with_class_weights(data.pipeline(args, training=True, epoch=epoch), class_weights)
-        for batch in strategy.experimental_distribute_dataset(dataset):
-            steps[state](batch)
-        logs = {metric.name: float(metric.result()) for metric in model.metrics}
-        callback_list.on_epoch_end(epoch, logs)
-        print(
-            f"Epoch {epoch + 1}/{args.epochs}: "
-            + " - ".join(f"{k}: {v:.4f}" for k, v in logs.items())
+    def __init__(self, args, model, data, strategy, output):
+        import keras
+
+        from keras_fg.cli.run_checkpoint import RunCheckpoint
+
+        self.args, self.model, self.data = args, model, data
+        self.strategy, self.output = strategy, output
+        self.multi_worker = args.strategy == "multi_worker"
+        self.checkpoint = RunCheckpoint(output / "checkpoint")
+        self.class_weights = balanced_class_weights(
+            data.train_labels, data.num_classes, args.class_weight
         )
-    callback_list.on_train_end(logs)
+        self.logging = [
+            keras.callbacks.CSVLogger(str(output / "history.csv"), append=True),
+            keras.callbacks.TensorBoard(str(output / "tensorboard"), write_graph=False),
+        ]
+        self.timings = {}
+        self._cached = None
+
+    def run(self):
+        """Trains; returns the training times, in seconds."""
+        state = self.checkpoint.state()
+        start = state["epoch"] if state else 0
+        if start:
+            print(f"Resuming {self.output} after epoch {start}")
+        started = time.time()
+        head_epochs = self.args.head_epochs
+        if head_epochs and (start < head_epochs or state.get("phase") == "head"):
+            self.head_phase(start, state)
+        self.image_phase(max(start, head_epochs), state)
+        self.timings["training_seconds"] = round(time.time() - started, 1)
+        return self.timings
+
+    # ----------------------------------------------------------------------------------------
+
+    def head_phase(self, start, state):
+        """Epochs [0, --head-epochs): the head alone, on cached features or on images."""
+        from keras_fg.cli.optimizers import make_optimizer
+        from keras_fg.models import FeatureHead, transfer_weights
+
+        args, model = self.args, self.model
+        started = time.time()
+        cached = self.uses_feature_cache()
+        with self.strategy.scope():
+            if cached:
+                # Full MA-CNN's head reads the images (its part crops): its head without the
+                # crops trains here and joins the full model after (`transfer_weights`).
+                head_model = model
+                if getattr(model, "part_backbone", None) is not None:
+                    head_model = build_model(args, self.data, part_crop_size=None)
+                trainer = FeatureHead(head_model)
+            else:
+                head_model = trainer = model
+                model.set_backbone_trainable(False)
+            cache, validation, steps = None, None, None
+            if start < args.head_epochs:
+                cache, validation = self.feature_caches(head_model) if cached else (None, None)
+            steps = self.head_steps(cache)
+            trainer.compile(
+                optimizer=make_optimizer(args, None, steps, args.head_epochs, head=True)
+            )
+            trainer.optimizer.build(trainer.trainable_variables)
+        if state and state.get("phase") == "head":
+            self.checkpoint.restore(trainer)
+        if start < args.head_epochs:
+            if cached:
+                self.cluster_channels_on(head_model, cache, start)
+                epochs = lambda first, end: cache.dataset(
+                    args.head_batch_size, args.seed, epochs=(first, end)
+                )
+                validation = (
+                    None
+                    if validation is None
+                    else validation.dataset(args.head_batch_size, shuffle=False)
+                )
+            else:
+                epochs = lambda first, end: self.data.training_dataset(args, first, end)
+                validation = self.validation_images()
+            callbacks = self.image_callbacks(start) if not cached else []
+            self.fit(trainer, epochs, steps, start, args.head_epochs, callbacks, validation, "head")
+        if head_model is not model:
+            transfer_weights(head_model, model)
+        self.timings["head_phase_seconds"] = round(time.time() - started, 1)
+        self.timings["head_phase_features"] = "cached" if cached else "images"
+
+    def image_phase(self, start, state):
+        """Epochs [--head-epochs, --epochs): every layer, on augmented images."""
+        from keras_fg.cli.optimizers import make_optimizer
+
+        args, model = self.args, self.model
+        started = time.time()
+        steps = self.data.steps_per_epoch(args.batch_size)
+        with self.strategy.scope():
+            model.set_backbone_trainable(True)
+            epochs = args.epochs - args.head_epochs
+            model.compile(optimizer=make_optimizer(args, model, steps, epochs))
+            # Every variable gets its optimizer slots now, before any phase hides some.
+            model.optimizer.build(model.trainable_variables)
+        if state and state.get("phase", "image") == "image":
+            self.checkpoint.restore(model)
+        self.fit(
+            model,
+            lambda first, end: self.data.training_dataset(args, first, end),
+            steps,
+            start,
+            args.epochs,
+            self.image_callbacks(start),
+            self.validation_images(),
+            "image",
+        )
+        self.timings["image_phase_seconds"] = round(time.time() - started, 1)
+
+    # ----------------------------------------------------------------------------------------
+
+    def fit(self, trainer, epochs, steps, first, end, callbacks, validation, phase):
+        """`fit` over epochs [first, end), or train.py's own loop under multi-worker."""
+        self.checkpoint.phase = phase
+        callbacks = [
+            *callbacks,
+            *self.logging,
+            self.checkpoint,
+            run_progress(self.args.epochs),
+            epoch_timer(self.timings.setdefault("epoch_seconds", [])),
+        ]
+        weigh = lambda dataset: with_class_weights(dataset, self.class_weights)
+        if self.multi_worker:
+            fit_multi_worker(
+                trainer,
+                self.strategy,
+                lambda epoch: weigh(epochs(epoch, epoch + 1)),
+                first,
+                end,
+                callbacks,
+                verbose=self.args.verbose,
+            )
+            return
+        frequency = self.args.validation_freq
+        validation_steps = None
+        if validation is not None and validation.cardinality() < 0:
+            # A pipeline that skips unreadable files cannot know its length, and Keras warns
+            # that such a dataset "ran out of data" whenever it ends: validation reads one
+            # pass of an endless repetition instead. (A skipped file makes that pass end one
+            # batch into the next; evaluation.json comes from a separate, exact pass.)
+            batch = self.args.batch_size
+            validation_steps = -(-self.data.evaluation_size // batch)
+            validation = validation.repeat()
+        trainer.fit(
+            weigh(epochs(first, end)),
+            steps_per_epoch=steps,
+            initial_epoch=first,
+            epochs=end,
+            validation_data=validation if frequency else None,
+            validation_steps=validation_steps,
+            validation_freq=max(1, frequency),
+            callbacks=callbacks,
+            shuffle=False,  # The datasets shuffle, each epoch by (seed, epoch).
+            verbose=self.args.verbose,
+        )
+
+    def uses_feature_cache(self):
+        """`--cache-features`, resolved: on where the head phase can read cached features."""
+        if self._cached is None:
+            self._cached = self._resolve_feature_cache()
+        return self._cached
+
+    def _resolve_feature_cache(self):
+        from keras_fg.models import split_at_backbone
+
+        args = self.args
+        reasons = []
+        if args.task == "reid":
+            reasons.append("--task reid trains on P x K batches of images")
+        if args.macnn_phases != "joint":
+            reasons.append("--macnn-phases alternates what the model trains")
+        if args.macnn_init == "clustering" and args.macnn_init_epoch >= args.head_epochs:
+            reasons.append("--macnn-init-epoch clusters after the head phase")
+        if not reasons and getattr(self.model, "part_backbone", None) is None:
+            try:
+                split_at_backbone(self.model)
+            except ValueError as error:
+                reasons.append(str(error))
+        if args.cache_features is False:
+            return False
+        if reasons and args.cache_features:
+            raise RunError(f"--cache-features cannot serve this run: {reasons[0]}")
+        if reasons:
+            print(f"Head phase on images, not cached features: {reasons[0]}")
+        return not reasons
+
+    def feature_caches(self, head_model):
+        """The training images' features (and their flips'), and the validation images' when
+        the head phase validates."""
+        from keras_fg.models import FeatureCache, feature_fingerprint, split_at_backbone
+
+        args, data = self.args, self.data
+        backbone = split_at_backbone(head_model)[0]
+        budget = feature_cache_budget(args.feature_cache_memory)
+        verbose = 1 if args.verbose == 1 else 2 if args.verbose else 0
+
+        def build(pipeline, count, source, flips):
+            return FeatureCache.build(
+                backbone,
+                pipeline,
+                count,
+                flips=flips,
+                directory=self.output / "feature_cache",
+                memory_budget=budget,
+                fingerprint=feature_fingerprint(backbone, source, args.image_size, flips),
+                verbose=verbose,
+            )
+
+        started = time.time()
+        cache = build(*data.cache_source(args), flips=True)
+        print(f"Feature cache built in {time.time() - started:.0f} s")
+        self.timings["feature_cache_seconds"] = round(time.time() - started, 1)
+        self.timings["feature_cache_bytes"] = cache.nbytes
+        validation = None
+        if args.validation_freq and data.validation_pipeline(args) is not None:
+            validation = build(*data.cache_source(args, split="evaluation"), flips=False)
+        return cache, validation
+
+    def head_steps(self, cache):
+        if cache is not None:
+            return -(-len(cache) // self.args.head_batch_size)
+        if self.uses_feature_cache():  # Restoring a finished head phase: steps of any value.
+            return 2 * -(-len(self.data.train_labels) // self.args.head_batch_size)
+        return self.data.steps_per_epoch(self.args.batch_size)
+
+    def cluster_channels_on(self, head_model, cache, start):
+        """MA-CNN's clustering initialisation, on 512 cached maps, before the head phase."""
+        args = self.args
+        if args.model != "macnn" or args.macnn_init != "clustering" or start > 0:
+            return
+        count = len(cache) // 2  # The unflipped images.
+        sample = np.random.default_rng(args.seed).permutation(count)[:512]
+        started = time.time()
+        result = head_model.initialize_channel_grouping_from_features(
+            np.asarray(cache.features[np.sort(sample)]), seed=args.seed
+        )
+        print(
+            f"Channel grouping initialised by clustering: groups of {result['group_sizes']} "
+            f"channels, pre-training loss {result['loss']:.3f} ({time.time() - started:.0f} s)"
+        )
+
+    def image_callbacks(self, start):
+        from keras_fg.models import ChannelGroupingInitializer, PhaseSchedule
+
+        args, callbacks = self.args, []
+        if args.model == "macnn":
+            phases = [p.strip() for p in args.macnn_phases.split(",") if p.strip()]
+            callbacks.append(PhaseSchedule(phases))
+            if args.macnn_init == "clustering" and not (
+                args.head_epochs and self.uses_feature_cache()
+            ):
+                # First: the clustering sets the grouping weights that the epoch then trains.
+                callbacks.insert(
+                    0,
+                    ChannelGroupingInitializer(
+                        self.data.pipeline(args, training=False, limit=256),
+                        at_epoch=args.macnn_init_epoch,
+                        seed=args.seed,
+                    ),
+                )
+        return callbacks
+
+    def validation_images(self):
+        return self.data.validation_pipeline(self.args) if self.args.validation_freq else None
 
 
-def training_batches(data, args, class_weights, start_epoch, steps_per_epoch):
-    """The batches of every remaining epoch, one epoch after another, each exactly
-    `steps_per_epoch` long, for one `fit` call.
+def run_progress(epochs):
+    """Keras' progress bar, counting the run's epochs (`Epoch 31/38`) in every phase's `fit`."""
+    import keras
 
-    Each epoch's pipeline is seeded by (seed, epoch) and built when the epoch starts, so a
-    resumed run sees the same batches as an uninterrupted one. An epoch shortened by
-    unreadable images repeats its own first batches, so that no epoch borrows from the next.
-    """
-    for epoch in range(start_epoch, args.epochs):
-        pipeline = data.pipeline(args, training=True, epoch=epoch)
-        yield from with_class_weights(pipeline.repeat().take(steps_per_epoch), class_weights)
+    class RunProgress(keras.callbacks.ProgbarLogger):
+        def set_params(self, params):
+            super().set_params(params)
+            self.epochs = epochs
+
+    return RunProgress()
+
+
+def epoch_timer(seconds):
+    """A callback that appends each epoch's wall time to the list `seconds`."""
+    import keras
+
+    class EpochTimer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            seconds.append(round(time.perf_counter() - self.started, 2))
+
+    return EpochTimer()
+
+
+def feature_cache_budget(gib):
+    """`--feature-cache-memory` in bytes ("auto": half of this machine's memory)."""
+    if gib != "auto":
+        return int(float(gib) * 2**30)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (AttributeError, ValueError, OSError):  # No sysconf: no limit.
+        return None
 
 
 def balanced_class_weights(labels, num_classes, choice):
@@ -287,100 +498,8 @@ def with_class_weights(dataset, class_weights):
     return dataset.map(add_weights)
 
 
-def new_run_directory(args):
-    """runs/<model>-<data>-<time>, new, with runs/latest pointing to it."""
-    data = "synthetic" if args.data is None else Path(args.data).resolve().name
-    name = f"{args.model}-{data}-{time.strftime('%Y%m%d-%H%M%S')}"
-    folder, suffix = RUNS / name, 1
-    while folder.exists():
-        suffix += 1
-        folder = RUNS / f"{name}-{suffix}"
-    folder.mkdir(parents=True)
-    update_latest(folder)
-    return folder
-
-
-def update_latest(folder):
-    """Points runs/latest at `folder`: a relative symbolic link, or a text file naming it."""
-    latest = RUNS / "latest"
-    if latest.is_dir() and not latest.is_symlink():  # A run directory of an older version.
-        print(f"{latest} is a run directory, left as it is")
-        return
-    temporary = RUNS / ".latest.tmp"
-    temporary.unlink(missing_ok=True)
-    try:
-        temporary.symlink_to(folder.name, target_is_directory=True)
-    except OSError:  # No symbolic links here.
-        temporary.write_text(folder.name + "\n")
-    os.replace(temporary, latest)
-
-
-def check_run_directory(output, config, resuming):
-    """Refuses a directory that holds another run; returns the evaluation of a complete one."""
-    previous = output / "config.json"
-    if not previous.exists():
-        if output.is_dir() and any(
-            entry.name != "workers"
-            for entry in output.iterdir()  # Other workers' folders.
-        ):
-            raise RunError(f"output directory {output} is not empty and holds no keras_fg run")
-        return None
-    stored = json.loads(previous.read_text())
-    different = sorted(
-        k
-        for k in set(comparable(stored)) | set(comparable(config))
-        if stored.get(k) != config.get(k)
-    )
-    if different:
-        if resuming:
-            raise RunError(
-                f"cannot resume {output}: the flags change its configuration (they change: "
-                f"{', '.join(different)}); resume without them, or start a new run"
-            )
-        raise RunError(
-            f"output directory {output} holds a different run (it differs in: "
-            f"{', '.join(different)}); choose another --output, or omit it for a new directory"
-        )
-    if (output / "evaluation.json").exists():
-        print(f"{output} holds this run, already complete: {output / 'evaluation.json'}")
-        return json.loads((output / "evaluation.json").read_text())
-    if not resuming:
-        raise RunError(
-            f"output directory {output} holds an interrupted run of this configuration; "
-            f"continue it with --resume {output}"
-        )
-    return None
-
-
-def run_directory(args, strategy):
-    """The chief writes to --output; other workers of a multi-worker run to a sub-folder."""
-    output = Path(args.output)
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if (
-        resolver is not None
-        and resolver.task_type not in (None, "chief")
-        and not (
-            resolver.task_type == "worker"
-            and resolver.task_id == 0
-            and "chief" not in resolver.cluster_spec().as_dict()
-        )
-    ):
-        output = output / "workers" / f"{resolver.task_type}-{resolver.task_id}"
-    return output
-
-
-def set_mixed_precision(choice):
-    import keras
-    import tensorflow as tf
-
-    if choice == "off":
-        return
-    if choice == "auto":
-        choice = "float16" if tf.config.list_physical_devices("GPU") else "bfloat16"
-    keras.mixed_precision.set_global_policy(f"mixed_{choice}")
-
-
 def family_options(args):
+    """The `create_model` options of the family and task `args` name."""
     options = {"freeze_batchnorm": not args.train_batchnorm}
     if args.dropout is not None:  # Otherwise the family's default (DASRBN's is 0.5).
         options["dropout"] = args.dropout
@@ -411,64 +530,6 @@ def family_options(args):
             last_stride=args.last_stride,
         )
     return options
-
-
-def make_optimizer(args, model, steps_per_epoch):
-    import keras
-
-    from keras_fg.models.multi_optimizer import PartialMultiOptimizer
-
-    def learning_rate(base):
-        if args.schedule == "constant":
-            return base
-        total = max(1, args.epochs * steps_per_epoch)
-        warmup = min(int(args.warmup_epochs * steps_per_epoch), total - 1)
-        return keras.optimizers.schedules.CosineDecay(
-            initial_learning_rate=0.0 if warmup else base,
-            decay_steps=total - warmup,
-            warmup_target=base if warmup else None,
-            warmup_steps=warmup,
-        )
-
-    def optimizer(base):
-        if args.optimizer == "sgd":
-            return keras.optimizers.SGD(
-                learning_rate(base),
-                momentum=args.momentum,
-                nesterov=True,
-                weight_decay=args.weight_decay or None,
-            )
-        return keras.optimizers.AdamW(learning_rate(base), weight_decay=args.weight_decay)
-
-    if args.backbone_lr_multiplier == 1.0:
-        return optimizer(args.learning_rate)
-    backbone_optimizer = optimizer(args.learning_rate * args.backbone_lr_multiplier)
-    mapping = keras.optimizers.OptimizerMap(
-        optimizer(args.learning_rate),
-        {v.path: backbone_optimizer for b in model.backbones() for v in b.trainable_weights},
-    )
-    # Frozen backbones and MA-CNN phases train a subset of the variables.
-    return PartialMultiOptimizer(mapping)
-
-
-def atomic_save(model, path):
-    temporary = path.with_name(path.stem + ".tmp.keras")
-    model.save(temporary)
-    os.replace(temporary, path)
-
-
-def write_json(path, value):
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(value, indent=2, default=_json_default) + "\n")
-    os.replace(temporary, path)
-
-
-def _json_default(value):
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
 
 
 def write_attention_overlays(model, data, args, output, count=8):

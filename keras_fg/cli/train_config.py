@@ -20,7 +20,7 @@ RUNTIME_KEYS = (
     "strategy",
     "verbose",
     "strict_data",
-    "epochs_override",
+    "feature_cache_memory",
 )
 # Where run directories go by default; RUNS / "latest" names the newest.
 RUNS = Path("runs")
@@ -175,13 +175,49 @@ def build_parser():
         "--head-epochs",
         type=int,
         default=0,
-        help="train only the head (backbone frozen) for the first N epochs",
+        help="train only the head (backbone frozen) for the first N of --epochs, on cached "
+        "features by default (see --cache-features)",
+    )
+    optim.add_argument(
+        "--cache-features",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="head phase: compute the backbone's features of the training images and their "
+        "flips once and train the head on them (default: on where the head reads only the "
+        "backbone's features; classification only)",
+    )
+    optim.add_argument(
+        "--head-learning-rate",
+        type=float,
+        default=None,
+        help="head phase: its own learning rate, cosine to 0 over --head-epochs, no warm-up "
+        "(default: --learning-rate)",
+    )
+    optim.add_argument(
+        "--head-batch-size",
+        type=int,
+        default=None,
+        help="head phase: its batch size (default: --batch-size)",
+    )
+    optim.add_argument(
+        "--feature-cache-memory",
+        default="auto",
+        metavar="GIB",
+        help="head phase: a feature cache larger than this goes to disk in the run directory "
+        "(default: auto, half of the machine's memory)",
     )
     optim.add_argument(
         "--backbone-lr-multiplier",
         type=float,
         default=1.0,
         help="the backbone learns at learning-rate times this",
+    )
+    optim.add_argument(
+        "--validation-freq",
+        type=int,
+        default=1,
+        help="evaluate on the evaluation images every N epochs during training (0: only the "
+        "final evaluation)",
     )
     optim.add_argument(
         "--label-smoothing",
@@ -448,6 +484,29 @@ def resolve(args):
         raise ValueError(f"--learning-rate must be > 0. Received: {args.learning_rate}")
     if args.head_epochs >= args.epochs and args.head_epochs > 0:
         raise ValueError("--head-epochs must be smaller than --epochs")
+    if args.head_epochs < 0 or args.validation_freq < 0:
+        raise ValueError(
+            f"--head-epochs and --validation-freq must be >= 0. Received: {args.head_epochs} "
+            f"and {args.validation_freq}"
+        )
+    if args.head_learning_rate is None:
+        args.head_learning_rate = args.learning_rate
+    if args.head_learning_rate <= 0:
+        raise ValueError(f"--head-learning-rate must be > 0. Received: {args.head_learning_rate}")
+    if args.head_batch_size is None:
+        args.head_batch_size = args.batch_size
+    if args.head_batch_size < 1:
+        raise ValueError(f"--head-batch-size must be >= 1. Received: {args.head_batch_size}")
+    if args.feature_cache_memory != "auto":
+        try:
+            memory = float(args.feature_cache_memory)
+        except ValueError:
+            memory = -1.0
+        if memory < 0:
+            raise ValueError(
+                "--feature-cache-memory takes a size in GiB >= 0, or auto. "
+                f"Received: {args.feature_cache_memory}"
+            )
     if args.task == "reid":
         args.batch_size = args.num_identities * args.num_instances
     phases = [p.strip() for p in args.macnn_phases.split(",") if p.strip()]

@@ -11,13 +11,9 @@ from keras_fg.data import (
     make_pipeline,
 )
 from keras_fg.metrics.attention import attention_report
+from keras_fg.models.fine_grained_model import predict_batch
 
 EVALUATION_SPLITS = {"cub": "test", "cars": "test", "dogs": "test", "aircraft": "test"}
-
-
-def _epoch_seed(seed, epoch):
-    # One seed per (run seed, epoch): a resumed run sees the same batches as an uninterrupted one.
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0] % 2**31)
 
 
 def _limit(source, count, seed):
@@ -94,7 +90,7 @@ class ClassificationData:
     def steps_per_epoch(self, batch_size):
         return max(1, len(self.train_labels) // batch_size)
 
-    def _pipeline(self, source, args, training, seed, batch_size=None):
+    def _pipeline(self, source, args, training, seed, batch_size=None, **options):
         return make_pipeline(
             source,
             tuple(args.image_size) if len(args.image_size) == 2 else args.image_size[0],
@@ -106,12 +102,46 @@ class ClassificationData:
             strict=args.strict_data,
             skip_counter=self.counter,
             num_classes=self.num_classes,
+            **options,
         )
 
-    def pipeline(self, args, training, epoch=0, limit=None):
-        """Training batches of one epoch (training=True), or training images as evaluated."""
+    def pipeline(self, args, training=False, limit=None):
+        """Training images as evaluated (whole, resized), at most `limit` of them."""
         source = _limit(self.train, limit, args.seed) if limit else self.train
-        return self._pipeline(source, args, training, _epoch_seed(args.seed, epoch))
+        return self._pipeline(source, args, training, args.seed)
+
+    def training_dataset(self, args, first, end):
+        """Augmented training batches of epochs [first, end), each a function of
+        (seed, epoch) alone, `steps_per_epoch` batches each."""
+        return self._pipeline(
+            self.train,
+            args,
+            True,
+            args.seed,
+            epochs=(first, end),
+            steps_per_epoch=self.steps_per_epoch(args.batch_size),
+        )
+
+    def cache_source(self, args, split="train"):
+        """What a feature cache reads: `(pipeline, count, source)`, the images of `split`
+        ("train" or "evaluation") whole and resized, in order; `source` names them for the
+        cache's fingerprint."""
+        images = self.train if split == "train" else self.test
+        if isinstance(images, ImageRecords):
+            source = (np.asarray(images.paths).astype("S"), images.labels)
+        else:
+            source = images
+        # Unaugmented, in their order, labels as integers (`num_classes` drops one-hot).
+        pipeline = make_pipeline(
+            images,
+            tuple(args.image_size) if len(args.image_size) == 2 else args.image_size[0],
+            args.batch_size,
+            training=False,
+            resize_mode=args.eval_resize,
+            strict=args.strict_data,
+            skip_counter=self.counter,
+        )
+        return pipeline, len(images) if isinstance(images, ImageRecords) else len(images[1]), source
 
     def validation_pipeline(self, args):
         if self._validation is None:
@@ -130,7 +160,7 @@ class ClassificationData:
 
         probabilities, labels, maps = [], [], []
         for images, batch_labels in self.validation_pipeline(args):
-            outputs = model.predict_on_batch(images)
+            outputs = predict_batch(model, images)
             probabilities.append(np.asarray(outputs["probabilities"]))
             batch_labels = batch_labels.numpy()
             labels.append(batch_labels.argmax(-1) if batch_labels.ndim == 2 else batch_labels)
@@ -180,36 +210,37 @@ class ReidData:
     def steps_per_epoch(self, batch_size):
         return max(1, len(self.sampler.epoch_batches(0)))
 
-    def pipeline(self, args, training, epoch=0, limit=None):
-        size = tuple(args.image_size)
-        if not training:
-            source = _limit(self.train, limit, args.seed) if limit else self.train
-            return make_pipeline(
-                source,
-                size,
-                args.batch_size,
-                training=False,
-                strict=args.strict_data,
-                skip_counter=self.counter,
-            )
-        import tensorflow as tf
+    def pipeline(self, args, training=False, limit=None):
+        """Training images as evaluated (resized), at most `limit` of them."""
+        source = _limit(self.train, limit, args.seed) if limit else self.train
+        return make_pipeline(
+            source,
+            tuple(args.image_size),
+            args.batch_size,
+            training=False,
+            strict=args.strict_data,
+            skip_counter=self.counter,
+        )
 
-        self.sampler.epoch = epoch
-        batches = len(self.sampler.epoch_batches(epoch))
+    def training_dataset(self, args, first, end):
+        """P x K batches of epochs [first, end), each epoch the sampler's draw for it,
+        `steps_per_epoch` batches long."""
         augment = list(args.augment or [])
         if args.random_erasing and "random_erasing" not in augment:
             augment.append("random_erasing")
         return make_pipeline(
             self.train,
-            size,
+            tuple(args.image_size),
             args.batch_size,
             training=True,
-            seed=_epoch_seed(args.seed, epoch),
+            seed=args.seed,
             sampler=self.sampler,
             augment=augment,
             strict=args.strict_data,
             skip_counter=self.counter,
-        ).apply(tf.data.experimental.assert_cardinality(batches))  # Lets fit show its progress.
+            epochs=(first, end),
+            steps_per_epoch=self.steps_per_epoch(args.batch_size),
+        )
 
     def validation_pipeline(self, args):
         return None
@@ -229,8 +260,8 @@ class ReidData:
         )
         features, flipped, indices = [], [], []
         for images, batch_indices in pipeline:
-            features.append(np.asarray(model.predict_on_batch(images)[output]))
-            flipped.append(np.asarray(model.predict_on_batch(images[:, :, ::-1])[output]))
+            features.append(np.asarray(predict_batch(model, images)[output]))
+            flipped.append(np.asarray(predict_batch(model, images[:, :, ::-1])[output]))
             indices.append(batch_indices.numpy())
         return np.concatenate(features), np.concatenate(flipped), np.concatenate(indices)
 
