@@ -32,7 +32,7 @@ SMALL = [
 
 def test_there_are_recipes():
     names = {path.stem for path in CONFIGS}
-    assert {"macnn_vgg19_cub_448", "bcnn_vgg16_cub_448", "cub_subset_2core"} <= names
+    assert {"macnn_vgg19_cub_448", "bcnn_vgg16_cub_448", "cub_gap", "cub_macnn"} <= names
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[path.stem for path in CONFIGS])
