@@ -26,20 +26,20 @@ from keras_fg.export import (
     tflite_ops,
 )
 from keras_fg.export.exporter import format_table
-from keras_fg.export.parity import evaluate_check
-from keras_fg.export.tflite import (
+from keras_fg.export.int8 import (
     INT8_FLOAT_HEAD,
     INT8_FLOAT_LAYERS,
     INT8_FLOAT_STEM,
     INT8_OPS,
-    _bias_corrections,
     _int8_weights,
     _layer_tensors,
     _logits_layer,
     _quantizable_layers,
     _weight_sensitivity,
-    read_labels,
+    bias_corrections,
 )
+from keras_fg.export.parity import evaluate_check
+from keras_fg.export.tflite import read_labels
 from keras_fg.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -409,7 +409,7 @@ class DivideByNorm(keras.layers.Layer):
 
 
 def test_int8_division_stays_float_else_a_black_frame_crashes_it(jpeg_bytes, tmp_path, monkeypatch):
-    import keras_fg.export.tflite as tflite
+    import keras_fg.export.int8 as int8
 
     keras.utils.set_random_seed(0)
     inputs = keras.Input((SIZE, SIZE, 3), name="images")
@@ -425,7 +425,7 @@ def test_int8_division_stays_float_else_a_black_frame_crashes_it(jpeg_bytes, tmp
     assert check_parity(model, path, images, latency_runs=1)["top1_agreement"] is not None
 
     # Quantized, the DIV meets a divisor of zero at the black frame and fails at run time.
-    monkeypatch.setattr(tflite, "INT8_OPS", tflite.INT8_OPS | {"DIV"})
+    monkeypatch.setattr(int8, "INT8_OPS", int8.INT8_OPS | {"DIV"})
     export_tflite(model, path, "int8", **options)
     result = check_parity(model, path, images, latency_runs=1)
     assert "fails at run time" in result["error"] and "DIV" in result["error"]
@@ -889,7 +889,7 @@ def test_int8_head_starts_after_a_second_streams_backbone(tmp_path):
 
 
 def test_int8_head_runs_its_dense_and_convolution_layers_on_int8_weights(tmp_path, monkeypatch):
-    import keras_fg.export.tflite as tflite
+    import keras_fg.export.int8 as int8
 
     # B-CNN's head: the 1x1 reduction and the classifier, both after the backbone. Their
     # few weights stay float by default (the cache holds them: no hybrid kernel pays).
@@ -899,7 +899,7 @@ def test_int8_head_runs_its_dense_and_convolution_layers_on_int8_weights(tmp_pat
     path, plain_path = tmp_path / "hybrid.tflite", tmp_path / "float_head.tflite"
     small = export_tflite(model, path, "int8", **options)
     assert small["float_layers"][-1]["int8_weights"] == []
-    monkeypatch.setattr(tflite, "INT8_HEAD_WEIGHTS_MIN_SIZE", 192)  # The classifier has 192.
+    monkeypatch.setattr(int8, "INT8_HEAD_WEIGHTS_MIN_SIZE", 192)  # The classifier has 192.
     details = export_tflite(model, path, "int8", **options)
     plain = export_tflite(model, plain_path, "int8", int8_head_weights=False, **options)
     head = details["float_layers"][-1]
@@ -938,7 +938,7 @@ def test_int8_head_runs_its_dense_and_convolution_layers_on_int8_weights(tmp_pat
 
 
 def test_int8_head_runs_its_constant_matrix_products_on_int8_weights(tmp_path, monkeypatch):
-    import keras_fg.export.tflite as tflite
+    import keras_fg.export.int8 as int8
 
     # MA-CNN's channel grouping and part classifiers are einsums with constant weights:
     # TFLite BATCH_MATMULs, hybrid with int8 weights and one scale for the whole tensor.
@@ -946,7 +946,7 @@ def test_int8_head_runs_its_constant_matrix_products_on_int8_weights(tmp_path, m
     images = np.random.default_rng(2).uniform(0, 255, (40, SIZE, SIZE, 3)).astype("float32")
     options = {"representative_images": images, "int8_float_stem": 0, "return_details": True}
     path, plain_path = tmp_path / "hybrid.tflite", tmp_path / "float_head.tflite"
-    monkeypatch.setattr(tflite, "INT8_HEAD_WEIGHTS_MIN_SIZE", 1)
+    monkeypatch.setattr(int8, "INT8_HEAD_WEIGHTS_MIN_SIZE", 1)
     head = export_tflite(model, path, "int8", **options)["float_layers"][-1]
     export_tflite(model, plain_path, "int8", int8_head_weights=False, **options)
     plain = Interpreter(model_path=str(plain_path))
@@ -1006,7 +1006,7 @@ def test_bias_correction_matches_a_numpy_transcription_and_restores_the_model():
     images = np.random.default_rng(1).uniform(0, 255, (16, SIZE, SIZE, 3)).astype("float32")
     before = [keras.ops.convert_to_numpy(w) for w in model.weights]
     corrections = dict(
-        (variable.path, value) for variable, value in _bias_corrections(model, images)
+        (variable.path, value) for variable, value in bias_corrections(model, images)
     )
     # The model is left as it was.
     for weight, value in zip(model.weights, before):

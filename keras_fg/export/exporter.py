@@ -8,10 +8,11 @@ import tempfile
 from pathlib import Path
 
 from keras_fg.export.errors import ExportInputError, require_tensorflow_backend
+from keras_fg.export.int8 import INT8_OPTIONS
 from keras_fg.export.parity import CHECKS, check_parity, model_outputs
 from keras_fg.export.preprocess import RESIZE_RULE, load_images, synthetic_images
 from keras_fg.export.saved_model import WARMUP_FILE, export_saved_model
-from keras_fg.export.tflite import INT8_OPTIONS, LABELS_FILE, export_tflite
+from keras_fg.export.tflite import LABELS_FILE, export_tflite
 
 FORMATS = (
     "saved_model",
@@ -88,14 +89,14 @@ def export_model(
         calibration_images: at most this many calibration images are read from a folder.
         class_names: the class names; default `model.class_names`.
         int8_float_layers: full-integer int8 keeps in float this many of the layers whose
-            int8 weights move the logits most (default: `tflite.INT8_FLOAT_LAYERS`).
+            int8 weights move the logits most (default: `int8.INT8_FLOAT_LAYERS`).
         int8_float_stem: full-integer int8 keeps in float the model's first this many
-            dense or convolution layers (default: `tflite.INT8_FLOAT_STEM`).
+            dense or convolution layers (default: `int8.INT8_FLOAT_STEM`).
         int8_float_head: full-integer int8 keeps in float every op after the model's
-            backbone (default: `tflite.INT8_FLOAT_HEAD`).
+            backbone (default: `int8.INT8_FLOAT_HEAD`).
         int8_head_weights: full-integer int8 gives the float head's dense and convolution
             layers and constant matrix products int8 weights, run as hybrid kernels
-            (default: `tflite.INT8_HEAD_WEIGHTS`).
+            (default: `int8.INT8_HEAD_WEIGHTS`).
         run: what a train.py run directory gave (recorded in the report).
 
     Returns:
