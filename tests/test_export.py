@@ -1174,3 +1174,45 @@ def test_cli_exports_a_run_directory_from_its_config_alone(jpeg_dir, tmp_path, c
     (run / "config.json").write_text(json.dumps({"data": str(tmp_path / "gone"), "format": "cub"}))
     assert main([str(run), "--output", str(tmp_path / "again")]) == 2
     assert "The run's dataset" in capsys.readouterr().err
+
+
+def test_cli_exports_a_synthetic_run_directory_on_its_own_images(tmp_path, capsys):
+    """The newcomer's path: train.py on synthetic data, then export.py RUN_DIR calibrates int8
+    and checks parity on the run's own images, generated again from its seed."""
+    from keras_fg.data.synthetic import SyntheticFineGrained
+    from keras_fg.export.cli import main
+    from keras_fg.export.run_directory import read_run_directory
+
+    run = tmp_path / "run"
+    trained = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--model", "gap", "--synthetic-classes", "4",
+         "--synthetic-train", "96", "--synthetic-test", "32", "--epochs", "2",
+         "--batch-size", "16", "--seed", "3", "--verbose", "0", "--output", str(run)],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""},
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-3000:]
+
+    read = read_run_directory(run)
+    expected = SyntheticFineGrained(4, 64, num_train=96, num_test=32, seed=3)
+    np.testing.assert_array_equal(read["calibration_data"], expected.x_train)
+    np.testing.assert_array_equal(read["evaluation_data"], expected.x_test)
+    # They are the run's own test images: the model scores on them what train.py reported.
+    model = keras.saving.load_model(run / "model.keras")
+    predicted = model.predict(read["evaluation_data"], verbose=0)["probabilities"].argmax(-1)
+    evaluation = json.loads((run / "evaluation.json").read_text())
+    assert np.mean(predicted == expected.y_test) == pytest.approx(evaluation["top1"], abs=1e-6)
+
+    output = tmp_path / "exports"
+    status = main([str(run), "--output", str(output), "--formats", "tflite_fp32,tflite_int8"])
+    assert status == 0, capsys.readouterr().err
+    report = json.loads((output / "report.json").read_text())
+    assert report["run"]["data"]["format"] == "synthetic"
+    assert report["run"]["data"]["evaluation_split"] == "test"
+    assert report["evaluation_data"] == {"source": "array", "images": 32}
+    assert report["calibration_data"] == {"source": "array", "images": 96}
+    int8 = report["exports"][1]
+    assert int8["format"] == "tflite_int8" and "skipped" not in int8
+    assert int8["file"].endswith("_int8.tflite")
+    assert report["exports"][0]["check"]["passed"]
+    assert "the run's synthetic data, test split" in capsys.readouterr().out

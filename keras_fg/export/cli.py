@@ -130,7 +130,7 @@ def main(argv=None):
         if is_run_directory(args.model):
             run = read_run_directory(args.model)
             model_file, class_names = run["model_file"], run["class_names"]
-            calibration, evaluation = run["calibration_paths"], run["evaluation_paths"]
+            calibration, evaluation = run["calibration_data"], run["evaluation_data"]
         model = load_model(model_file)
         options = {}
         for option in INT8_OPTIONS:
