@@ -1,6 +1,6 @@
 """Accuracy of every family on the shared CUB subset (50 species), and the frozen floor.
 
-The recipe (the same for every family; DESIGN.md §4 explains why):
+The recipe (the same for every family; docs/design.md#training-recipe explains why):
 
 1. Backbone features of the training images, and of their horizontal flips, are computed
    once (MobileNetV2, shared weights, BatchNormalization in inference mode, the whole
