@@ -226,7 +226,7 @@ def format_table(report):
     evaluation = report["evaluation_data"]
     lines = [
         f"{report['model']['name']} version {report['version']}: parity on "
-        f"{evaluation['images']} {evaluation['source']} images" + _origin(report),
+        f"{evaluation['images']} {_kind(evaluation)}images" + _origin(report),
         f"{'file':<40} {'size':>10} {'latency':>10} {'max|dp|':>10} {'top-1':>7}  check",
     ]
     for entry in report["exports"]:
@@ -257,6 +257,11 @@ def format_table(report):
             f"{verdict} [{rule}]"
         )
     return "\n".join(lines)
+
+
+def _kind(evaluation):
+    """The word before "images": the source, none for an array of pixels."""
+    return "" if evaluation["source"] == "array" else f"{evaluation['source']} "
 
 
 def _origin(report):
