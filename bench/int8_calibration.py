@@ -40,18 +40,18 @@ def main():
     require_shared(CUB_ROOT, MOBILENET_WEIGHTS)
 
     from keras_fg.data import load_dataset
-    from keras_fg.export import export_tflite, run_tflite, tflite
+    from keras_fg.export import export_tflite, int8, run_tflite
     from keras_fg.export.parity import model_outputs
     from keras_fg.export.preprocess import load_images
     from keras_fg.export.run_directory import stratified_indices
 
     # A change of the default int8 file's choices makes another file: measure it again.
     defaults = {
-        "int8_float_stem": tflite.INT8_FLOAT_STEM,
-        "int8_float_layers": tflite.INT8_FLOAT_LAYERS,
-        "int8_float_head": tflite.INT8_FLOAT_HEAD,
-        "int8_head_weights": tflite.INT8_HEAD_WEIGHTS,
-        "hybrid_ops": list(tflite._HYBRID_OPS),
+        "int8_float_stem": int8.INT8_FLOAT_STEM,
+        "int8_float_layers": int8.INT8_FLOAT_LAYERS,
+        "int8_float_head": int8.INT8_FLOAT_HEAD,
+        "int8_head_weights": int8.INT8_HEAD_WEIGHTS,
+        "hybrid_ops": list(int8.HYBRID_OPS),
     }
     path = RESULTS / f"{NAME}.json"
     families = json.loads(path.read_text())["families"] if path.exists() else {}

@@ -95,7 +95,7 @@ def main():
     require_shared(CUB_ROOT, MOBILENET_WEIGHTS)
 
     from keras_fg.data import load_dataset
-    from keras_fg.export import export_tflite, tflite
+    from keras_fg.export import export_tflite, int8
     from keras_fg.export.preprocess import load_images
     from keras_fg.export.run_directory import stratified_indices
 
@@ -112,7 +112,7 @@ def main():
                 programs[quantization, label] = flatbuffer
                 ops[quantization, label] = count
         # Where the float stem ends moves the int8 graph's start: the whole files, timed too.
-        for stem in sorted(set(args.stems) - {tflite.INT8_FLOAT_STEM}):
+        for stem in sorted(set(args.stems) - {int8.INT8_FLOAT_STEM}):
             path = Path(workdir) / f"{FAMILY}_int8_stem{stem}.tflite"
             export_tflite(model, path, "int8", representative_images=pixels, int8_float_stem=stem)
             programs[f"stem{stem}", "head"] = path.read_bytes()
@@ -142,12 +142,12 @@ def main():
         "difference of two prefixes",
         "stages": stages,
         "float_stems": [
-            {"int8_float_stem": stem, "default": stem == tflite.INT8_FLOAT_STEM,
+            {"int8_float_stem": stem, "default": stem == int8.INT8_FLOAT_STEM,
              "latency_ms": round(times[key, "head"], 3),
              "speed_vs_fp32": round(times["fp32", "head"] / times[key, "head"], 3)}
-            for stem, key in sorted([(tflite.INT8_FLOAT_STEM, "int8")]
+            for stem, key in sorted([(int8.INT8_FLOAT_STEM, "int8")]
                                     + [(s, f"stem{s}") for s in args.stems
-                                       if s != tflite.INT8_FLOAT_STEM])
+                                       if s != int8.INT8_FLOAT_STEM])
         ],
     })  # fmt: skip
 

@@ -89,7 +89,7 @@ def rows(families):
         table[f"full_{family}"] = ["--model", family]
         table[f"full_{family}_last_stride_2"] = ["--model", family, "--last-stride", "2"]
         table[f"full_{family}_circle"] = ["--model", family, "--metric-loss", "circle"]
-        # BoT trains BatchNormalization; keras_fg freezes it by default (DESIGN.md §4).
+        # BoT trains BatchNormalization; keras_fg freezes it by default (docs/design.md#why-batchnormalization-stays-frozen).
         table[f"full_{family}_train_batchnorm"] = ["--model", family, "--train-batchnorm"]
         # 16 training identities: does a backbone that moves less generalise better?
         table[f"full_{family}_backbone_lr_0.1"] = [

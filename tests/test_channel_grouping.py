@@ -28,10 +28,7 @@ def numpy_channel_grouping(layer, features):
                 np.tanh(pooled @ hidden_kernel[i] + hidden_bias[i]) @ channel_kernel[i]
                 + channel_bias[i]
             )
-            if layer.signed_channel_weights:
-                response = (features[b] * (2 * d - 1)).sum(axis=-1) / np.sqrt(channels)
-            else:
-                response = (features[b] * d).mean(axis=-1)
+            response = (features[b] * (2 * d - 1)).sum(axis=-1) / np.sqrt(channels)
             z = (response - response.mean()) / np.sqrt(
                 response.var() + 1e-3 * (response**2).mean() + 1e-6
             )
@@ -51,10 +48,9 @@ def randomized(layer, features):
     return layer
 
 
-@pytest.mark.parametrize("signed", [True, False])
-def test_maps_match_numpy_transcription(signed):
+def test_maps_match_numpy_transcription():
     features = np.random.normal(0, 3, (2, 5, 4, 6)).astype("float32")
-    layer = ChannelGrouping(3, hidden_units=4, min_temperature=0.5, signed_channel_weights=signed)
+    layer = ChannelGrouping(3, hidden_units=4, min_temperature=0.5)
     layer = randomized(layer, features)
     outputs = layer(features)
     expected_maps, expected_weights = numpy_channel_grouping(layer, features)
@@ -154,27 +150,26 @@ def fixed_channel_weights(layer, features, weights):
     return layer
 
 
-@pytest.mark.parametrize("signed", [True, False])
-def test_parts_find_their_own_channels_beside_a_salient_cell_only_when_signed(signed):
+def test_parts_find_their_own_channels_beside_a_salient_cell():
     """The failure on MobileNetV2 features: one salient cell fires in every channel.
 
     Part 0 weighs channels 0-3 (d = 0.9) over 4-7 (d = 0.1), part 1 the reverse. Channels
     0-3 peak at one cell, 4-7 at another, and all eight fire twice as strongly at a third.
-    Signed, each part finds its own cell; with MA-CNN's d, both peak on the salient cell.
+    With the signed weights 2d − 1, each part finds its own cell; with MA-CNN's d (computed
+    here in NumPy), both would peak on the salient cell.
     """
     features = np.zeros((1, 5, 5, 8), "float32")
     features[0, 1, 1, :4] = 1.0  # part 0's cell
     features[0, 3, 3, 4:] = 1.0  # part 1's cell
     features[0, 2, 4, :] = 2.0  # the salient cell
     d = np.array([[0.9] * 4 + [0.1] * 4, [0.1] * 4 + [0.9] * 4])
-    layer = fixed_channel_weights(ChannelGrouping(2, signed_channel_weights=signed), features, d)
+    layer = fixed_channel_weights(ChannelGrouping(2), features, d)
     maps = keras.ops.convert_to_numpy(layer(features)["attention_maps"])[0]
     peaks = [np.unravel_index(maps[..., i].argmax(), (5, 5)) for i in range(2)]
-    if signed:
-        assert peaks == [(1, 1), (3, 3)]
-        assert maps[1, 1, 0] > 0.5 and maps[3, 3, 1] > 0.5
-    else:
-        assert peaks == [(2, 4), (2, 4)]
+    assert peaks == [(1, 1), (3, 3)]
+    assert maps[1, 1, 0] > 0.5 and maps[3, 3, 1] > 0.5
+    unsigned = np.einsum("hwc,pc->hwp", features[0], d)  # MA-CNN's response, up to a scale.
+    assert [np.unravel_index(unsigned[..., i].argmax(), (5, 5)) for i in range(2)] == [(2, 4)] * 2
 
 
 def test_part_features_pool_with_the_layers_own_maps():
@@ -261,9 +256,6 @@ def test_config_round_trip():
     )
     restored = ChannelGrouping.from_config(layer.get_config())
     assert restored.get_config() == layer.get_config()
-    older = {k: v for k, v in layer.get_config().items() if k != "signed_channel_weights"}
-    assert not ChannelGrouping.from_config(older).signed_channel_weights  # saved before it
-    assert layer.signed_channel_weights
     restored = keras.layers.deserialize(keras.layers.serialize(layer))
     assert isinstance(restored, ChannelGrouping)
     assert restored.get_config() == layer.get_config()

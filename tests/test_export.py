@@ -26,20 +26,20 @@ from keras_fg.export import (
     tflite_ops,
 )
 from keras_fg.export.exporter import format_table
-from keras_fg.export.parity import evaluate_check
-from keras_fg.export.tflite import (
+from keras_fg.export.int8 import (
     INT8_FLOAT_HEAD,
     INT8_FLOAT_LAYERS,
     INT8_FLOAT_STEM,
     INT8_OPS,
-    _bias_corrections,
     _int8_weights,
     _layer_tensors,
     _logits_layer,
     _quantizable_layers,
     _weight_sensitivity,
-    read_labels,
+    bias_corrections,
 )
+from keras_fg.export.parity import evaluate_check
+from keras_fg.export.tflite import read_labels
 from keras_fg.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -409,7 +409,7 @@ class DivideByNorm(keras.layers.Layer):
 
 
 def test_int8_division_stays_float_else_a_black_frame_crashes_it(jpeg_bytes, tmp_path, monkeypatch):
-    import keras_fg.export.tflite as tflite
+    import keras_fg.export.int8 as int8
 
     keras.utils.set_random_seed(0)
     inputs = keras.Input((SIZE, SIZE, 3), name="images")
@@ -425,7 +425,7 @@ def test_int8_division_stays_float_else_a_black_frame_crashes_it(jpeg_bytes, tmp
     assert check_parity(model, path, images, latency_runs=1)["top1_agreement"] is not None
 
     # Quantized, the DIV meets a divisor of zero at the black frame and fails at run time.
-    monkeypatch.setattr(tflite, "INT8_OPS", tflite.INT8_OPS | {"DIV"})
+    monkeypatch.setattr(int8, "INT8_OPS", int8.INT8_OPS | {"DIV"})
     export_tflite(model, path, "int8", **options)
     result = check_parity(model, path, images, latency_runs=1)
     assert "fails at run time" in result["error"] and "DIV" in result["error"]
@@ -889,7 +889,7 @@ def test_int8_head_starts_after_a_second_streams_backbone(tmp_path):
 
 
 def test_int8_head_runs_its_dense_and_convolution_layers_on_int8_weights(tmp_path, monkeypatch):
-    import keras_fg.export.tflite as tflite
+    import keras_fg.export.int8 as int8
 
     # B-CNN's head: the 1x1 reduction and the classifier, both after the backbone. Their
     # few weights stay float by default (the cache holds them: no hybrid kernel pays).
@@ -899,7 +899,7 @@ def test_int8_head_runs_its_dense_and_convolution_layers_on_int8_weights(tmp_pat
     path, plain_path = tmp_path / "hybrid.tflite", tmp_path / "float_head.tflite"
     small = export_tflite(model, path, "int8", **options)
     assert small["float_layers"][-1]["int8_weights"] == []
-    monkeypatch.setattr(tflite, "INT8_HEAD_WEIGHTS_MIN_SIZE", 192)  # The classifier has 192.
+    monkeypatch.setattr(int8, "INT8_HEAD_WEIGHTS_MIN_SIZE", 192)  # The classifier has 192.
     details = export_tflite(model, path, "int8", **options)
     plain = export_tflite(model, plain_path, "int8", int8_head_weights=False, **options)
     head = details["float_layers"][-1]
@@ -938,7 +938,7 @@ def test_int8_head_runs_its_dense_and_convolution_layers_on_int8_weights(tmp_pat
 
 
 def test_int8_head_runs_its_constant_matrix_products_on_int8_weights(tmp_path, monkeypatch):
-    import keras_fg.export.tflite as tflite
+    import keras_fg.export.int8 as int8
 
     # MA-CNN's channel grouping and part classifiers are einsums with constant weights:
     # TFLite BATCH_MATMULs, hybrid with int8 weights and one scale for the whole tensor.
@@ -946,7 +946,7 @@ def test_int8_head_runs_its_constant_matrix_products_on_int8_weights(tmp_path, m
     images = np.random.default_rng(2).uniform(0, 255, (40, SIZE, SIZE, 3)).astype("float32")
     options = {"representative_images": images, "int8_float_stem": 0, "return_details": True}
     path, plain_path = tmp_path / "hybrid.tflite", tmp_path / "float_head.tflite"
-    monkeypatch.setattr(tflite, "INT8_HEAD_WEIGHTS_MIN_SIZE", 1)
+    monkeypatch.setattr(int8, "INT8_HEAD_WEIGHTS_MIN_SIZE", 1)
     head = export_tflite(model, path, "int8", **options)["float_layers"][-1]
     export_tflite(model, plain_path, "int8", int8_head_weights=False, **options)
     plain = Interpreter(model_path=str(plain_path))
@@ -1006,7 +1006,7 @@ def test_bias_correction_matches_a_numpy_transcription_and_restores_the_model():
     images = np.random.default_rng(1).uniform(0, 255, (16, SIZE, SIZE, 3)).astype("float32")
     before = [keras.ops.convert_to_numpy(w) for w in model.weights]
     corrections = dict(
-        (variable.path, value) for variable, value in _bias_corrections(model, images)
+        (variable.path, value) for variable, value in bias_corrections(model, images)
     )
     # The model is left as it was.
     for weight, value in zip(model.weights, before):
@@ -1174,3 +1174,45 @@ def test_cli_exports_a_run_directory_from_its_config_alone(jpeg_dir, tmp_path, c
     (run / "config.json").write_text(json.dumps({"data": str(tmp_path / "gone"), "format": "cub"}))
     assert main([str(run), "--output", str(tmp_path / "again")]) == 2
     assert "The run's dataset" in capsys.readouterr().err
+
+
+def test_cli_exports_a_synthetic_run_directory_on_its_own_images(tmp_path, capsys):
+    """The newcomer's path: train.py on synthetic data, then export.py RUN_DIR calibrates int8
+    and checks parity on the run's own images, generated again from its seed."""
+    from keras_fg.data.synthetic import SyntheticFineGrained
+    from keras_fg.export.cli import main
+    from keras_fg.export.run_directory import read_run_directory
+
+    run = tmp_path / "run"
+    trained = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--model", "gap", "--synthetic-classes", "4",
+         "--synthetic-train", "96", "--synthetic-test", "32", "--epochs", "2",
+         "--batch-size", "16", "--seed", "3", "--verbose", "0", "--output", str(run)],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""},
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-3000:]
+
+    read = read_run_directory(run)
+    expected = SyntheticFineGrained(4, 64, num_train=96, num_test=32, seed=3)
+    np.testing.assert_array_equal(read["calibration_data"], expected.x_train)
+    np.testing.assert_array_equal(read["evaluation_data"], expected.x_test)
+    # They are the run's own test images: the model scores on them what train.py reported.
+    model = keras.saving.load_model(run / "model.keras")
+    predicted = model.predict(read["evaluation_data"], verbose=0)["probabilities"].argmax(-1)
+    evaluation = json.loads((run / "evaluation.json").read_text())
+    assert np.mean(predicted == expected.y_test) == pytest.approx(evaluation["top1"], abs=1e-6)
+
+    output = tmp_path / "exports"
+    status = main([str(run), "--output", str(output), "--formats", "tflite_fp32,tflite_int8"])
+    assert status == 0, capsys.readouterr().err
+    report = json.loads((output / "report.json").read_text())
+    assert report["run"]["data"]["format"] == "synthetic"
+    assert report["run"]["data"]["evaluation_split"] == "test"
+    assert report["evaluation_data"] == {"source": "array", "images": 32}
+    assert report["calibration_data"] == {"source": "array", "images": 96}
+    int8 = report["exports"][1]
+    assert int8["format"] == "tflite_int8" and "skipped" not in int8
+    assert int8["file"].endswith("_int8.tflite")
+    assert report["exports"][0]["check"]["passed"]
+    assert "the run's synthetic data, test split" in capsys.readouterr().out

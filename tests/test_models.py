@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from keras_fg.models import (
-    MACNN,
     ChannelGroupingInitializer,
     PhaseSchedule,
     cluster_channels,
@@ -412,11 +411,6 @@ def test_full_macnn_crop_classifiers_have_their_own_loss_and_join_the_served_sco
     )
     part_loss = model.compute_loss_terms(labels, out)["part_loss"][1]
     np.testing.assert_allclose(np.asarray(part_loss), expected, rtol=1e-4, atol=1e-5)
-    # A file saved before the option (no `crop_classifiers` in its config) has none.
-    config = model.get_config()
-    del config["crop_classifiers"]
-    older = MACNN.from_config(config)
-    assert "crop_logits" not in older.output
 
 
 @pytest.mark.parametrize("metric_loss", ["triplet", "circle"])
@@ -594,25 +588,6 @@ def test_dasrbn_attended_classifier_reads_the_attention_pooled_second_stream():
     model = build("dasrbn")
     images = np.random.default_rng(1).uniform(0, 255, (3, 64, 64, 3)).astype("float32")
     _attended_branch_against_numpy(model, images, second_stream)
-    # The earlier default read s = Σ_hw α_hw x_hw, the attended bilinear outcomes; a config
-    # saved then (without `attended_features`) still builds that model.
-    config = model.get_config()
-    del config["attended_features"]
-    bilinear_model = type(model).from_config(config)
-    assert bilinear_model.attended_features == "bilinear"
-    _attended_branch_against_numpy(bilinear_model, images, lambda model, bilinear: bilinear)
-    with pytest.raises(ValueError, match="attended_features"):
-        build("dasrbn", attended_features="earlier")
-    # Without it, two branches; a config saved before the option existed loads as that model.
-    without = build("dasrbn", attended_classifier=False)
-    assert without.output["branch_logits"].shape[1] == 2
-    config = without.get_config()
-    del config["attended_classifier"], config["attended_features"]
-    older = type(without).from_config(config)
-    older.set_weights(without.get_weights())
-    np.testing.assert_array_equal(
-        older.predict(images, verbose=0)["logits"], without.predict(images, verbose=0)["logits"]
-    )
 
 
 def test_dasrbn_attended_classifier_sends_no_gradient_into_the_features_it_reads():
@@ -620,19 +595,20 @@ def test_dasrbn_attended_classifier_sends_no_gradient_into_the_features_it_reads
 
     images = np.random.default_rng(2).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
 
-    def backbone_gradient(attended_features):
-        model = build("dasrbn", attended_features=attended_features)
-        lstm = model.get_layer("spatial_attention_lstm")
-        lstm.attention_vector.assign(np.zeros(lstm.attention_vector.shape))  # α uniform, constant.
+    model = build("dasrbn")
+    lstm = model.get_layer("spatial_attention_lstm")
+    lstm.attention_vector.assign(np.zeros(lstm.attention_vector.shape))  # α uniform, constant.
+
+    def backbone_gradient(branch):
         with tf.GradientTape() as tape:
-            attended_logits = model(images, training=False)["branch_logits"][:, 2]
-            loss = tf.reduce_sum(attended_logits**2)
+            branch_logits = model(images, training=False)["branch_logits"][:, branch]
+            loss = tf.reduce_sum(branch_logits**2)
         gradients = tape.gradient(loss, model.backbone.trainable_weights)
         return sum(float(tf.reduce_sum(tf.abs(g))) for g in gradients if g is not None)
 
     # With α held constant, Σ α sg(F_b) reaches the backbone by no path at all.
-    assert backbone_gradient("second_stream") == 0.0
-    assert backbone_gradient("bilinear") > 0.0  # Σ α x does reach it: the test can fail.
+    assert backbone_gradient(2) == 0.0
+    assert backbone_gradient(0) > 0.0  # The recurrent branch does reach it: the test can fail.
 
 
 def _check_fused_score(model, auxiliary, images, labels):
@@ -659,15 +635,13 @@ def test_dasrbn_serves_the_main_and_branch_classifiers_together_and_trains_each_
     labels = np.array([0, 1, 2, 1])
     model = build("dasrbn")
     z = _check_fused_score(model, "branch_logits", images, labels)
-    # Without it, and from a config saved before the option existed: z is served.
+    # Without it, z is served.
     unfused = build("dasrbn", fuse_branch_logits=False)
     assert "classifier_logits" not in unfused.output
-    config = model.get_config()
-    del config["fuse_branch_logits"]
-    older = type(model).from_config(config)
-    assert not older.fuse_branch_logits
-    older.set_weights(model.get_weights())
-    np.testing.assert_allclose(older.predict(images, verbose=0)["logits"], z, rtol=1e-5, atol=1e-5)
+    unfused.set_weights(model.get_weights())
+    np.testing.assert_allclose(
+        unfused.predict(images, verbose=0)["logits"], z, rtol=1e-5, atol=1e-5
+    )
 
 
 def _planted_location_data(n, grid, channels, classes, seed):
@@ -704,36 +678,17 @@ def test_dasrbn_attention_finds_a_planted_salient_location():
     assert planted_mass() > 0.5
 
 
-def test_macnn_weighs_channels_signed_by_default_and_older_files_load_unsigned():
-    images = np.random.default_rng(4).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
-    model = build("macnn")
-    assert model.get_layer("channel_grouping").signed_channel_weights
-    unsigned = build("macnn", signed_channel_weights=False)
-    assert not unsigned.get_layer("channel_grouping").signed_channel_weights
-    # A config saved before the option existed builds the unsigned model, with its maps.
-    config = model.get_config()
-    del config["signed_channel_weights"]
-    older = type(model).from_config(config)
-    assert not older.signed_channel_weights
-    older.set_weights(model.get_weights())
-    unsigned.set_weights(model.get_weights())
-    maps = [m.predict(images, verbose=0)["attention_maps"] for m in (model, older, unsigned)]
-    np.testing.assert_array_equal(maps[1], maps[2])
-    assert np.abs(maps[0] - maps[1]).max() > 1e-4  # the option changes the maps
-
-
 def test_macnn_serves_the_fused_and_part_classifiers_together_and_trains_each_alone():
     images = np.random.default_rng(5).uniform(0, 255, (4, 64, 64, 3)).astype("float32")
     model = build("macnn")
     z = _check_fused_score(model, "part_logits", images, np.array([0, 1, 2, 1]))
-    # Without it, without part losses, and from a config saved before the option: z is served.
-    assert "classifier_logits" not in build("macnn", fuse_part_logits=False).output
+    # Without it, or without part losses: z is served.
     assert "classifier_logits" not in build("macnn", part_loss_weight=0.0).output
-    config = model.get_config()
-    del config["fuse_part_logits"]
-    older = type(model).from_config(config)
-    assert not older.fuse_part_logits
-    for layer in older.layers:  # By name: the two graphs list their layers in other orders.
+    unfused = build("macnn", fuse_part_logits=False)
+    assert "classifier_logits" not in unfused.output
+    for layer in unfused.layers:  # By name: the two graphs list their layers in other orders.
         if layer.weights:
             layer.set_weights(model.get_layer(layer.name).get_weights())
-    np.testing.assert_allclose(older.predict(images, verbose=0)["logits"], z, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        unfused.predict(images, verbose=0)["logits"], z, rtol=1e-5, atol=1e-5
+    )

@@ -123,14 +123,6 @@ def test_trains_saves_and_reloads_to_identical_outputs(tmp_path):
         np.testing.assert_array_equal(actual[key], expected[key])
 
 
-def test_files_saved_before_the_descriptor_option_serve_the_fused_vector():
-    config = reid_pcb(bnneck=True).get_config()
-    del config["descriptor"]
-    older = PCB.from_config(config)
-    assert older.descriptor == "fused"
-    assert older.output["features"].shape[-1] == 5 * older.backbone.output.shape[-1]
-
-
 def test_bad_arguments():
     with pytest.raises(ValueError, match="part_loss_weight"):
         reid_pcb(part_loss_weight=-1.0)

@@ -511,7 +511,6 @@ def family_options(args):
             diversity_weight=args.diversity_weight,
             initial_temperature=args.initial_temperature,
             min_temperature=args.min_temperature,
-            signed_channel_weights=not args.unsigned_channel_weights,
             maps_train_backbone=args.maps_train_backbone,
         )
     elif args.model == "pcb":

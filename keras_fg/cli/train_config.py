@@ -290,12 +290,6 @@ def build_parser():
         help="macnn: the lower bound of the part maps' inverse temperature",
     )
     optim.add_argument(
-        "--unsigned-channel-weights",
-        action="store_true",
-        help="macnn: weigh the channels of a part's response by d in (0, 1), as the paper "
-        "does (default: by 2d - 1, so that a part subtracts the others' channels)",
-    )
-    optim.add_argument(
         "--maps-train-backbone",
         action="store_true",
         help="macnn: let the channel-grouping loss and the part maps' gradients train the "
@@ -519,13 +513,12 @@ def resolve(args):
         raise ValueError("--macnn-phases applies to --model macnn only")
     args.weights = None if args.weights in (None, "", "none", "None") else args.weights
     if args.macnn_init is None:
-        # From scratch, channels clustered by where they peak split the synthetic set's part
-        # by its place on the body, one part per place, and the best part points less often
-        # (README, "MA-CNN's part maps").
+        # From scratch, clustering by where channels peak splits a part by its place on the
+        # body, and the best part points less often (docs/experiments.md#ma-cnn-on-the-synthetic-set).
         args.macnn_init = "clustering" if args.weights else "none"
     if args.warmup_epochs is None:
-        # MA-CNN from scratch at 3e-3 after a one-epoch warm-up killed the tiny backbone in
-        # its second epoch on one seed of three at 96 px (README, "MA-CNN's part maps").
+        # MA-CNN from scratch needs a longer warm-up: after one epoch at 3e-3 the tiny backbone
+        # died on one seed of three (docs/experiments.md#ma-cnn-on-the-synthetic-set).
         from_scratch_macnn = args.model == "macnn" and not args.weights
         args.warmup_epochs = float(max(1, args.epochs // 10)) if from_scratch_macnn else 1.0
     if args.warmup_epochs < 0:
@@ -546,7 +539,7 @@ def resolve_task_defaults(args):
     warm-up, random erasing, label smoothing 0.1, last stride 1, BNNeck, batch-hard triplet
     and center loss; Adam(W) at 3.5e-4; on PCB's stripes with the global feature, its
     descriptor the stripes weighed by their Fisher scores (GAP with it is the paper's
-    baseline, `--model gap`; on mini-MARS PCB led it by 20 points of rank-1, see the README).
+    baseline, `--model gap`; PCB leads it on mini-MARS, see docs/reid.md#on-mini-mars).
     """
     reid = args.task == "reid"
     if args.model is None:

@@ -13,6 +13,7 @@ The command line is `python export.py MODEL.keras|RUN_DIR --output DIR` (`keras_
 
 from keras_fg.export.errors import ExportError, ExportInputError
 from keras_fg.export.exporter import DEFAULT_FORMATS, FORMATS, export_model, format_table
+from keras_fg.export.flatbuffer import tflite_ops
 from keras_fg.export.parity import CHECKS, check_parity
 from keras_fg.export.preprocess import RESIZE_RULE, decode_and_resize, load_images
 from keras_fg.export.run_directory import read_run_directory
@@ -22,6 +23,5 @@ from keras_fg.export.tflite import (
     export_tflite,
     read_labels,
     run_tflite,
-    tflite_ops,
     write_labels,
 )

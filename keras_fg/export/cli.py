@@ -15,8 +15,8 @@ from keras_fg.export.exporter import (
     format_table,
     parse_formats,
 )
+from keras_fg.export.int8 import INT8_FLOAT_LAYERS, INT8_FLOAT_STEM, INT8_OPTIONS
 from keras_fg.export.run_directory import is_run_directory, read_run_directory
-from keras_fg.export.tflite import INT8_OPTIONS
 
 FLOAT32_FORMATS = ("saved_model", "tflite_fp32")
 
@@ -66,7 +66,7 @@ def build_parser():
         default=None,
         metavar="N",
         help="full-integer int8 keeps in float the N layers whose int8 weights move the "
-        "logits most (default: 0, see README)",
+        f"logits most (default: {INT8_FLOAT_LAYERS}, see docs/deployment.md)",
     )
     data.add_argument(
         "--int8-float-stem",
@@ -74,21 +74,22 @@ def build_parser():
         default=None,
         metavar="N",
         help="full-integer int8 keeps in float the model's first N dense or convolution "
-        "layers, which read the image (default: 2, see README)",
+        f"layers, which read the image (default: {INT8_FLOAT_STEM}, see docs/deployment.md)",
     )
     data.add_argument(
         "--int8-float-head",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="full-integer int8 keeps in float every op after the backbone: the head, which "
-        "reads the feature map (default: on, see README)",
+        "reads the feature map (default: on, see docs/deployment.md)",
     )
     data.add_argument(
         "--int8-head-weights",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="full-integer int8 gives the float head's dense and convolution layers and "
-        "constant matrix products int8 weights, run as hybrid kernels (default: on, see README)",
+        "constant matrix products int8 weights, run as hybrid kernels (default: on, see "
+        "docs/deployment.md)",
     )
     serving = parser.add_argument_group("serving")
     serving.add_argument("--version", type=int, default=1, help="SavedModel version (default: 1)")
@@ -129,7 +130,7 @@ def main(argv=None):
         if is_run_directory(args.model):
             run = read_run_directory(args.model)
             model_file, class_names = run["model_file"], run["class_names"]
-            calibration, evaluation = run["calibration_paths"], run["evaluation_paths"]
+            calibration, evaluation = run["calibration_data"], run["evaluation_data"]
         model = load_model(model_file)
         options = {}
         for option in INT8_OPTIONS:

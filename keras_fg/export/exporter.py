@@ -7,11 +7,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from keras_fg.export.errors import ExportInputError, require_tensorflow_backend
+from keras_fg.export.int8 import INT8_OPTIONS
 from keras_fg.export.parity import CHECKS, check_parity, model_outputs
-from keras_fg.export.preprocess import RESIZE_RULE, load_images, synthetic_images
+from keras_fg.export.preprocess import RESIZE_RULE, encode_images, load_images, synthetic_images
 from keras_fg.export.saved_model import WARMUP_FILE, export_saved_model
-from keras_fg.export.tflite import INT8_OPTIONS, LABELS_FILE, export_tflite
+from keras_fg.export.tflite import LABELS_FILE, export_tflite
 
 FORMATS = (
     "saved_model",
@@ -76,10 +79,12 @@ def export_model(
         model: a keras_fg model.
         output_dir: the export directory (created if needed).
         formats: any of `FORMATS` (default `DEFAULT_FORMATS`: all but `tflite_int16x8`).
-        calibration_data: a folder of training images (any nesting), or a list of image
-            files, for int8 calibration (a list is used whole).
-        evaluation_data: a folder of real images (any nesting), or a list of image files,
-            for the parity checks (a list is used whole).
+        calibration_data: a folder of training images (any nesting), a list of image
+            files, or uint8 images `(N, height, width, 3)`, for int8 calibration (a list
+            or an array is used whole).
+        evaluation_data: a folder of real images (any nesting), a list of image files, or
+            uint8 images `(N, height, width, 3)`, for the parity checks (a list or an
+            array is used whole).
         version: the SavedModel version, an integer >= 1.
         model_name: the name in paths; default `model.name`.
         top_k: the SavedModel's top-k outputs.
@@ -88,14 +93,14 @@ def export_model(
         calibration_images: at most this many calibration images are read from a folder.
         class_names: the class names; default `model.class_names`.
         int8_float_layers: full-integer int8 keeps in float this many of the layers whose
-            int8 weights move the logits most (default: `tflite.INT8_FLOAT_LAYERS`).
+            int8 weights move the logits most (default: `int8.INT8_FLOAT_LAYERS`).
         int8_float_stem: full-integer int8 keeps in float the model's first this many
-            dense or convolution layers (default: `tflite.INT8_FLOAT_STEM`).
+            dense or convolution layers (default: `int8.INT8_FLOAT_STEM`).
         int8_float_head: full-integer int8 keeps in float every op after the model's
-            backbone (default: `tflite.INT8_FLOAT_HEAD`).
+            backbone (default: `int8.INT8_FLOAT_HEAD`).
         int8_head_weights: full-integer int8 gives the float head's dense and convolution
             layers and constant matrix products int8 weights, run as hybrid kernels
-            (default: `tflite.INT8_HEAD_WEIGHTS`).
+            (default: `int8.INT8_HEAD_WEIGHTS`).
         run: what a train.py run directory gave (recorded in the report).
 
     Returns:
@@ -221,8 +226,7 @@ def format_table(report):
     evaluation = report["evaluation_data"]
     lines = [
         f"{report['model']['name']} version {report['version']}: parity on "
-        f"{evaluation['images']} {evaluation['source']} images"
-        + (f" from {evaluation['path']}" if evaluation.get("path") else " (no --evaluation-data)"),
+        f"{evaluation['images']} {_kind(evaluation)}images" + _origin(report),
         f"{'file':<40} {'size':>10} {'latency':>10} {'max|dp|':>10} {'top-1':>7}  check",
     ]
     for entry in report["exports"]:
@@ -253,6 +257,23 @@ def format_table(report):
             f"{verdict} [{rule}]"
         )
     return "\n".join(lines)
+
+
+def _kind(evaluation):
+    """The word before "images": the source, none for an array of pixels."""
+    return "" if evaluation["source"] == "array" else f"{evaluation['source']} "
+
+
+def _origin(report):
+    """Where the parity images came from, for the table's first line."""
+    evaluation, run = report["evaluation_data"], report.get("run") or {}
+    if evaluation.get("path"):
+        return f" from {evaluation['path']}"
+    if evaluation["source"] == "synthetic":
+        return " (no --evaluation-data)"
+    data = run.get("data") or {}
+    split = f", {data['evaluation_split']} split" if data.get("evaluation_split") else ""
+    return f" (the run's {data.get('format', 'own')} data{split})"
 
 
 def _number(value, template):
@@ -332,7 +353,15 @@ def _refuse_existing_version(output, name, version):
 
 
 def _read_images(source, size, max_images, role):
-    """A folder (at most `max_images`, spread over it) or a list of image files (all)."""
+    """A folder (at most `max_images`, spread over it), a list of image files (all), or
+    an array of uint8 images (all)."""
+    if isinstance(source, np.ndarray):
+        if source.ndim != 4 or source.shape[-1] != 3 or not len(source):
+            raise ExportInputError(
+                f"{role} images must be a non-empty array (N, height, width, 3). "
+                f"Received: shape={source.shape}"
+            )
+        return {**encode_images(source, size), "source": "array"}
     if isinstance(source, (str, os.PathLike)):
         if not os.path.isdir(source):
             raise ExportInputError(f"{role} data folder not found: {source}")

@@ -104,8 +104,23 @@ def synthetic_images(size, count, seed=0):
     coarse = rng.uniform(0, 255, (count, 4, 4, 3)).astype("float32")
     smooth = tf.image.resize(coarse, (height, width), method="bicubic").numpy()
     noisy = smooth + rng.normal(0, 12, smooth.shape)
-    pixels = np.clip(noisy, 0, 255).astype("uint8")
-    encoded = [tf.io.encode_png(image).numpy() for image in pixels]
+    return encode_images(np.clip(noisy, 0, 255).astype("uint8"), size)
+
+
+def encode_images(pixels, size):
+    """Images given as pixels, encoded as PNG (lossless) and read back by the image rule.
+
+    The SavedModel's serving signature takes encoded images and the TFLite files take
+    decoded pixels; both then see the same images.
+
+    Args:
+        pixels: uint8 images `(N, height, width, 3)`, RGB.
+        size: the model's input size, an int or `(height, width)`.
+
+    Returns:
+        A dict as `load_images` returns it, with no `paths`.
+    """
+    encoded = [tf.io.encode_png(image).numpy() for image in np.asarray(pixels, "uint8")]
     images = np.stack([decode_and_resize(data, size).numpy() for data in encoded])
     return {"paths": [], "encoded": encoded, "images": images, "skipped": []}
 

@@ -3,9 +3,11 @@
 A run directory holds `config.json` (the train.py flags, among them `data`, `format` and
 `image_size`) and `model.keras`; nothing else is read. The dataset named by `config.json`
 gives the calibration images (a stratified draw from its training split, every class
-present) and the parity images (a stratified draw from its evaluation split).
+present) and the parity images (a stratified draw from its evaluation split). A run on the
+built-in synthetic data is seeded, so its images are generated again from `config.json`.
 """
 
+import inspect
 import json
 import math
 from pathlib import Path
@@ -37,9 +39,9 @@ def read_run_directory(path, calibration_images=300, evaluation_images=200, seed
 
     Returns:
         A dict: `model_file`, `run_directory` (the resolved path), `class_names` (the
-        dataset's, or `None`), `calibration_paths` and `evaluation_paths` (image files, or
-        `None` when the run trained on synthetic data), and `data`: what was read, for
-        the report.
+        dataset's), `calibration_data` and `evaluation_data` (lists of image files; for a
+        run on synthetic data, uint8 arrays `(N, S, S, 3)` of its images, generated
+        again), and `data`: what was read, for the report.
 
     Raises:
         ExportInputError: no `config.json` or `model.keras`, an unreadable `config.json`,
@@ -58,15 +60,7 @@ def read_run_directory(path, calibration_images=300, evaluation_images=200, seed
     result = {"model_file": str(model_file), "run_directory": str(run), "class_names": None}
     data, data_format = config.get("data"), config.get("format")
     if data is None or data_format in (None, "synthetic"):
-        return {
-            **result,
-            "calibration_paths": None,
-            "evaluation_paths": None,
-            "data": {
-                "format": data_format or "synthetic",
-                "note": "the run trained on synthetic data: no dataset to calibrate or evaluate on",
-            },
-        }
+        return {**result, **_synthetic_images(config, calibration_images, evaluation_images)}
     root = _find_dataset(data, run)
     options = {}
     if data_format == "aircraft" and config.get("annotation"):
@@ -95,13 +89,51 @@ def read_run_directory(path, calibration_images=300, evaluation_images=200, seed
     return {
         **result,
         "class_names": list(train.class_names),
-        "calibration_paths": [train.paths[i] for i in calibration],
-        "evaluation_paths": [evaluation.paths[i] for i in chosen],
+        "calibration_data": [train.paths[i] for i in calibration],
+        "evaluation_data": [evaluation.paths[i] for i in chosen],
         "data": {
             "format": data_format,
             "root": str(root),
             "calibration_split": "train",
             "evaluation_split": split,
+        },
+    }
+
+
+def _synthetic_images(config, calibration_images, evaluation_images):
+    """The first images of a synthetic run's training and test splits, generated again.
+
+    `SyntheticFineGrained` draws image `i` of a split from `(seed, split, i)` alone and
+    holds every class once in each block of `num_classes` images, so the first images of
+    a split are the run's own, every class present.
+    """
+    from keras_fg.data.synthetic import SyntheticFineGrained
+
+    defaults = inspect.signature(SyntheticFineGrained).parameters
+    image_size = config.get("image_size") or [defaults["image_size"].default]
+    image_size = image_size[0] if isinstance(image_size, (list, tuple)) else image_size
+    num_train = config.get("synthetic_train", defaults["num_train"].default)
+    num_test = config.get("synthetic_test", defaults["num_test"].default)
+    try:
+        synthetic = SyntheticFineGrained(
+            num_classes=config.get("synthetic_classes", defaults["num_classes"].default),
+            image_size=int(image_size),
+            num_train=min(num_train, calibration_images),
+            num_test=min(num_test, evaluation_images),
+            seed=config.get("seed", 0),
+        )
+    except (TypeError, ValueError) as error:
+        raise ExportInputError(f"Cannot generate the run's synthetic data: {error}") from error
+    return {
+        "class_names": list(synthetic.class_names),
+        "calibration_data": synthetic.x_train,
+        "evaluation_data": synthetic.x_test,
+        "data": {
+            "format": "synthetic",
+            "seed": synthetic.seed,
+            "calibration_split": "train",
+            "evaluation_split": "test",
+            "note": "the run's synthetic images, generated again from its config.json",
         },
     }
 

@@ -40,26 +40,15 @@ class BilinearPooling(keras.layers.Layer):
 
     followed by the same signed square root and L2 steps. Its inner products
     are unbiased estimates of the full ones, `E<φ(x), φ(y)> = <z(x), z(y)>`,
-    with an error that shrinks as `1/sqrt(d)` relative to `‖z(x)‖·‖z(y)‖`.
-    Measured before the signed square root on real features (MobileNetV2
-    `out_relu`, 7×7×1280 at 224 px, 24 CUB images of 8 species, all 276
-    pairs of distinct images, mean over 3 draws of the projection;
-    `python bench/bilinear_pooling.py`, key `projection_accuracy`):
-
-        d      median relative error   correlation   median error / mean ‖z‖²
-        512    25 %                    0.921         3.6 %
-        2048   11 %                    0.971         1.7 %
-        8192   4.3 %                   0.994         0.65 %
-
-    Pairs of dissimilar images, whose `<z(x), z(y)>` is small, have the
-    largest relative errors. `W1` and `W2` are drawn once from `seed` in
+    with an error that shrinks as `1/sqrt(d)` relative to `‖z(x)‖·‖z(y)‖`
+    (measured on real features: docs/design.md#compact-bilinear-pooling).
+    `W1` and `W2` are drawn once from `seed` in
     `build` and kept as non-trainable weights, so they are saved with the
     model. The projection is matrix products only and converts to TFLite
     builtin ops (Tensor Sketch, the other compact form, needs an FFT). It
-    costs `HW·d·(Ca + Cb)` multiply-adds against `HW·Ca·Cb` for the full form
-    (on (8, 28, 28, 512) inputs, d = 8192: 1.0 s against 0.025 s on 2 CPU
-    cores, bench/results/bilinear_pooling.json); what it saves is the size
-    of the classifier that follows (d instead of Ca·Cb inputs).
+    costs `HW·d·(Ca + Cb)` multiply-adds against `HW·Ca·Cb` for the full form;
+    what it saves is the size of the classifier that follows (d instead of
+    Ca·Cb inputs).
 
     The whole computation runs in float32 even under a mixed-precision
     policy: unless a `dtype` is given, the layer's dtype policy is

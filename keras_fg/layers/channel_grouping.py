@@ -41,20 +41,13 @@ class ChannelGrouping(keras.layers.Layer):
     with `FC_i1(g) = g·W1_i + b1_i` (`C → hidden_units`),
     `FC_i2(h) = h·W2_i + b2_i` (`hidden_units → C`) and `ε = 10⁻³`.
 
-    The response weighs each channel by `2·d − 1`, in (−1, 1): a part adds
-    its own channels and subtracts the others (`signed_channel_weights`;
-    MA-CNN weighs by `d`, in (0, 1), and this layer then takes the mean over
-    the channels, `mean_c(d_ic · F̄_c)`). With weights that are all positive,
-    every part's response peaks where many channels fire at once, the most
-    salient cell. On MobileNetV2's sparse ReLU6 features of the CUB subset,
-    two of the four parts of an MA-CNN head (trained on cached features)
-    peaked on the same cell in 99.6 % of the test images, on average over the
-    pairs, and a stronger Div did not pull them apart (λ = 16: 52 %); with
-    signed weights, in 1.2 %. A sum of `C` terms of either sign grows as
-    `√C`, not as `C`, hence the `√C`: it keeps `r` about the size of one
-    channel, its square within float16's range, and its variance above the
-    `10⁻⁶` floor of the standardisation, which flattened the maps of an
-    untrained backbone's small features when the signed sum was divided by `C`.
+    The response weighs each channel by `2·d − 1`, in (−1, 1), where MA-CNN
+    weighs by `d`: a part adds its own channels and subtracts the others, so
+    the parts can peak apart instead of all on the most salient cell
+    (docs/design.md#channel-grouping-and-part-attention). A sum of `C` terms
+    of either sign grows as `√C`, hence the `√C`: it keeps `r` about the size
+    of one channel, its square within float16's range, and its variance
+    above the `10⁻⁶` floor of the standardisation.
 
     The standardisation makes the map independent of the scale of the
     features (VGG's conv5 activations are in the hundreds, MobileNetV2's
@@ -103,11 +96,7 @@ class ChannelGrouping(keras.layers.Layer):
             FCs alone, as in MA-CNN's alternation, where `L_cng` never
             trains the convolutions; the backbone still learns from every
             classifier through `p_i`, which pools the live `F`. With `True`,
-            `L_cng` also pulls on the backbone, which stalled early learning
-            on the synthetic set (pointing game 69 % against 80 % without).
-        signed_channel_weights: bool, weigh the channels by `2·d − 1`
-            (default `True`) or, as MA-CNN does, by `d`. Layers saved
-            before the option existed load with `False`.
+            `L_cng` also pulls on the backbone.
         **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
 
     Call arguments:
@@ -148,7 +137,6 @@ class ChannelGrouping(keras.layers.Layer):
         kernel_initializer="glorot_uniform",
         bias_initializer="zeros",
         feature_gradient=False,
-        signed_channel_weights=True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -190,7 +178,6 @@ class ChannelGrouping(keras.layers.Layer):
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.feature_gradient = bool(feature_gradient)
-        self.signed_channel_weights = bool(signed_channel_weights)
 
     def _check_input_shape(self, input_shape):
         input_shape = tuple(input_shape)
@@ -247,12 +234,8 @@ class ChannelGrouping(keras.layers.Layer):
             ops.einsum("bph,phc->bpc", hidden, self.channel_kernel) + self.channel_bias
         )
         # Signed, a part subtracts the channels of the others and can peak away from them.
-        channels = features.shape[-1]
-        if self.signed_channel_weights:
-            weights, scale = 2.0 * channel_weights - 1.0, math.sqrt(channels)
-        else:
-            weights, scale = channel_weights, channels
-        response = ops.einsum("bhwc,bpc->bhwp", source, weights) / scale
+        weights = 2.0 * channel_weights - 1.0
+        response = ops.einsum("bhwc,bpc->bhwp", source, weights) / math.sqrt(features.shape[-1])
         mean = ops.mean(response, axis=(1, 2), keepdims=True)
         centred = response - mean
         # centred · centred, not ops.square: TensorFlow fuses (a − b)² into SQUARED_DIFFERENCE,
@@ -302,10 +285,4 @@ class ChannelGrouping(keras.layers.Layer):
             "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
             "bias_initializer": keras.initializers.serialize(self.bias_initializer),
             "feature_gradient": self.feature_gradient,
-            "signed_channel_weights": self.signed_channel_weights,
         }
-
-    @classmethod
-    def from_config(cls, config):
-        # Saved before the option existed: the channels were weighed by d.
-        return super().from_config({"signed_channel_weights": False, **config})

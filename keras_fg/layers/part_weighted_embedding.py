@@ -25,10 +25,8 @@ class PartWeightedEmbedding(keras.layers.Layer):
     cameras (the pairs a re-ID query must match) and μ⁻, σ⁻² over pairs of two identities. A
     part whose distances part people from others well gets a large weight; one that moves
     as much within a person as between people (a pedestrian's feet, from frame to frame)
-    gets a small one. On mini-MARS, PCB's six stripes weighed so took rank-1 / mAP from
-    47.8 / 45.9 % (the BNNeck of the fused vector) to 60.9 / 50.5 % (seeds 0–2; 57.4 / 50.0
-    over seeds 0–4), and equal weights to 56.5 / 48.0 %; MA-CNN's four parts gained nothing
-    (see the README's re-ID notes).
+    gets a small one: a stripe of the body is a fixed place whose worth can be measured
+    once (docs/reid.md#pcb-and-its-fisher-weighed-stripes).
 
     The weights are a non-trainable variable: `fit` leaves them alone, and they are saved
     and exported with the model.

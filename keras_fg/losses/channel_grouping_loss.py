@@ -85,10 +85,10 @@ def diversity_loss(maps, margin=0.25):
     `1 − mrg` for a part that sits entirely on another's peak. The other
     parts are read relative to their peaks, in `[0, 1]` as the paper's
     sigmoid maps are, because in absolute units (`max_k m_k − mrg/(H·W)`)
-    flattening every map under the margin makes Div vanish: it then pushed
-    the maps of a softmax towards uniform rather than apart (measured on the
-    synthetic set: pointing game 80 % with it, 96 % with this form). Here a
-    flat map overlaps everything. (Without the hinge, `Σ m_i · (max m̂_k −
+    flattening every map under the margin makes Div vanish: it then pushes
+    the maps of a softmax towards uniform rather than apart
+    (docs/design.md#the-channel-grouping-loss). Here a flat map overlaps
+    everything. (Without the hinge, `Σ m_i · (max m̂_k −
     mrg)` has the margin enter as the constant `−mrg · P`, which changes no
     gradient.)
 

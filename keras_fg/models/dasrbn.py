@@ -14,12 +14,10 @@ from keras_fg.models.fine_grained_model import (
     second_stream,
 )
 
-ATTENDED_FEATURES = ("second_stream", "bilinear")
-
 
 @keras.saving.register_keras_serializable(package="keras_fg")
 class DASRBN(FineGrainedModel):
-    """Attention-based spatially recurrent bilinear network (Wu & Wang, DESIGN.md §1.3).
+    """Attention-based spatially recurrent bilinear network (Wu & Wang).
 
         a_hw = relu(W_a F_a,hw),  b_hw = relu(W_b F_b,hw)        two streams, r channels each
         x_hw = sign(z) √|z|,  z = vec(a_hw ⊗ b_hw)                per location, norm kept
@@ -49,8 +47,8 @@ class DASRBN(FineGrainedModel):
     it is decided. Without it the sweeps and the global branch classify from anywhere
     and α is free to wander. It reads F_b, not the outer products: by default F_b is the
     earlier, more local map, while a cell of F_a (and so of x) also sees its
-    neighbourhood, which lets a cell beside the part stand in for it (README, "Where the
-    attention looks", measures both on the synthetic set).
+    neighbourhood, which lets a cell beside the part stand in for it
+    (docs/design.md#dasrbn).
     The served `logits` add the mean of the branch classifiers' scores to the main
     classifier's (`fuse_branch_logits`); training is the same either way, each classifier
     with its own cross-entropy. The attention map α is a model output; the branch logits
@@ -67,24 +65,13 @@ class DASRBN(FineGrainedModel):
             Defaults to 16.
         lstm_units: hidden units of each sweep of the spatial LSTM. Defaults to 32.
         attention_units: hidden units of the attention MLP. Defaults to 32.
-        directions: number of sweeps, from 1, 2 or 4 corners. Defaults to 4.
-        attended_bilinear: add `Σ_hw α_hw x_hw`, the attention-pooled bilinear outcomes, to
-            the recurrent branch. Defaults to `True`.
-        global_features: add the global branch g. Defaults to `True`.
-        branch_loss_weight: λ, weight of the branches' auxiliary cross-entropies (0: none).
-            Defaults to 1.0.
-        attended_classifier: add the branch `e` and its classifier (with λ > 0). Defaults
-            to `True`.
-        attended_features: what the attended classifier reads: `"second_stream"`, `e`
-            above; or `"bilinear"`, `s` (the default before `"second_stream"`; `.keras`
-            files saved then load with it). Defaults to `"second_stream"`.
+        branch_loss_weight: λ, weight of the branches' auxiliary cross-entropies (0: no
+            branch classifiers). Defaults to 1.0.
         fuse_branch_logits: serve `logits = z + mean_v z_v`, not `z` alone (needs λ > 0).
-            Defaults to `True` (CUB subset, mean of 3 seeds: 91.4 % top-1, against 90.5 %
-            for `z` alone from the same models; `.keras` files saved before it load without
-            it).
-        dropout: dropout rate before the classifiers. Defaults to 0.5 (CUB subset head on
-            cached MobileNetV2 features, seed 0: 89.2 % and 88.7 % top-1 in two runs, against
-            87.9 % without).
+            Defaults to `True`: an ensemble at no training cost
+            (docs/experiments.md#dasrbn-on-the-cub-subset).
+        dropout: dropout rate before the classifiers. Defaults to 0.5: the head overfits
+            1,500 images without it (docs/experiments.md#dasrbn-on-the-cub-subset).
         bnneck: add a BNNeck (re-identification).
         freeze_batchnorm: run the backbones' BatchNormalization in inference mode.
         **kwargs: the `FineGrainedModel` options.
@@ -102,12 +89,7 @@ class DASRBN(FineGrainedModel):
         stream_dim=16,
         lstm_units=32,
         attention_units=32,
-        directions=4,
-        attended_bilinear=True,
-        global_features=True,
         branch_loss_weight=1.0,
-        attended_classifier=True,
-        attended_features="second_stream",
         fuse_branch_logits=True,
         dropout=0.5,
         bnneck=False,
@@ -116,11 +98,6 @@ class DASRBN(FineGrainedModel):
     ):
         if stream_dim < 1:
             raise ValueError(f"`stream_dim` must be >= 1. Received: stream_dim={stream_dim}")
-        if attended_features not in ATTENDED_FEATURES:
-            raise ValueError(
-                f"`attended_features` must be one of {ATTENDED_FEATURES}. "
-                f"Received: attended_features={attended_features!r}"
-            )
         if branch_loss_weight < 0:
             raise ValueError(
                 f"`branch_loss_weight` must be >= 0. Received: branch_loss_weight={branch_loss_weight}"
@@ -144,36 +121,24 @@ class DASRBN(FineGrainedModel):
             lstm_units,
             attention_units=attention_units,
             pooling="attention",
-            directions=directions,
+            directions=4,
             name="spatial_attention_lstm",
         )(bilinear)
         # === Branches and classifiers ===
-        recurrent_features = recurrent["features"]
         # Attention-weighted sums: a product and a sum, not an einsum, which TFLite cannot convert.
         alpha = ops.expand_dims(recurrent["attention_maps"], -1)
-        if attended_bilinear:
-            attended = ops.sum(alpha * bilinear, axis=(1, 2))
-            recurrent_features = ops.concatenate([recurrent_features, attended], axis=-1)
-        branches = [_normalized(recurrent_features, "recurrent")]
-        if global_features:
-            pooled = keras.layers.GlobalAveragePooling2D(name="global_pool", dtype="float32")(
-                feature_a
-            )
-            branches.append(_normalized(pooled, "global"))
-        features = branches[0]
-        if global_features:
-            features = keras.layers.Concatenate(name="fuse_branches")(branches)
+        attended = ops.sum(alpha * bilinear, axis=(1, 2))
+        recurrent_features = ops.concatenate([recurrent["features"], attended], axis=-1)
+        pooled = keras.layers.GlobalAveragePooling2D(name="global_pool", dtype="float32")(feature_a)
+        branches = [_normalized(recurrent_features, "recurrent"), _normalized(pooled, "global")]
+        features = keras.layers.Concatenate(name="fuse_branches")(branches)
         outputs = classification_head(features, num_classes, dropout, bnneck)
         outputs["attention_maps"] = recurrent["attention_maps"]
-        branch_names = ["recurrent", "global"][: len(branches)]
-        if attended_classifier and branch_loss_weight > 0:
+        branch_names = ["recurrent", "global", "attended"]
+        if branch_loss_weight > 0:
             # The branch teaches α where to look; it must not reshape the features it reads.
-            source = bilinear
-            if attended_features == "second_stream":
-                source = ops.stop_gradient(feature_b)
+            source = ops.stop_gradient(feature_b)
             branches.append(_normalized(ops.sum(alpha * source, axis=(1, 2)), "attended"))
-            branch_names.append("attended")
-        if branch_loss_weight > 0 and len(branches) > 1:
             branch_logits = [
                 _branch_classifier(branch, num_classes, dropout, name)
                 for branch, name in zip(branches, branch_names)
@@ -194,12 +159,7 @@ class DASRBN(FineGrainedModel):
         self.stream_dim = stream_dim
         self.lstm_units = lstm_units
         self.attention_units = attention_units
-        self.directions = directions
-        self.attended_bilinear = attended_bilinear
-        self.global_features = global_features
         self.branch_loss_weight = float(branch_loss_weight)
-        self.attended_classifier = attended_classifier
-        self.attended_features = attended_features
         self.fuse_branch_logits = fuse_branch_logits
         self.dropout = dropout
         self.bnneck = bnneck
@@ -222,29 +182,13 @@ class DASRBN(FineGrainedModel):
             terms["branch_loss"] = (self.branch_loss_weight, per_sample)
         return terms
 
-    @classmethod
-    def from_config(cls, config):
-        # Files saved before these options existed hold a model without the attended classifier,
-        # or with one that reads the bilinear outcomes, and serve the main classifier's logits.
-        older = {
-            "attended_classifier": False,
-            "attended_features": "bilinear",
-            "fuse_branch_logits": False,
-        }
-        return super().from_config({**older, **config})
-
     def get_config(self):
         return {
             **super().get_config(),
             "stream_dim": self.stream_dim,
             "lstm_units": self.lstm_units,
             "attention_units": self.attention_units,
-            "directions": self.directions,
-            "attended_bilinear": self.attended_bilinear,
-            "global_features": self.global_features,
             "branch_loss_weight": self.branch_loss_weight,
-            "attended_classifier": self.attended_classifier,
-            "attended_features": self.attended_features,
             "fuse_branch_logits": self.fuse_branch_logits,
         }
 

@@ -571,7 +571,7 @@ def image_input(backbone):
 
 
 def run_backbone(backbone, images, freeze_batchnorm):
-    """Calls the backbone, its BatchNormalization frozen when asked (DESIGN.md §4).
+    """Calls the backbone, its BatchNormalization frozen when asked (docs/design.md#training-recipe).
 
     A frozen (`trainable=False`) BatchNormalization layer runs in inference mode in Keras 3,
     whatever `training` is; an explicit `backbone(x, training=False)` would not survive, since

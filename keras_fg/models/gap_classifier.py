@@ -23,7 +23,7 @@ class GAPClassifier(FineGrainedModel):
         dropout: dropout rate before the classifier.
         bnneck: add a BNNeck (re-identification).
         freeze_batchnorm: run the backbone's BatchNormalization in inference mode, which
-            keeps pretrained features intact when fine-tuning on small data (DESIGN.md §4).
+            keeps pretrained features intact when fine-tuning on small data (docs/design.md#training-recipe).
         **kwargs: the `FineGrainedModel` options (`class_names`, `label_smoothing`, ...).
 
     Example:

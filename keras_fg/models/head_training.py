@@ -4,7 +4,7 @@ With a frozen backbone, every epoch of ordinary training recomputes the same bac
 features: on a 2-core CPU that is nearly all of its cost. Computing them once and training
 the head on them is 50–200× cheaper per epoch, so the head can be trained to convergence —
 which a few epochs over images cannot do, and which small fine-grained datasets need before
-the backbone is unfrozen (DESIGN.md §4). The head's layers are the model's own: after
+the backbone is unfrozen (docs/design.md#training-recipe). The head's layers are the model's own: after
 `train_head`, the full model predicts with the trained head and can be fine-tuned further.
 """
 

@@ -68,10 +68,6 @@ class MACNN(FineGrainedModel):
             `max(C // 16, 8)`).
         initial_temperature, min_temperature, max_temperature: the part maps' learned
             inverse temperature `τ`, its starting value and bounds (`ChannelGrouping`).
-        signed_channel_weights: weigh the channels of each part's response by `2·d − 1`, so
-            that a part subtracts the others' channels (`ChannelGrouping`). Default `True`:
-            with MA-CNN's `d` the parts merged onto one cell on the CUB subset. `.keras`
-            files saved before the option load with `False`.
         maps_train_backbone: let the gradients through the part maps (L_cng's and the part
             losses') reach the backbone (`ChannelGrouping(feature_gradient=...)`). Default
             `False`: as in the paper, L_cng trains only the channel grouping, and the
@@ -79,9 +75,8 @@ class MACNN(FineGrainedModel):
         part_loss_weight: α, weight of the summed part cross-entropies.
         fuse_part_logits: serve `logits = z + mean_i part_logits_i`, as the paper fuses the
             part networks' scores with the full network's, not `z` alone (needs α > 0; `z`
-            is then the output `"classifier_logits"`). Defaults to `True` (CUB subset: +0.5
-            points on two fine-tuned models; `.keras` files saved before the option load
-            without it).
+            is then the output `"classifier_logits"`). Defaults to `True`
+            (docs/experiments.md#ma-cnn-on-the-cub-subset).
         channel_grouping_weight: β, weight of L_cng.
         diversity_weight: λ, weight of Div inside L_cng.
         margin: mrg of Div's hinge, as a fraction of the other part's peak (`diversity_loss`).
@@ -92,8 +87,7 @@ class MACNN(FineGrainedModel):
         crop_classifiers: with a `part_backbone`, give each crop its own classifier and
             loss (above). Default `True`: fed only to the fused classifier, the crops learn
             nothing once it fits the training set, as it does on small fine-grained sets
-            (see the README's CUB figures). `.keras` files saved before the option load
-            with `False`.
+            (docs/experiments.md#full-ma-cnn-part-crops).
         normalize_coordinates: measure Dis in grid coordinates scaled to [0, 1], so that its
             size does not grow with the grid (in cells, a uniform 28×28 map has Dis ≈ 131;
             scaled, ≈ 0.18).
@@ -102,10 +96,9 @@ class MACNN(FineGrainedModel):
             2018) keeps its triplet losses on global features and trains the part features
             by cross-entropy alone; or `"fused"`, `[GAP(F), p_1..p_P]`. Two images of one
             person need not put a part on the same cell, so on the fused vector a batch-hard
-            triplet loss falls fastest by shrinking every feature: on mini-MARS the
-            backbone's last ReLU6 died within the warm-up and every image got the same
-            embedding. Read only with `bnneck` or a metric loss; `.keras` files saved before
-            the option load with `"fused"`.
+            triplet loss falls fastest by shrinking every feature
+            (docs/reid.md#ma-cnn-and-dasrbn-for-re-identification). Read only with `bnneck`
+            or a metric loss.
         dropout: dropout rate before the fused classifier.
         bnneck: add a BNNeck (re-identification).
         freeze_batchnorm: run the backbone's BatchNormalization in inference mode.
@@ -125,7 +118,6 @@ class MACNN(FineGrainedModel):
         initial_temperature=2.0,
         min_temperature=1.0,
         max_temperature=4.0,
-        signed_channel_weights=True,
         maps_train_backbone=False,
         part_loss_weight=1.0,
         fuse_part_logits=True,
@@ -163,7 +155,6 @@ class MACNN(FineGrainedModel):
             max_temperature=max_temperature,
             min_temperature=min_temperature,
             feature_gradient=maps_train_backbone,
-            signed_channel_weights=signed_channel_weights,
             name="channel_grouping",
         )(feature_map)
         part_features = grouping["part_features"]  # (B, P, C)
@@ -212,7 +203,6 @@ class MACNN(FineGrainedModel):
         self.initial_temperature = float(initial_temperature)
         self.max_temperature = float(max_temperature)
         self.min_temperature = float(min_temperature)
-        self.signed_channel_weights = bool(signed_channel_weights)
         self.maps_train_backbone = bool(maps_train_backbone)
         self.part_loss_weight = float(part_loss_weight)
         self.fuse_part_logits = bool(fuse_part_logits)
@@ -329,18 +319,6 @@ class MACNN(FineGrainedModel):
             "loss": float(history.history["loss"][-1]),
         }
 
-    @classmethod
-    def from_config(cls, config):
-        # Files saved before the options existed weighed the channels by d and served z.
-        # Their metric losses read the fused vector.
-        older = {
-            "signed_channel_weights": False,
-            "fuse_part_logits": False,
-            "crop_classifiers": False,
-            "metric_embedding": "fused",
-        }
-        return super().from_config({**older, **config})
-
     def get_config(self):
         return {
             **super().get_config(),
@@ -349,7 +327,6 @@ class MACNN(FineGrainedModel):
             "initial_temperature": self.initial_temperature,
             "max_temperature": self.max_temperature,
             "min_temperature": self.min_temperature,
-            "signed_channel_weights": self.signed_channel_weights,
             "maps_train_backbone": self.maps_train_backbone,
             "part_loss_weight": self.part_loss_weight,
             "fuse_part_logits": self.fuse_part_logits,

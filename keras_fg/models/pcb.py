@@ -41,29 +41,22 @@ class PCB(FineGrainedModel):
         features = [√w_1 p_1/‖p_1‖, ..., √w_S p_S/‖p_S‖]     `descriptor="stripes"`
         features = BN([GAP(F), p_1, ..., p_S])               `descriptor="fused"`
 
-    On mini-MARS the weighed stripes found more people than the fused vector (see
-    `descriptor` below).
-
-    Stripes suit upright subjects: on keras_fg's synthetic set, where the deciding part may
-    sit anywhere, the summed stripe losses dominate and PCB classifies worse than MA-CNN (see
-    the README's re-ID notes).
-
-    On MA-CNN's fused vector the metric losses collapsed every embedding into one (see
-    `MACNN`'s `metric_embedding`); PCB's stripes under them are not measured.
+    Stripes suit upright subjects: where the deciding part may sit anywhere, the summed
+    stripe losses dominate (docs/reid.md#pcb-and-its-fisher-weighed-stripes). The metric
+    losses read the global feature, as `MACNN`'s do (`metric_embedding`).
 
     Args:
         backbone: a headless feature extractor from `keras_fg.models.create_backbone`
             (use `last_stride=1` for re-ID: a 16×8 map at 256×128).
         num_classes: number of classes (identities).
         num_stripes: S, at most the feature map's height. Default 6, the paper's (on a 24×8
-            map). On mini-MARS (16×8 map, 3 seeds) 6 stripes gave rank-1 / mAP 47.8 / 45.9 %
-            and 4 stripes 46.4 / 43.2 %: see the README's re-ID table.
+            map).
         part_loss_weight: α, weight of the summed stripe cross-entropies.
         descriptor: the `"features"` output, the re-ID descriptor. `"stripes"` (default):
             the stripes, L2-normalised and weighed by `PartWeightedEmbedding` (equal weights
-            until its `adapt`). `"fused"`: the fused vector (after the BNNeck, if any). On
-            mini-MARS (6 stripes, weights adapted) rank-1 / mAP 60.9 / 50.5 % against
-            47.8 / 45.9 % (seeds 0–2; 57.4 / 50.0 over seeds 0–4).
+            until its `adapt`), which find more people than the fused vector
+            (docs/reid.md#pcb-and-its-fisher-weighed-stripes). `"fused"`: the fused vector
+            (after the BNNeck, if any).
         dropout: dropout rate before the fused classifier.
         bnneck: add a BNNeck (re-identification).
         freeze_batchnorm: run the backbone's BatchNormalization in inference mode.
@@ -151,8 +144,3 @@ class PCB(FineGrainedModel):
             "part_loss_weight": self.part_loss_weight,
             "descriptor": self.descriptor,
         }
-
-    @classmethod
-    def from_config(cls, config):
-        # Files saved before the option served the fused vector.
-        return super().from_config({"descriptor": "fused", **config})

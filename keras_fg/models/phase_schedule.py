@@ -44,7 +44,7 @@ class PhaseSchedule(keras.callbacks.Callback):
 class BackboneSchedule(keras.callbacks.Callback):
     """Trains the head alone for the first `head_epochs` epochs, then the whole model.
 
-    The two-phase fine-tuning recipe of small fine-grained datasets (DESIGN.md §4): at the
+    The two-phase fine-tuning recipe of small fine-grained datasets (docs/design.md#training-recipe): at the
     start of each epoch the model's backbones are frozen (epoch < `head_epochs`) or trainable,
     through `model.set_backbone_trainable`, which keeps a frozen BatchNormalization frozen.
     Each state's train function is traced once; a resumed run gets the state of its epoch.
