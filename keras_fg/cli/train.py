@@ -207,7 +207,7 @@ class Training:
     def head_phase(self, start, state):
         """Epochs [0, --head-epochs): the head alone, on cached features or on images."""
         from keras_fg.cli.optimizers import make_optimizer
-        from keras_fg.models import FeatureHead, transfer_weights
+        from keras_fg.models import FeatureHead, split_at_backbone, transfer_weights
 
         args, model = self.args, self.model
         started = time.time()
@@ -220,6 +220,8 @@ class Training:
                 if getattr(model, "part_backbone", None) is not None:
                     head_model = build_model(args, self.data, part_crop_size=None)
                 trainer = FeatureHead(head_model)
+                # Built now, so that a head-phase checkpoint can load into it.
+                trainer.build((None, *split_at_backbone(head_model)[0].output.shape[1:]))
             else:
                 head_model = trainer = model
                 model.set_backbone_trainable(False)
