@@ -6,7 +6,6 @@ Settings (environment, for a quicker run): KERAS_FG_SMOKE_IMAGES (training image
 KERAS_FG_SMOKE_BACKBONE (default mobilenetv2, random weights).
 """
 
-import json
 import os
 import sys
 import tempfile
@@ -14,6 +13,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 FAMILIES = {
     "gap": [],
@@ -83,16 +83,19 @@ def main():
         peak = "n/a (CPU)" if r["peak_gpu_memory_mib"] is None else r["peak_gpu_memory_mib"]
         precision = "mixed" if r["mixed_precision"] == "auto" else "float32"
         print(f"{r['family']:<14} {precision:<10} {r['train_images_per_second']:>12} {peak:>13}")
-    results = Path(__file__).resolve().parent / "results"
     if os.environ.get("KERAS_FG_SMOKE_WRITE", "1") == "1":
-        payload = {
-            "benchmark": "gpu_smoke",
-            "command": "bash bench/gpu_smoke.sh",
-            "devices": [d.name for d in tf.config.list_physical_devices()],
-            "settings": {"images": images, "image_size": size, "backbone": backbone},
-            "rows": rows,
-        }
-        (results / "gpu_smoke.json").write_text(json.dumps(payload, indent=2) + "\n")
+        from common import write_json
+
+        write_json(
+            "gpu_smoke",
+            {
+                "benchmark": "gpu_smoke",
+                "command": "bash bench/gpu_smoke.sh",
+                "devices": [d.name for d in tf.config.list_physical_devices()],
+                "settings": {"images": images, "image_size": size, "backbone": backbone},
+                "rows": rows,
+            },
+        )
 
 
 if __name__ == "__main__":

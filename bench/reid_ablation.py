@@ -72,11 +72,10 @@ def relative(path):
 
 
 def common_flags(epochs):
+    """configs/reid_mini_mars.yaml, the recipe of every row, on the shared data and weights."""
     return [
-        "--task", "reid", "--data", relative(MARS_ROOT), "--backbone", "mobilenetv2",
-        "--weights", relative(MOBILENET_WEIGHTS), "--image-size", "256", "128",
-        "--epochs", str(epochs), "--num-identities", "8", "--num-instances", "4",
-        "--verbose", "0",
+        "--config", "configs/reid_mini_mars.yaml", "--data", relative(MARS_ROOT),
+        "--weights", relative(MOBILENET_WEIGHTS), "--epochs", str(epochs), "--verbose", "0",
     ]  # fmt: skip
 
 

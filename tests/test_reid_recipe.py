@@ -198,7 +198,7 @@ def test_random_erasing_switch_only_erases(mars_dir):
 
     def first_batch(*flags):
         args = reid_args(*flags, data=mars_dir)
-        images, labels = next(iter(ReidData(args).pipeline(args, training=True)))
+        images, labels = next(iter(ReidData(args).training_dataset(args, 0, 1)))
         return images.numpy(), labels.numpy()
 
     erased, labels = first_batch()

@@ -207,7 +207,7 @@ class Training:
     def head_phase(self, start, state):
         """Epochs [0, --head-epochs): the head alone, on cached features or on images."""
         from keras_fg.cli.optimizers import make_optimizer
-        from keras_fg.models import FeatureHead, transfer_weights
+        from keras_fg.models import FeatureHead, split_at_backbone, train_head, transfer_weights
 
         args, model = self.args, self.model
         started = time.time()
@@ -220,6 +220,8 @@ class Training:
                 if getattr(model, "part_backbone", None) is not None:
                     head_model = build_model(args, self.data, part_crop_size=None)
                 trainer = FeatureHead(head_model)
+                # Built now, so that a head-phase checkpoint can load into it.
+                trainer.build((None, *split_at_backbone(head_model)[0].output.shape[1:]))
             else:
                 head_model = trainer = model
                 model.set_backbone_trainable(False)
@@ -233,22 +235,38 @@ class Training:
             trainer.optimizer.build(trainer.trainable_variables)
         if state and state.get("phase") == "head":
             self.checkpoint.restore(trainer)
-        if start < args.head_epochs:
-            if cached:
-                self.cluster_channels_on(head_model, cache, start)
+        if start < args.head_epochs and cached:
+            self.cluster_channels_on(head_model, cache, start)
+            if self.multi_worker:
                 epochs = lambda first, end: cache.dataset(
                     args.head_batch_size, args.seed, epochs=(first, end)
                 )
-                validation = (
-                    None
-                    if validation is None
-                    else validation.dataset(args.head_batch_size, shuffle=False)
-                )
+                self.fit(trainer, epochs, steps, start, args.head_epochs, [], None, "head")
             else:
-                epochs = lambda first, end: self.data.training_dataset(args, first, end)
-                validation = self.validation_images()
-            callbacks = self.image_callbacks(start) if not cached else []
-            self.fit(trainer, epochs, steps, start, args.head_epochs, callbacks, validation, "head")
+                train_head(
+                    trainer,
+                    cache,
+                    epochs=args.head_epochs,
+                    batch_size=args.head_batch_size,
+                    validation_data=validation,
+                    validation_freq=max(1, args.validation_freq),
+                    callbacks=self.callbacks([], "head"),
+                    class_weights=self.class_weights,
+                    seed=args.seed,
+                    initial_epoch=start,
+                    verbose=args.verbose,
+                )
+        elif start < args.head_epochs:
+            self.fit(
+                trainer,
+                lambda first, end: self.data.training_dataset(args, first, end),
+                steps,
+                start,
+                args.head_epochs,
+                self.image_callbacks(start),
+                self.validation_images(),
+                "head",
+            )
         if head_model is not model:
             transfer_weights(head_model, model)
         self.timings["head_phase_seconds"] = round(time.time() - started, 1)
@@ -285,14 +303,7 @@ class Training:
 
     def fit(self, trainer, epochs, steps, first, end, callbacks, validation, phase):
         """`fit` over epochs [first, end), or train.py's own loop under multi-worker."""
-        self.checkpoint.phase = phase
-        callbacks = [
-            *callbacks,
-            *self.logging,
-            self.checkpoint,
-            run_progress(self.args.epochs),
-            epoch_timer(self.timings.setdefault("epoch_seconds", [])),
-        ]
+        callbacks = self.callbacks(callbacks, phase)
         weigh = lambda dataset: with_class_weights(dataset, self.class_weights)
         if self.multi_worker:
             fit_multi_worker(
@@ -327,6 +338,17 @@ class Training:
             shuffle=False,  # The datasets shuffle, each epoch by (seed, epoch).
             verbose=self.args.verbose,
         )
+
+    def callbacks(self, callbacks, phase):
+        """`callbacks` and the run's own: logs, the checkpoint of `phase`, progress, timing."""
+        self.checkpoint.phase = phase
+        return [
+            *callbacks,
+            *self.logging,
+            self.checkpoint,
+            run_progress(self.args.epochs),
+            epoch_timer(self.timings.setdefault("epoch_seconds", [])),
+        ]
 
     def uses_feature_cache(self):
         """`--cache-features`, resolved: on where the head phase can read cached features."""

@@ -3,6 +3,7 @@
 import numbers
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_fg.models import multi_optimizer  # noqa: F401  (registers it, for loading)
@@ -395,10 +396,18 @@ def predict_batch(model, x):
         x: one batch of inputs.
     """
     owner = getattr(model, "__self__", model)  # `super()` proxies its instance.
-    if _strategy_replicas(owner) > 1:
-        size = int(keras.tree.flatten(x)[0].shape[0])
-        return owner.predict(x, batch_size=max(size, 1), verbose=0)
-    return model.predict_on_batch(x)
+    replicas = _strategy_replicas(owner)
+    if replicas == 1:
+        return model.predict_on_batch(x)
+    # A batch that does not divide across the replicas leaves some with no image, which
+    # TensorFlow's CPU convolutions reject: pad with copies of the last image, then drop them.
+    x = keras.tree.map_structure(np.asarray, x)
+    size = len(keras.tree.flatten(x)[0])
+    pad = -size % replicas
+    if pad:
+        x = keras.tree.map_structure(lambda t: np.concatenate([t, np.repeat(t[-1:], pad, 0)]), x)
+    outputs = owner.predict(x, batch_size=size + pad, verbose=0)
+    return keras.tree.map_structure(lambda t: t[:size], outputs)
 
 
 def _strategy_replicas(model):

@@ -363,7 +363,9 @@ def train_head(
     batch_size=64,
     optimizer=None,
     validation_data=None,
+    validation_freq=1,
     callbacks=None,
+    class_weights=None,
     seed=0,
     initial_epoch=0,
     verbose=0,
@@ -388,7 +390,9 @@ def train_head(
             cosine decay to 0 over the run, weight decay 1e-4).
         validation_data: optional `FeatureCache` or `(features, labels)` evaluated after
             each epoch.
+        validation_freq: evaluate `validation_data` every this many epochs.
         callbacks: Keras callbacks for `fit`.
+        class_weights: optional `(num_classes,)` weight of each class's samples in the loss.
         seed: the shuffling seed.
         initial_epoch: the epoch to start from (as `fit`'s `initial_epoch`).
         verbose: `fit` verbosity.
@@ -425,12 +429,17 @@ def train_head(
         if not isinstance(validation_data, FeatureCache):
             validation_data = FeatureCache(np.asarray(validation_data[0]), validation_data[1])
         validation = validation_data.dataset(batch_size, shuffle=False)
+    batches = features.dataset(batch_size, seed, epochs=(initial_epoch, epochs))
+    if class_weights is not None:
+        table = ops.convert_to_tensor(np.asarray(class_weights, dtype="float32"))
+        batches = batches.map(lambda x, y: (x, y, ops.take(table, y)))
     return head.fit(
-        features.dataset(batch_size, seed, epochs=(initial_epoch, epochs)),
+        batches,
         steps_per_epoch=steps,
         initial_epoch=initial_epoch,
         epochs=epochs,
         validation_data=validation,
+        validation_freq=validation_freq,
         callbacks=callbacks,
         shuffle=False,  # The dataset shuffles, each epoch by (seed, epoch).
         verbose=verbose,
