@@ -23,7 +23,7 @@ FAMILIES = {
     "bcnn_compact": ("bcnn", {"reduction_dim": 128, "projection_dim": 4096}),
     "macnn": ("macnn", {"num_parts": 4}),
     "dasrbn": ("dasrbn", {}),
-    # Dropout before the classifiers, measured against the default (see RESULTS.md).
+    # Dropout before the classifiers, measured against the default (docs/experiments.md).
     "dasrbn_dropout": ("dasrbn", {"dropout": 0.5}),
 }
 

@@ -1,10 +1,10 @@
 """Runs every benchmark, then regenerates the results table.
 
-    python bench/run_all.py           # the full set (2.5–3 hours on 2 cores)
+    python bench/run_all.py           # the full set (about 9 hours on 2 cores)
     python bench/run_all.py --quick   # a smaller set, under 10 minutes
 
 Each benchmark writes its JSON under bench/results/; `make_table.py` then writes
-bench/results/RESULTS.md and the README's results section. A benchmark that fails is
+docs/results.md and the README's results section. A benchmark that fails is
 reported and the others still run.
 """
 
@@ -18,45 +18,19 @@ BENCH = Path(__file__).resolve().parent
 
 FULL = [
     ["bilinear_pooling.py"],
+    # Every CUB recipe in configs/ through train.py, seeds 0-2 (about 6 hours on 2 cores).
     ["accuracy.py"],
-    # A second seed: how much of a gap between two families is noise.
-    ["accuracy.py", "--families", "gap", "macnn", "--seed", "1", "--output", "accuracy_224_seed1"],
-    # Diagnoses (bench/results/RESULTS.md): MA-CNN without L_cng in phase two; DASRBN's
-    # head with dropout.
-    [
-        "accuracy.py",
-        "--families",
-        "macnn",
-        "--fine-tune-grouping-weight",
-        "0",
-        "--output",
-        "accuracy_224_macnn_diagnosis",
-    ],
-    [
-        "accuracy.py",
-        "--families",
-        "dasrbn_dropout",
-        "--head-epochs",
-        "10",
-        "--fine-tune-epochs",
-        "0",
-        "--output",
-        "accuracy_224_dasrbn_diagnosis",
-    ],
-    # 448 px upsamples the 227-px images; it is measured to show that it hurts here.
-    ["accuracy.py", "--image-size", "448", "--families", "gap", "--fine-tune-epochs", "0"],
+    ["reid_ablation.py"],
     ["speed.py"],
-    ["train_runs.py"],
     ["attention.py"],
     ["export_latency.py"],
     ["int8_calibration.py"],
     ["int8_stages.py"],
+    ["input_path.py"],
 ]
 QUICK = [
     ["bilinear_pooling.py", "--quick", "--output", "results/bilinear_pooling_quick.json"],
-    ["accuracy.py", "--quick"],
     ["speed.py", "--quick"],
-    ["train_runs.py", "--quick"],
     ["attention.py", "--quick"],
     ["export_latency.py", "--quick"],
 ]
