@@ -1,0 +1,604 @@
+"""Person search at scale: faiss flat, IVF and HNSW against NumPy brute force, and end to end.
+
+Scale (`--part scale`): galleries of 10^4 to 10^6 embeddings of MobileNetV2's global descriptor
+(d = 1,280) and 10^4 to 10^5 of PCB's stripes (d = 6 x 1,280 = 7,680), 100 queries, k = 10.
+For each gallery, in one process on one machine:
+
+    numpy    queries @ gallery.T, then the top 10 (argpartition): the exact answer
+    flat     keras_fg.search.GalleryIndex(index_type="flat"): exact, faiss
+    ivf      index_type="ivf" (nlist = 4·√N), every nprobe of NPROBES
+    hnsw     index_type="hnsw" (M = 32, efConstruction = 40), every efSearch of EF_SEARCHES
+    ivfpq    (d = 7,680 only) index_type="ivfpq", 96 and 192 bytes per entry
+    pca      (d = 7,680 only) a PCA to 1,280 dimensions, then an exact search
+
+Per setting: per-query latency, median and p99 over the 100 queries searched one at a time, and
+the per-query time of the batch of 100 (median of 3 runs); recall@10 against NumPy's exact top
+10; per index: build time, size on disk, save and load time, resident memory and build peak.
+
+The embeddings are synthetic, drawn to mimic real ones: the pretrained MobileNetV2 of ../shared
+embeds mini-MARS (its 2,280 images, 32 people; `create_model("gap")` and `create_model("pcb")`
+"features" at 256 x 128, untrained heads), and from those embeddings come the per-dimension
+mean, the per-dimension spread of the people's mean vectors around it, the per-dimension spread
+of a person's images around their mean, and the number of gallery images per person. A
+synthetic person is a mean vector drawn from the first two, each of their images that plus
+noise of the third, clipped at 0 as a ReLU network's are, then L2-normalised; gallery sizes are
+filled with people of the real image counts; each query is a fresh image of a person in the
+gallery. `calibration` in each JSON compares the real and the synthetic statistics (cosine
+between images of one person, of two people, and leave-one-out rank-1).
+
+End to end (`--part end_to_end`): `predict.py MODEL --index DIR --build` on mini-MARS's gallery
+(529 images), then its 32 queries searched in the index, against the `--gallery` path (which
+embeds the gallery on every call); wall time of each command, 3 runs each, median.
+
+    python bench/search.py                 # both parts; resumes: a finished size is skipped
+    python bench/search.py --part scale --sizes 10000 100000
+    python bench/search.py --table         # rewrites the table in docs/search.md from the JSON
+
+Writes bench/results/search_d<dim>_n<size>.json per gallery, search_end_to_end.json, and the
+table of docs/search.md (`write_docs_table`, for bench/make_table.py).
+"""
+
+import argparse
+import gc
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from common import MARS_ROOT, MOBILENET_WEIGHTS, RESULTS, ROOT, machine_info, require_shared
+
+sys.path.insert(0, str(ROOT))
+
+SIZES = {1280: (10_000, 30_000, 100_000, 1_000_000), 7680: (10_000, 100_000)}
+QUERIES, K = 100, 10
+NPROBES = (1, 2, 4, 8, 16, 32, 64, 128)
+EF_SEARCHES = (16, 32, 64, 128, 256)
+PQ_BYTES = (96, 192)
+PCA_DIM = 1280
+CHUNK = 50_000  # Rows generated at a time: no float64 or full-size temporaries.
+RECALL_GOAL = 0.99
+DOCS = ROOT / "docs" / "search.md"
+TABLE_START, TABLE_END = "<!-- search-table:start -->", "<!-- search-table:end -->"
+CALIBRATION_CACHE = Path(tempfile.gettempdir()) / "keras_fg_search_calibration.npz"
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory.
+
+
+def memory_mb(field):
+    """`VmRSS` or `VmHWM` (the peak since the last `reset_peak`) of this process, in MiB."""
+    with open("/proc/self/status") as file:
+        for line in file:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak():
+    """Restarts VmHWM from the current RSS (Linux: clear_refs 5), so a phase has its own peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as file:
+            file.write("5")
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Real statistics, synthetic embeddings.
+
+
+def calibrate():
+    """Per-dimension statistics of real mini-MARS embeddings (cached in the temp folder)."""
+    if CALIBRATION_CACHE.exists():
+        return dict(np.load(CALIBRATION_CACHE))
+    require_shared(MARS_ROOT, MOBILENET_WEIGHTS)
+    from keras_fg.data import ImageRecords, load_dataset
+    from keras_fg.data.pipeline import make_pipeline
+    from keras_fg.models import create_model
+
+    splits = [load_dataset("market1501", MARS_ROOT, s) for s in ("train", "query", "gallery")]
+    # Training labels are 0..15; the test people keep their ids: offset the training ones.
+    ids = np.concatenate([splits[0].labels + 100_000, splits[1].labels, splits[2].labels])
+    paths = splits[0].paths + splits[1].paths + splits[2].paths
+    records = ImageRecords(paths, np.arange(len(paths)), ["0"])
+    stats = {"gallery_counts": np.unique(splits[2].labels, return_counts=True)[1]}
+    for family, dim in (("gap", 1280), ("pcb", 7680)):
+        model = create_model(
+            family,
+            16,
+            backbone="mobilenetv2",
+            weights=str(MOBILENET_WEIGHTS),
+            image_size=(256, 128),
+        )
+        features = np.concatenate(
+            [
+                np.asarray(model.predict_on_batch(images)["features"])
+                for images, _ in make_pipeline(records, (256, 128), 32, training=False)
+            ]
+        ).astype(np.float32)
+        assert features.shape[1] == dim, features.shape
+        people = np.unique(ids)
+        centers = np.stack([features[ids == p].mean(0) for p in people])
+        residuals = features - centers[np.searchsorted(people, ids)]
+        stats[f"mean_{dim}"] = features.mean(0)
+        stats[f"between_std_{dim}"] = centers.std(0)
+        stats[f"within_std_{dim}"] = residuals.std(0)
+        stats[f"real_{dim}"] = features
+    stats["real_ids"] = ids
+    np.savez(CALIBRATION_CACHE, **stats)
+    return stats
+
+
+def synthetic(stats, dim, size, seed):
+    """`(gallery (size, dim), queries (QUERIES, dim), gallery_person, query_person)`, unit rows."""
+    rng = np.random.default_rng(seed)
+    mean, between = stats[f"mean_{dim}"], stats[f"between_std_{dim}"]
+    within = stats[f"within_std_{dim}"]
+    counts = rng.choice(stats["gallery_counts"], size=size // stats["gallery_counts"].min() + 1)
+    counts = counts[: np.searchsorted(np.cumsum(counts), size) + 1]
+    person = np.repeat(np.arange(len(counts)), counts)[:size]
+    centers = mean + between * rng.standard_normal((len(counts), dim), dtype=np.float32)
+    gallery = np.empty((size, dim), np.float32)
+    for start in range(0, size, CHUNK):
+        rows = slice(start, min(start + CHUNK, size))
+        block = gallery[rows]
+        block[:] = rng.standard_normal(block.shape, dtype=np.float32)
+        block *= within
+        block += centers[person[rows]]
+        np.maximum(block, 0, out=block)
+        block /= np.sqrt(np.einsum("ij,ij->i", block, block))[:, None]
+    query_person = rng.choice(person, QUERIES, replace=False)
+    queries = centers[query_person] + within * rng.standard_normal((QUERIES, dim), np.float32)
+    np.maximum(queries, 0, out=queries)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    return gallery, queries.astype(np.float32), person, query_person
+
+
+def cosine_statistics(features, ids, seed=0):
+    """Mean cosine within a person and between people; leave-one-out rank-1 (cosine)."""
+    x = features / np.linalg.norm(features, axis=1, keepdims=True)
+    rng = np.random.default_rng(seed)
+    sample = rng.choice(len(x), min(len(x), 2000), replace=False)
+    similarity = x[sample] @ x.T
+    same = ids[sample][:, None] == ids[None]
+    same[np.arange(len(sample)), sample] = False
+    other = ids[sample][:, None] != ids[None]
+    similarity[np.arange(len(sample)), sample] = -np.inf
+    nearest = ids[np.argmax(similarity, axis=1)]
+    similarity[np.arange(len(sample)), sample] = np.nan
+    return {
+        "cosine_same_person": float(np.nanmean(np.where(same, similarity, np.nan))),
+        "cosine_other_people": float(np.nanmean(np.where(other, similarity, np.nan))),
+        "leave_one_out_rank1": float(np.mean(nearest == ids[sample])),
+    }
+
+
+def calibration_report(stats, dim):
+    real = cosine_statistics(stats[f"real_{dim}"], stats["real_ids"])
+    size = len(stats["real_ids"])
+    gallery, _, person, _ = synthetic(stats, dim, size, seed=1)
+    return {
+        "source": "pretrained MobileNetV2 (../shared weights, heads untrained) on mini-MARS, "
+        f"{size} images of {len(np.unique(stats['real_ids']))} people, 256 x 128, no flip",
+        "real": real,
+        "synthetic_same_size": cosine_statistics(gallery, person),
+        "gallery_images_per_person": stats["gallery_counts"].tolist(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing.
+
+
+def numpy_search(gallery, queries, k=K):
+    """Exact top-k by inner product, nearest first: the brute force the old path ran."""
+    scores = queries @ gallery.T
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(top, order, axis=1)
+
+
+def latencies(search, queries):
+    """Per-query seconds, one query at a time; then the batch's per-query time (median of 3)."""
+    single = []
+    for query in queries:
+        started = time.perf_counter()
+        search(query[None])
+        single.append(time.perf_counter() - started)
+    batch = []
+    for _ in range(3):
+        started = time.perf_counter()
+        result = search(queries)
+        batch.append((time.perf_counter() - started) / len(queries))
+    return {
+        "median_ms": 1000 * float(np.median(single)),
+        "p99_ms": 1000 * float(np.percentile(single, 99)),
+        "batch_per_query_ms": 1000 * float(np.median(batch)),
+    }, result
+
+
+def recall(found, exact):
+    return float(np.mean([len(set(f) & set(e)) / len(e) for f, e in zip(found, exact)]))
+
+
+def directory_bytes(folder):
+    return sum(path.stat().st_size for path in Path(folder).iterdir() if path.is_file())
+
+
+# ---------------------------------------------------------------------------------------------
+# Scale.
+
+
+def measure_index(gallery, queries, exact, index_type, sweep, scratch, **options):
+    """Builds one GalleryIndex, saves and loads it, and searches it at every setting of `sweep`."""
+    from keras_fg.search import GalleryIndex
+
+    paths = [f"synthetic/{i:07d}.jpg" for i in range(len(gallery))]
+    before = memory_mb("VmRSS")
+    reset_peak()
+    started = time.perf_counter()
+    index = GalleryIndex(index_type=index_type, **options)
+    index.add_embeddings(gallery, paths)
+    build_seconds = time.perf_counter() - started
+    resident = memory_mb("VmRSS") - before
+    peak = memory_mb("VmHWM") - before
+    del paths
+    folder = scratch / index_type
+    started = time.perf_counter()
+    index.save(folder)
+    save_seconds = time.perf_counter() - started
+    size = directory_bytes(folder)
+    entry = {
+        "index_type": index_type,
+        "options": {
+            "nlist": index.nlist,
+            "hnsw_m": index.hnsw_m if index_type == "hnsw" else None,
+            "pq_bytes": index.pq_bytes,
+            **{k: v for k, v in options.items() if k not in ("nprobe", "ef_search")},
+        },
+        "build_seconds": build_seconds,
+        "save_seconds": save_seconds,
+        "disk_bytes": size,
+        "disk_bytes_per_entry": size / len(gallery),
+        "resident_mb": resident,
+        "build_peak_mb": peak,
+    }
+    del index
+    gc.collect()
+    started = time.perf_counter()
+    loaded = GalleryIndex.load(folder)
+    entry["load_seconds"] = time.perf_counter() - started
+    shutil.rmtree(folder)
+    entry["settings"] = []
+    for name, value in sweep:
+        options = {name: value} if name else {}
+        timing, found = latencies(
+            lambda q, o=options, i=loaded: i.search_arrays(q, K, **o)[1], queries
+        )
+        entry["settings"].append(
+            {"setting": name, "value": value, **timing, "recall_at_10": recall(found, exact)}
+        )
+        print(
+            f"  {index_type:<6} {name or '':>9}={value!s:<5} {timing} recall {entry['settings'][-1]['recall_at_10']:.4f}",
+            flush=True,
+        )
+    del loaded
+    gc.collect()
+    return entry
+
+
+def measure_pca(gallery, queries, exact, scratch):
+    """PCB at 10^6 in memory: a PCA to PCA_DIM dimensions before an exact search."""
+    import faiss
+
+    reset_peak()
+    before = memory_mb("VmRSS")
+    started = time.perf_counter()
+    sample = gallery[np.random.default_rng(0).choice(len(gallery), min(len(gallery), 20_000))]
+    pca = faiss.PCAMatrix(gallery.shape[1], PCA_DIM)
+    pca.train(sample)
+    index = faiss.IndexPreTransform(pca, faiss.IndexFlatIP(PCA_DIM))
+    index.add(gallery)
+    build_seconds = time.perf_counter() - started
+    entry = {
+        "index_type": "pca_flat",
+        "options": {"pca_dim": PCA_DIM, "trained_on": len(sample)},
+        "build_seconds": build_seconds,
+        "resident_mb": memory_mb("VmRSS") - before,
+        "build_peak_mb": memory_mb("VmHWM") - before,
+        "disk_bytes_per_entry": 4 * PCA_DIM,
+    }
+    timing, found = latencies(lambda q: index.search(q, K)[1], queries)
+    entry["settings"] = [
+        {"setting": None, "value": None, **timing, "recall_at_10": recall(found, exact)}
+    ]
+    print(f"  pca    {timing} recall {entry['settings'][0]['recall_at_10']:.4f}", flush=True)
+    return entry
+
+
+def run_scale(dim, size, stats, scratch):
+    import faiss
+
+    print(f"d={dim} N={size}", flush=True)
+    started = time.perf_counter()
+    gallery, queries, _, _ = synthetic(stats, dim, size, seed=size + dim)
+    result = {
+        "dim": dim,
+        "gallery_size": size,
+        "queries": QUERIES,
+        "k": K,
+        "faiss": faiss.__version__,
+        "faiss_threads": faiss.omp_get_max_threads(),
+        "generate_seconds": time.perf_counter() - started,
+        "gallery_mb": gallery.nbytes / 2**20,
+        "embeddings": "synthetic, drawn from mini-MARS statistics (see calibration)",
+        "calibration": calibration_report(stats, dim),
+    }
+    timing, exact = latencies(lambda q: numpy_search(gallery, q), queries)
+    result["numpy"] = timing
+    print(f"  numpy  {timing}", flush=True)
+    indexes = [
+        measure_index(gallery, queries, exact, "flat", [(None, None)], scratch),
+        measure_index(gallery, queries, exact, "ivf", [("nprobe", n) for n in NPROBES], scratch),
+        measure_index(
+            gallery, queries, exact, "hnsw", [("ef_search", e) for e in EF_SEARCHES], scratch
+        ),
+    ]
+    if dim == 7680:
+        for pq_bytes in PQ_BYTES:
+            entry = measure_index(
+                gallery,
+                queries,
+                exact,
+                "ivfpq",
+                [("nprobe", n) for n in NPROBES],
+                scratch,
+                pq_bytes=pq_bytes,
+            )
+            indexes.append(entry)
+        indexes.append(measure_pca(gallery, queries, exact, scratch))
+    result["indexes"] = indexes
+    result["summary"] = summarise(result)
+    return result
+
+
+def summarise(result):
+    """Per index, the fastest setting at recall@10 >= RECALL_GOAL, and its speed-up on NumPy."""
+    numpy_ms = result["numpy"]["median_ms"]
+    numpy_batch = result["numpy"]["batch_per_query_ms"]
+    summary = {}
+    for entry in result["indexes"]:
+        good = [s for s in entry["settings"] if s["recall_at_10"] >= RECALL_GOAL]
+        best = min(good, key=lambda s: s["median_ms"]) if good else None
+        if best is None:  # Report the most accurate one, and say it misses the goal.
+            best = max(entry["settings"], key=lambda s: s["recall_at_10"])
+        name = entry["index_type"] + (
+            f"{entry['options']['pq_bytes']}" if entry["index_type"] == "ivfpq" else ""
+        )
+        summary[name] = {
+            "setting": best["setting"],
+            "value": best["value"],
+            "recall_at_10": best["recall_at_10"],
+            "meets_recall_goal": best["recall_at_10"] >= RECALL_GOAL,
+            "median_ms": best["median_ms"],
+            "p99_ms": best["p99_ms"],
+            "batch_per_query_ms": best["batch_per_query_ms"],
+            "speedup_vs_numpy_single": numpy_ms / best["median_ms"],
+            "speedup_vs_numpy_batch": numpy_batch / best["batch_per_query_ms"],
+            "build_seconds": entry["build_seconds"],
+            "disk_bytes_per_entry": entry["disk_bytes_per_entry"],
+            "resident_mb": entry["resident_mb"],
+        }
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end.
+
+
+def run_end_to_end(scratch, repeats=3):
+    """predict.py --build then --index queries, against --gallery, on mini-MARS (wall time)."""
+    require_shared(MARS_ROOT, MOBILENET_WEIGHTS)
+    import keras
+
+    from keras_fg.models import create_model
+
+    keras.utils.set_random_seed(0)
+    model_path = scratch / "reid_gap.keras"
+    create_model(
+        "gap",
+        16,
+        backbone="mobilenetv2",
+        weights=str(MOBILENET_WEIGHTS),
+        image_size=(256, 128),
+        bnneck=True,
+    ).save(model_path)
+    gallery, queries = MARS_ROOT / "bounding_box_test", MARS_ROOT / "query"
+    one_query = sorted(queries.iterdir())[0]
+    index = scratch / "mini_mars_index"
+    base = [sys.executable, str(ROOT / "predict.py"), str(model_path)]
+    commands = {
+        "build": base + ["--index", str(index), "--build", str(gallery), "--json"],
+        "index_32_queries": base + [str(queries), "--index", str(index), "--json"],
+        "index_1_query": base + [str(one_query), "--index", str(index), "--json"],
+        "gallery_32_queries": base + [str(queries), "--gallery", str(gallery), "--json"],
+        "gallery_1_query": base + [str(one_query), "--gallery", str(gallery), "--json"],
+    }
+    results = {}
+    for name, command in commands.items():
+        runs = []
+        for _ in range(repeats):
+            if name == "build":
+                shutil.rmtree(index, ignore_errors=True)
+            started = time.perf_counter()
+            completed = subprocess.run(
+                command, capture_output=True, text=True, cwd=ROOT, env=_environment()
+            )
+            wall = time.perf_counter() - started
+            if completed.returncode != 0:
+                raise SystemExit(f"{name} failed: {completed.stderr.strip().splitlines()[-1]}")
+            output = json.loads(completed.stdout)
+            runs.append({"wall_seconds": wall, "timings": output["timings"]})
+            if name.endswith("queries"):
+                results.setdefault("rank1", {})[name] = output["rank1"]
+        results[name] = {
+            "wall_seconds_median": statistics.median(run["wall_seconds"] for run in runs),
+            "in_process_median": {
+                key: statistics.median(run["timings"][key] for run in runs)
+                for key in runs[0]["timings"]
+            },
+            "runs": runs,
+        }
+        print(f"  {name:<20} {results[name]['wall_seconds_median']:.2f} s", flush=True)
+    return {
+        "model": "create_model('gap', backbone='mobilenetv2', ../shared weights, BNNeck, "
+        "256 x 128), saved as .keras; untrained head",
+        "gallery": "mini_mars/bounding_box_test (529 images)",
+        "queries": "mini_mars/query (32 images), and its first image alone",
+        "repeats": repeats,
+        "note": "wall time of the whole predict.py process (Python, TensorFlow and the model "
+        "loaded each time); in_process_median splits it",
+        **results,
+    }
+
+
+def _environment():
+    import os
+
+    environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    environment["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT)] + [p for p in environment.get("PYTHONPATH", "").split(os.pathsep) if p]
+    )
+    return environment
+
+
+# ---------------------------------------------------------------------------------------------
+# The table of docs/search.md.
+
+
+def markdown_table():
+    """The scale and end-to-end results as markdown, from bench/results/search*.json."""
+    lines = [
+        "| d | gallery | index (setting) | recall@10 | median ms | p99 ms | ms/query in a "
+        "batch of 100 | vs NumPy (one query / batch) | build s | bytes/entry |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    machine = None
+    for path in sorted(RESULTS.glob("search_d*_n*.json"), key=_size_key):
+        result = json.loads(path.read_text())
+        machine = machine or result["machine"]
+        numpy = result["numpy"]
+        size = f"{result['gallery_size']:,}"
+        lines.append(
+            f"| {result['dim']:,} | {size} | NumPy brute force | 1 | "
+            f"{numpy['median_ms']:.2f} | {numpy['p99_ms']:.2f} | "
+            f"{numpy['batch_per_query_ms']:.3f} | 1x / 1x | | {4 * result['dim']:,} |"
+        )
+        for name, best in result["summary"].items():
+            setting = f" ({best['setting']}={best['value']})" if best["setting"] else ""
+            mark = "" if best["meets_recall_goal"] else " (below 0.99)"
+            lines.append(
+                f"| {result['dim']:,} | {size} | {name}{setting} | "
+                f"{best['recall_at_10']:.3f}{mark} | {best['median_ms']:.2f} | "
+                f"{best['p99_ms']:.2f} | {best['batch_per_query_ms']:.3f} | "
+                f"{best['speedup_vs_numpy_single']:.1f}x / {best['speedup_vs_numpy_batch']:.1f}x "
+                f"| {best['build_seconds']:.1f} | {best['disk_bytes_per_entry']:,.0f} |"
+            )
+    if machine:
+        lines.append("")
+        lines.append(
+            f"Measured by `python bench/search.py` on {machine['processor']}, "
+            f"{machine['cpu_count']} cores shared with other jobs, faiss threads = cores; "
+            "each row the fastest setting reaching recall@10 >= 0.99 against NumPy's exact top "
+            "10 (else the most accurate). Synthetic embeddings drawn from the statistics of "
+            "pretrained MobileNetV2 embeddings of mini-MARS (see the JSON's `calibration`)."
+        )
+    end_to_end = RESULTS / "search_end_to_end.json"
+    if end_to_end.exists():
+        result = json.loads(end_to_end.read_text())
+        lines += [
+            "",
+            "| predict.py on mini-MARS (529 gallery images) | wall s | of which search s |",
+            "| --- | ---: | ---: |",
+        ]
+        labels = {
+            "build": "`--index DIR --build GALLERY` (once)",
+            "index_32_queries": "`QUERIES --index DIR` (32 queries)",
+            "gallery_32_queries": "`QUERIES --gallery GALLERY` (32 queries)",
+            "index_1_query": "`QUERY --index DIR` (1 query)",
+            "gallery_1_query": "`QUERY --gallery GALLERY` (1 query)",
+        }
+        for key, label in labels.items():
+            run = result[key]
+            search = run["in_process_median"].get("search_seconds")
+            lines.append(
+                f"| {label} | {run['wall_seconds_median']:.2f} | "
+                f"{'' if search is None else f'{search:.4f}'} |"
+            )
+    return "\n".join(lines)
+
+
+def _size_key(path):
+    result = json.loads(path.read_text())
+    return result["dim"], result["gallery_size"]
+
+
+def write_docs_table():
+    """Replaces the text between the table markers of docs/search.md; returns the table."""
+    table = markdown_table()
+    text = DOCS.read_text()
+    if TABLE_START not in text or TABLE_END not in text:
+        raise SystemExit(f"{DOCS} has no {TABLE_START} / {TABLE_END} markers")
+    head, rest = text.split(TABLE_START, 1)
+    tail = rest.split(TABLE_END, 1)[1]
+    DOCS.write_text(f"{head}{TABLE_START}\n{table}\n{TABLE_END}{tail}")
+    print(f"wrote {DOCS.relative_to(ROOT)}")
+    return table
+
+
+def write(name, payload):
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps({"machine": machine_info(), **payload}, indent=2) + "\n")
+    temporary.replace(path)
+    print(f"wrote {path.relative_to(ROOT)}", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--part", choices=("scale", "end_to_end", "all"), default="all")
+    parser.add_argument("--dims", type=int, nargs="+", default=sorted(SIZES))
+    parser.add_argument("--sizes", type=int, nargs="+", help="gallery sizes (default: SIZES)")
+    parser.add_argument("--force", action="store_true", help="measure finished sizes again")
+    parser.add_argument("--table", action="store_true", help="only rewrite docs/search.md")
+    args = parser.parse_args()
+    if args.table:
+        write_docs_table()
+        return
+    with tempfile.TemporaryDirectory(prefix="keras_fg_search_") as scratch:
+        scratch = Path(scratch)
+        if args.part in ("scale", "all"):
+            stats = calibrate()
+            for dim in args.dims:
+                for size in args.sizes or SIZES[dim]:
+                    name = f"search_d{dim}_n{size}"
+                    if (RESULTS / f"{name}.json").exists() and not args.force:
+                        print(f"{name}: done already (--force measures it again)")
+                        continue
+                    write(name, run_scale(dim, size, stats, scratch))
+                    gc.collect()
+        if args.part in ("end_to_end", "all"):
+            write("search_end_to_end", run_end_to_end(scratch))
+    if DOCS.exists():
+        write_docs_table()
+
+
+if __name__ == "__main__":
+    main()
