@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from keras_fg.inference import KerasPredictor, load_predictor
-from keras_fg.metrics import evaluate_reid, pairwise_distances
+from keras_fg.metrics import evaluate_reid, evaluate_reid_without_cameras, pairwise_distances
 from keras_fg.models import create_model
 from keras_fg.search import (
     AUTO_FLAT_BELOW,
@@ -445,3 +445,78 @@ def test_missing_faiss_is_one_line_naming_the_extra():
         '(or: pip install -e ".[search]")'
     )
     assert issubclass(FaissMissingError, ImportError)
+
+
+# === Re-ID on one folder per person, without camera ids ===
+
+
+def test_evaluate_reid_without_cameras_is_leave_one_out():
+    """Against a direct transcription: each image ranks all the others; its person's other
+    images are the true matches; a person with one image is skipped."""
+    features, ids = clustered(300, 16, 40, spread=0.9)
+    ids[0] = 999  # One person with a single image.
+    result = evaluate_reid_without_cameras(features, ids, ranks=(1, 5))
+    distances = pairwise_distances(features, features)
+    first, average_precision = [], []
+    for i in range(len(features)):
+        others = np.delete(np.arange(len(features)), i)
+        ranked = others[np.argsort(distances[i, others], kind="stable")]
+        ranks = np.flatnonzero(ids[ranked] == ids[i]) + 1
+        if len(ranks):
+            first.append(ranks[0])
+            average_precision.append(np.mean(np.arange(1, len(ranks) + 1) / ranks))
+    assert result["protocol"] == "all_other_images"
+    assert (result["num_valid_queries"], result["num_skipped_queries"]) == (299, 1)
+    assert result["rank1"] == pytest.approx(np.mean(np.array(first) == 1))
+    assert result["rank5"] == pytest.approx(np.mean(np.array(first) <= 5))
+    assert result["mAP"] == pytest.approx(np.mean(average_precision), abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def identity_tree(mars_dir, tmp_path_factory):
+    """mini-MARS as one folder per person, file names without person or camera: 12 images
+    of each person, training people in train/, gallery people in test/."""
+    root = tmp_path_factory.mktemp("people")
+    for split, folder in (("train", "bounding_box_train"), ("test", "bounding_box_test")):
+        by_person = {}
+        for path in sorted((mars_dir / folder).glob("*.jpg")):
+            by_person.setdefault(path.name[:4], []).append(path)
+        for person, paths in by_person.items():
+            (root / split / f"person_{person}").mkdir(parents=True)
+            for number, path in enumerate(paths[:: max(1, len(paths) // 12)][:12]):
+                (root / split / f"person_{person}" / f"img{number:03d}.jpg").write_bytes(
+                    path.read_bytes()
+                )
+    return root
+
+
+def test_reid_trains_on_identity_folders_and_is_searchable(identity_tree, tmp_path):
+    out = tmp_path / "run"
+    command = [
+        sys.executable, str(ROOT / "train.py"), "--task", "reid", "--data", str(identity_tree),
+        "--model", "gap", "--backbone", "tiny", "--image-size", "64", "32", "--epochs", "1",
+        "--num-identities", "4", "--num-instances", "4", "--verbose", "0", "--output", str(out),
+    ]  # fmt: skip
+    completed = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert evaluation["protocol"] == "all_other_images"
+    assert "every other image of its person is a true match" in evaluation["protocol_description"]
+    test_images = sorted((identity_tree / "test").rglob("*.jpg"))
+    assert evaluation["num_query_images"] == evaluation["num_gallery_images"] == len(test_images)
+    assert evaluation["variants"]["plain"]["num_valid_queries"] == len(test_images) == 16 * 12
+    assert 0.0 <= evaluation["rank1"] <= 1.0
+
+    # Searchable: the people's folder names are their ids.
+    people = [path.parent.name for path in test_images]
+    index = GalleryIndex.build(out / "model.keras", test_images, person_ids=people)
+    hits = index.search([test_images[0]], k=5)[0]
+    assert hits[0]["path"] == str(test_images[0]) and hits[0]["person_id"] == people[0]
+    assert all(hit["camera"] is None for hit in hits)

@@ -198,7 +198,8 @@ class GalleryIndex:
             image_paths: the gallery's image files.
             batch_size: images per model call.
             progress: optional progress bar (see `keras_fg.inference.predict_files`).
-            **options: the constructor's arguments (`index_type`, `metric`, ...).
+            **options: the constructor's arguments (`index_type`, `metric`, ...), and `add`'s
+                `person_ids`.
 
         Returns:
             The `GalleryIndex`; its `skipped` lists the unreadable files.
@@ -209,12 +210,17 @@ class GalleryIndex:
         from keras_fg.inference import as_predictor
 
         predictor = as_predictor(model_or_predictor)
+        person_ids = options.pop("person_ids", None)
         index = cls(fingerprint=predictor.fingerprint(), **options)
         index.predictor = predictor
-        index.skipped = index.add(image_paths, batch_size=batch_size, progress=progress)
+        index.skipped = index.add(
+            image_paths, batch_size=batch_size, progress=progress, person_ids=person_ids
+        )
         return index
 
-    def add(self, image_paths, model_or_predictor=None, batch_size=32, progress=None):
+    def add(
+        self, image_paths, model_or_predictor=None, batch_size=32, progress=None, person_ids=None
+    ):
         """Embeds more images and appends them; files already in the index are left out.
 
         Args:
@@ -222,6 +228,8 @@ class GalleryIndex:
             model_or_predictor: the model, when the index was not built or loaded with one.
             batch_size: images per model call.
             progress: optional progress bar.
+            person_ids: optional person id of each image (e.g. its identity folder's name),
+                for files whose names do not follow Market-1501.
 
         Returns:
             `[{"image", "reason"}]` for the files not added (unreadable, or already indexed).
@@ -233,6 +241,12 @@ class GalleryIndex:
 
         predictor = self._predictor_for(model_or_predictor)
         paths = [Path(path) for path in image_paths]
+        if person_ids is not None and len(person_ids) != len(paths):
+            raise GalleryIndexError(
+                f"One person id per image is needed. Received: {len(paths)} images and "
+                f"{len(person_ids)} person ids"
+            )
+        person_of = dict(zip(map(str, paths), person_ids if person_ids is not None else []))
         present = [{"image": str(p), "reason": "already in the index"} for p in paths]
         present = [entry for entry in present if entry["image"] in self._ids_of_path]
         paths = [path for path in paths if str(path) not in self._ids_of_path]
@@ -241,7 +255,8 @@ class GalleryIndex:
         if self.fingerprint is None:
             self.fingerprint = predictor.fingerprint()
         kept, outputs, skipped = predict_files(predictor, paths, batch_size, "gallery", progress)
-        self.add_embeddings(outputs["features"], [entry_record(path) for path in kept])
+        records = [entry_record(path, person_of.get(str(path))) for path in kept]
+        self.add_embeddings(outputs["features"], records)
         return present + skipped
 
     def add_embeddings(self, vectors, records):
