@@ -41,6 +41,7 @@ table of docs/search.md (`write_docs_table`, for bench/make_table.py).
 import argparse
 import gc
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -204,23 +205,37 @@ def numpy_search(gallery, queries, k=K):
     return np.take_along_axis(top, order, axis=1)
 
 
-def latencies(search, queries):
-    """Per-query seconds, one query at a time; then the batch's per-query time (median of 3)."""
-    single = []
+def interleaved_latencies(searches, queries):
+    """Per-query milliseconds of several searches, timed in turns on the same queries.
+
+    The machine is shared: timing NumPy and an index in turns, query by query, puts both under
+    the same load. For each search: the median and p99 over the queries searched one at a time,
+    and the per-query time of the whole batch (median of 3 batches, also in turns).
+
+    Returns:
+        `({name: {"median_ms", "p99_ms", "batch_per_query_ms"}}, {name: batch ids})`.
+    """
+    single = {name: [] for name in searches}
     for query in queries:
-        started = time.perf_counter()
-        search(query[None])
-        single.append(time.perf_counter() - started)
-    batch = []
+        for name, search in searches.items():
+            started = time.perf_counter()
+            search(query[None])
+            single[name].append(time.perf_counter() - started)
+    batch, found = {name: [] for name in searches}, {}
     for _ in range(3):
-        started = time.perf_counter()
-        result = search(queries)
-        batch.append((time.perf_counter() - started) / len(queries))
-    return {
-        "median_ms": 1000 * float(np.median(single)),
-        "p99_ms": 1000 * float(np.percentile(single, 99)),
-        "batch_per_query_ms": 1000 * float(np.median(batch)),
-    }, result
+        for name, search in searches.items():
+            started = time.perf_counter()
+            found[name] = search(queries)
+            batch[name].append((time.perf_counter() - started) / len(queries))
+    timings = {
+        name: {
+            "median_ms": 1000 * float(np.median(single[name])),
+            "p99_ms": 1000 * float(np.percentile(single[name], 99)),
+            "batch_per_query_ms": 1000 * float(np.median(batch[name])),
+        }
+        for name in searches
+    }
+    return timings, found
 
 
 def recall(found, exact):
@@ -275,19 +290,20 @@ def measure_index(gallery, queries, exact, index_type, sweep, scratch, **options
     loaded = GalleryIndex.load(folder)
     entry["load_seconds"] = time.perf_counter() - started
     shutil.rmtree(folder)
-    entry["settings"] = []
+    searches = {"numpy": lambda q: numpy_search(gallery, q)}
     for name, value in sweep:
         options = {name: value} if name else {}
-        timing, found = latencies(
-            lambda q, o=options, i=loaded: i.search_arrays(q, K, **o)[1], queries
-        )
-        entry["settings"].append(
-            {"setting": name, "value": value, **timing, "recall_at_10": recall(found, exact)}
-        )
-        print(
-            f"  {index_type:<6} {name or '':>9}={value!s:<5} {timing} recall {entry['settings'][-1]['recall_at_10']:.4f}",
-            flush=True,
-        )
+        searches[f"{name}={value}"] = lambda q, o=options, i=loaded: i.search_arrays(q, K, **o)[1]
+    timings, found = interleaved_latencies(searches, queries)
+    entry["numpy_same_window"] = timings.pop("numpy")
+    entry["settings"] = [
+        {"setting": name, "value": value, **timings[f"{name}={value}"]}
+        | {"recall_at_10": recall(found[f"{name}={value}"], exact)}
+        for name, value in sweep
+    ]
+    for setting in entry["settings"]:
+        print(f"  {index_type} {setting}", flush=True)
+    print(f"  numpy in the same window {entry['numpy_same_window']}", flush=True)
     del loaded
     gc.collect()
     return entry
@@ -314,74 +330,97 @@ def measure_pca(gallery, queries, exact, scratch):
         "build_peak_mb": memory_mb("VmHWM") - before,
         "disk_bytes_per_entry": 4 * PCA_DIM,
     }
-    timing, found = latencies(lambda q: index.search(q, K)[1], queries)
+    timings, found = interleaved_latencies(
+        {"numpy": lambda q: numpy_search(gallery, q), "pca": lambda q: index.search(q, K)[1]},
+        queries,
+    )
+    entry["numpy_same_window"] = timings["numpy"]
     entry["settings"] = [
-        {"setting": None, "value": None, **timing, "recall_at_10": recall(found, exact)}
+        {"setting": None, "value": None, **timings["pca"]}
+        | {"recall_at_10": recall(found["pca"], exact)}
     ]
-    print(f"  pca    {timing} recall {entry['settings'][0]['recall_at_10']:.4f}", flush=True)
+    print(f"  pca {entry['settings'][0]}", flush=True)
     return entry
 
 
-def run_scale(dim, size, stats, scratch):
+def index_plan(dim):
+    """`{name: (index_type, sweep, options)}` measured at dimension `dim`, in order."""
+    plan = {
+        "flat": ("flat", [(None, None)], {}),
+        "ivf": ("ivf", [("nprobe", n) for n in NPROBES], {}),
+        "hnsw": ("hnsw", [("ef_search", e) for e in EF_SEARCHES], {}),
+    }
+    if dim == 7680:
+        for pq_bytes in PQ_BYTES:
+            plan[f"ivfpq{pq_bytes}"] = ("ivfpq", plan["ivf"][1], {"pq_bytes": pq_bytes})
+        plan["pca_flat"] = ("pca_flat", None, {})
+    return plan
+
+
+def run_scale(dim, size, stats, scratch, wanted, force):
+    """Measures the indexes `wanted` on one gallery; the JSON is rewritten after each index,
+    so that a run stopped part way resumes with the indexes it has not measured."""
     import faiss
 
+    name = f"search_d{dim}_n{size}"
+    path = RESULTS / f"{name}.json"
+    result = json.loads(path.read_text()) if path.exists() and not force else None
+    plan = {key: value for key, value in index_plan(dim).items() if key in wanted}
+    done = {entry["name"] for entry in result["indexes"]} if result else set()
+    if not set(plan) - done:
+        print(f"{name}: {', '.join(plan)} measured already (--force measures them again)")
+        return
     print(f"d={dim} N={size}", flush=True)
     started = time.perf_counter()
     gallery, queries, _, _ = synthetic(stats, dim, size, seed=size + dim)
-    result = {
-        "dim": dim,
-        "gallery_size": size,
-        "queries": QUERIES,
-        "k": K,
-        "faiss": faiss.__version__,
-        "faiss_threads": faiss.omp_get_max_threads(),
-        "generate_seconds": time.perf_counter() - started,
-        "gallery_mb": gallery.nbytes / 2**20,
-        "embeddings": "synthetic, drawn from mini-MARS statistics (see calibration)",
-        "calibration": calibration_report(stats, dim),
-    }
-    timing, exact = latencies(lambda q: numpy_search(gallery, q), queries)
-    result["numpy"] = timing
-    print(f"  numpy  {timing}", flush=True)
-    indexes = [
-        measure_index(gallery, queries, exact, "flat", [(None, None)], scratch),
-        measure_index(gallery, queries, exact, "ivf", [("nprobe", n) for n in NPROBES], scratch),
-        measure_index(
-            gallery, queries, exact, "hnsw", [("ef_search", e) for e in EF_SEARCHES], scratch
-        ),
-    ]
-    if dim == 7680:
-        for pq_bytes in PQ_BYTES:
-            entry = measure_index(
-                gallery,
-                queries,
-                exact,
-                "ivfpq",
-                [("nprobe", n) for n in NPROBES],
-                scratch,
-                pq_bytes=pq_bytes,
-            )
-            indexes.append(entry)
-        indexes.append(measure_pca(gallery, queries, exact, scratch))
-    result["indexes"] = indexes
-    result["summary"] = summarise(result)
-    return result
+    generate_seconds = time.perf_counter() - started
+    if result is None:
+        exact = numpy_search(gallery, queries)
+        result = {
+            "dim": dim,
+            "gallery_size": size,
+            "queries": QUERIES,
+            "k": K,
+            "faiss": faiss.__version__,
+            "faiss_threads": faiss.omp_get_max_threads(),
+            "generate_seconds": generate_seconds,
+            "gallery_mb": gallery.nbytes / 2**20,
+            "embeddings": "synthetic, drawn from mini-MARS statistics (see calibration)",
+            "calibration": calibration_report(stats, dim),
+            "exact_top10": exact.tolist(),
+            "indexes": [],
+        }
+    exact = np.array(result["exact_top10"])
+    assert np.array_equal(numpy_search(gallery, queries[:5]), exact[:5]), "not the same gallery"
+    for key, (index_type, sweep, options) in plan.items():
+        if key in done:
+            continue
+        if index_type == "pca_flat":
+            entry = measure_pca(gallery, queries, exact, scratch)
+        else:
+            entry = measure_index(gallery, queries, exact, index_type, sweep, scratch, **options)
+        result["indexes"] = [e for e in result["indexes"] if e["name"] != key]
+        result["indexes"].append({"name": key, "load_average_after": os.getloadavg(), **entry})
+        result["summary"] = summarise(result)
+        result["missing"] = [
+            k for k in index_plan(dim) if k not in {e["name"] for e in result["indexes"]}
+        ]
+        write(name, result)
+    del gallery
+    gc.collect()
 
 
 def summarise(result):
     """Per index, the fastest setting at recall@10 >= RECALL_GOAL, and its speed-up on NumPy."""
-    numpy_ms = result["numpy"]["median_ms"]
-    numpy_batch = result["numpy"]["batch_per_query_ms"]
     summary = {}
     for entry in result["indexes"]:
+        numpy_ms = entry["numpy_same_window"]["median_ms"]
+        numpy_batch = entry["numpy_same_window"]["batch_per_query_ms"]
         good = [s for s in entry["settings"] if s["recall_at_10"] >= RECALL_GOAL]
         best = min(good, key=lambda s: s["median_ms"]) if good else None
         if best is None:  # Report the most accurate one, and say it misses the goal.
             best = max(entry["settings"], key=lambda s: s["recall_at_10"])
-        name = entry["index_type"] + (
-            f"{entry['options']['pq_bytes']}" if entry["index_type"] == "ivfpq" else ""
-        )
-        summary[name] = {
+        summary[entry["name"]] = {
             "setting": best["setting"],
             "value": best["value"],
             "recall_at_10": best["recall_at_10"],
@@ -391,6 +430,8 @@ def summarise(result):
             "batch_per_query_ms": best["batch_per_query_ms"],
             "speedup_vs_numpy_single": numpy_ms / best["median_ms"],
             "speedup_vs_numpy_batch": numpy_batch / best["batch_per_query_ms"],
+            "numpy_median_ms": numpy_ms,
+            "numpy_batch_per_query_ms": numpy_batch,
             "build_seconds": entry["build_seconds"],
             "disk_bytes_per_entry": entry["disk_bytes_per_entry"],
             "resident_mb": entry["resident_mb"],
@@ -469,8 +510,6 @@ def run_end_to_end(scratch, repeats=3):
 
 
 def _environment():
-    import os
-
     environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     environment["PYTHONPATH"] = os.pathsep.join(
         [str(ROOT)] + [p for p in environment.get("PYTHONPATH", "").split(os.pathsep) if p]
@@ -485,38 +524,37 @@ def _environment():
 def markdown_table():
     """The scale and end-to-end results as markdown, from bench/results/search*.json."""
     lines = [
-        "| d | gallery | index (setting) | recall@10 | median ms | p99 ms | ms/query in a "
-        "batch of 100 | vs NumPy (one query / batch) | build s | bytes/entry |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| d | gallery | index (setting) | recall@10 | median ms | p99 ms | ms/query, batch "
+        "of 100 | NumPy median ms / batch ms | speed-up on NumPy, 1 query / batch | build s "
+        "| bytes/entry |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     machine = None
     for path in sorted(RESULTS.glob("search_d*_n*.json"), key=_size_key):
         result = json.loads(path.read_text())
         machine = machine or result["machine"]
-        numpy = result["numpy"]
         size = f"{result['gallery_size']:,}"
-        lines.append(
-            f"| {result['dim']:,} | {size} | NumPy brute force | 1 | "
-            f"{numpy['median_ms']:.2f} | {numpy['p99_ms']:.2f} | "
-            f"{numpy['batch_per_query_ms']:.3f} | 1x / 1x | | {4 * result['dim']:,} |"
-        )
         for name, best in result["summary"].items():
             setting = f" ({best['setting']}={best['value']})" if best["setting"] else ""
-            mark = "" if best["meets_recall_goal"] else " (below 0.99)"
+            mark = "" if best["meets_recall_goal"] else " (< 0.99)"
             lines.append(
                 f"| {result['dim']:,} | {size} | {name}{setting} | "
                 f"{best['recall_at_10']:.3f}{mark} | {best['median_ms']:.2f} | "
                 f"{best['p99_ms']:.2f} | {best['batch_per_query_ms']:.3f} | "
+                f"{best['numpy_median_ms']:.2f} / {best['numpy_batch_per_query_ms']:.3f} | "
                 f"{best['speedup_vs_numpy_single']:.1f}x / {best['speedup_vs_numpy_batch']:.1f}x "
                 f"| {best['build_seconds']:.1f} | {best['disk_bytes_per_entry']:,.0f} |"
             )
+        for name in result.get("missing", []):
+            lines.append(f"| {result['dim']:,} | {size} | {name}: not measured | | | | | | | | |")
     if machine:
         lines.append("")
         lines.append(
             f"Measured by `python bench/search.py` on {machine['processor']}, "
             f"{machine['cpu_count']} cores shared with other jobs, faiss threads = cores; "
             "each row the fastest setting reaching recall@10 >= 0.99 against NumPy's exact top "
-            "10 (else the most accurate). Synthetic embeddings drawn from the statistics of "
+            "10 (else the most accurate), NumPy timed in turns with it, query by query. "
+            "Synthetic embeddings drawn from the statistics of "
             "pretrained MobileNetV2 embeddings of mini-MARS (see the JSON's `calibration`)."
         )
     end_to_end = RESULTS / "search_end_to_end.json"
@@ -576,6 +614,11 @@ def main():
     parser.add_argument("--part", choices=("scale", "end_to_end", "all"), default="all")
     parser.add_argument("--dims", type=int, nargs="+", default=sorted(SIZES))
     parser.add_argument("--sizes", type=int, nargs="+", help="gallery sizes (default: SIZES)")
+    parser.add_argument(
+        "--indexes",
+        nargs="+",
+        help="measure only these (flat ivf hnsw ivfpq96 ivfpq192 pca_flat; default: all)",
+    )
     parser.add_argument("--force", action="store_true", help="measure finished sizes again")
     parser.add_argument("--table", action="store_true", help="only rewrite docs/search.md")
     args = parser.parse_args()
@@ -588,12 +631,8 @@ def main():
             stats = calibrate()
             for dim in args.dims:
                 for size in args.sizes or SIZES[dim]:
-                    name = f"search_d{dim}_n{size}"
-                    if (RESULTS / f"{name}.json").exists() and not args.force:
-                        print(f"{name}: done already (--force measures it again)")
-                        continue
-                    write(name, run_scale(dim, size, stats, scratch))
-                    gc.collect()
+                    wanted = args.indexes or list(index_plan(dim))
+                    run_scale(dim, size, stats, scratch, wanted, args.force)
         if args.part in ("end_to_end", "all"):
             write("search_end_to_end", run_end_to_end(scratch))
     if DOCS.exists():

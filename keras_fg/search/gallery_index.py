@@ -28,6 +28,11 @@ DEFAULT_NPROBE = 16
 DEFAULT_HNSW_M = 32
 DEFAULT_EF_SEARCH = 128
 DEFAULT_EF_CONSTRUCTION = 40
+# Fewer queries than this are searched on one thread: for one query a team of OpenMP threads
+# costs more than it saves, most on a loaded machine (bench/search.py's 2 shared cores: flat
+# over 10^4 x 1,280, 31 ms a query on 2 threads, 6 ms on one; the IDMap's id translation forks
+# a team too). faiss' own switch to BLAS for flat search is at 20 queries.
+SMALL_BATCH = 20
 EXTRA = 'pip install "keras-fg[search]" (or: pip install -e ".[search]")'
 
 
@@ -352,6 +357,9 @@ class GalleryIndex:
             nprobe: IVF lists scanned, for this call (default: the index's `nprobe`).
             ef_search: HNSW candidates, for this call (default: the index's `ef_search`).
 
+        Fewer than `SMALL_BATCH` queries run on one faiss thread (faiss' thread count is
+        global: do not search from several Python threads at once).
+
         Returns:
             One list per query of dicts `{"rank", "id", "distance", "path", "person_id",
             "camera"}` (person and camera `None` when unknown).
@@ -382,7 +390,13 @@ class GalleryIndex:
             queries = self._embed_queries(queries, model_or_predictor)
         queries = self._prepare(queries, "queries")
         self._set_query_options(nprobe, ef_search)
-        scores, ids = self._index.search(queries, min(int(k), len(self)))
+        threads = self._faiss.omp_get_max_threads()
+        if len(queries) < SMALL_BATCH and threads > 1:
+            self._faiss.omp_set_num_threads(1)
+        try:
+            scores, ids = self._index.search(queries, min(int(k), len(self)))
+        finally:
+            self._faiss.omp_set_num_threads(threads)
         if self.metric == "cosine":
             distances = 1.0 - scores
         else:  # faiss returns squared L2 distances.
