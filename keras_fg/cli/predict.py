@@ -46,7 +46,13 @@ from keras_fg.inference import (
     load_predictor,
     predict_files,
 )
-from keras_fg.search import FaissMissingError, GalleryIndexError
+from keras_fg.search import (
+    AUTO_FLAT_BELOW,
+    DEFAULT_EF_SEARCH,
+    DEFAULT_NPROBE,
+    FaissMissingError,
+    GalleryIndexError,
+)
 
 PROGRAM = "predict.py"
 CLASSES_SHOWN, RANKS_SHOWN = 5, 10  # --top-k defaults.
@@ -113,10 +119,14 @@ def build_parser():
         choices=("auto", "flat", "ivf", "hnsw", "ivfpq"),
         default="auto",
         help="with --build: flat is exact; ivf, hnsw and ivfpq are approximate, for large "
-        "galleries; auto: flat below 50,000 images, ivf above",
+        f"galleries; auto: flat below {AUTO_FLAT_BELOW:,} images, ivf above",
     )
-    search.add_argument("--nprobe", type=int, help="ivf lists scanned per query (default 16)")
-    search.add_argument("--ef-search", type=int, help="hnsw candidates per query (default 128)")
+    search.add_argument(
+        "--nprobe", type=int, help=f"ivf lists scanned per query (default {DEFAULT_NPROBE})"
+    )
+    search.add_argument(
+        "--ef-search", type=int, help=f"hnsw candidates per query (default {DEFAULT_EF_SEARCH})"
+    )
     search.add_argument("--threads", type=int, help="faiss threads (default: one per core)")
     return parser
 

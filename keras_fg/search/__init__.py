@@ -10,6 +10,8 @@ works without it; a missing faiss is then one line naming the extra.
 
 from keras_fg.search.gallery_index import (
     AUTO_FLAT_BELOW,
+    DEFAULT_EF_SEARCH,
+    DEFAULT_NPROBE,
     INDEX_TYPES,
     METRICS,
     FaissMissingError,
