@@ -62,6 +62,7 @@ EF_SEARCHES = (16, 32, 64, 128, 256)
 PQ_BYTES = (96, 192)
 PCA_DIM = 1280
 CHUNK = 50_000  # Rows generated at a time: no float64 or full-size temporaries.
+LEAN_FROM = 1_000_000  # From this size the gallery is never in memory beside an index.
 RECALL_GOAL = 0.99
 DOCS = ROOT / "docs" / "search.md"
 TABLE_START, TABLE_END = "<!-- search-table:start -->", "<!-- search-table:end -->"
@@ -161,6 +162,57 @@ def synthetic(stats, dim, size, seed):
     return gallery, queries.astype(np.float32), person, query_person
 
 
+class ChunkedGallery:
+    """A synthetic gallery drawn as `synthetic` draws it, chunk by chunk, never whole.
+
+    At 10^6 x 1,280 the gallery (5 GB) and an index (5 GB) do not fit beside the other jobs of
+    a shared 24 GB machine: NumPy is timed on the whole gallery first, then each index is built
+    from the chunks drawn again (each chunk its own seed, so the same numbers every time).
+    """
+
+    def __init__(self, stats, dim, size, seed, first_chunk=CHUNK):
+        rng = np.random.default_rng(seed)
+        self.stats, self.dim, self.size, self.seed = stats, dim, size, seed
+        self.first_chunk = first_chunk
+        counts = stats["gallery_counts"]
+        counts = rng.choice(counts, size=size // counts.min() + 1)
+        counts = counts[: np.searchsorted(np.cumsum(counts), size) + 1]
+        self.person = np.repeat(np.arange(len(counts)), counts)[:size]
+        between = stats[f"between_std_{dim}"]
+        self.centers = stats[f"mean_{dim}"] + between * rng.standard_normal(
+            (len(counts), dim), dtype=np.float32
+        )
+        query_rng = np.random.default_rng([seed, size])
+        query_person = query_rng.choice(self.person, QUERIES, replace=False)
+        queries = self.centers[query_person] + stats[f"within_std_{dim}"] * (
+            query_rng.standard_normal((QUERIES, dim), np.float32)
+        )
+        np.maximum(queries, 0, out=queries)
+        self.queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype("float32")
+
+    def __len__(self):
+        return self.size
+
+    def chunks(self):
+        """`(start, rows)` of unit vectors, the first `first_chunk` rows long, then CHUNK."""
+        within = self.stats[f"within_std_{self.dim}"]
+        bounds = [0] + list(range(self.first_chunk, self.size, CHUNK)) + [self.size]
+        for number, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+            rng = np.random.default_rng([self.seed, number])
+            block = rng.standard_normal((stop - start, self.dim), dtype=np.float32)
+            block *= within
+            block += self.centers[self.person[start:stop]]
+            np.maximum(block, 0, out=block)
+            block /= np.sqrt(np.einsum("ij,ij->i", block, block))[:, None]
+            yield start, block
+
+    def whole(self):
+        gallery = np.empty((self.size, self.dim), np.float32)
+        for start, block in self.chunks():
+            gallery[start : start + len(block)] = block
+        return gallery
+
+
 def cosine_statistics(features, ids, seed=0):
     """Mean cosine within a person and between people; leave-one-out rank-1 (cosine)."""
     x = features / np.linalg.norm(features, axis=1, keepdims=True)
@@ -253,8 +305,12 @@ def directory_bytes(folder):
 # Scale.
 
 
-def measure_index(gallery, queries, exact, index_type, sweep, scratch, **options):
-    """Builds one GalleryIndex, saves and loads it, and searches it at every setting of `sweep`."""
+def measure_index(gallery, queries, exact, index_type, sweep, scratch, numpy_alone=None, **options):
+    """Builds one GalleryIndex, saves and loads it, and searches it at every setting of `sweep`.
+
+    `gallery` is an array, or a `ChunkedGallery` (added chunk by chunk; NumPy's timing is then
+    `numpy_alone`, measured before, as the gallery is not in memory beside the index).
+    """
     from keras_fg.search import GalleryIndex
 
     paths = [f"synthetic/{i:07d}.jpg" for i in range(len(gallery))]
@@ -262,7 +318,11 @@ def measure_index(gallery, queries, exact, index_type, sweep, scratch, **options
     reset_peak()
     started = time.perf_counter()
     index = GalleryIndex(index_type=index_type, **options)
-    index.add_embeddings(gallery, paths)
+    if isinstance(gallery, np.ndarray):
+        index.add_embeddings(gallery, paths)
+    else:
+        for start, block in gallery.chunks():
+            index.add_embeddings(block, paths[start : start + len(block)])
     build_seconds = time.perf_counter() - started
     resident = memory_mb("VmRSS") - before
     peak = memory_mb("VmHWM") - before
@@ -293,14 +353,17 @@ def measure_index(gallery, queries, exact, index_type, sweep, scratch, **options
     loaded = GalleryIndex.load(folder)
     entry["load_seconds"] = time.perf_counter() - started
     shutil.rmtree(folder)
-    searches = {"numpy": lambda q: numpy_search(gallery, q)}
+    searches = {}
+    if numpy_alone is None:
+        searches["numpy"] = lambda q: numpy_search(gallery, q)
     for name, value in sweep:
         options = {name: value} if name else {}
         searches[f"{name}={value}"] = lambda q, o=options, i=loaded: i.search_arrays(q, K, **o)[1]
     # At 10^6 a NumPy query takes a second: one round of single queries, not two.
     rounds = 1 if len(gallery) >= 1_000_000 else 2
     timings, found = interleaved_latencies(searches, queries, rounds)
-    entry["numpy_same_window"] = timings.pop("numpy")
+    entry["numpy_same_window"] = timings.pop("numpy") if numpy_alone is None else numpy_alone
+    entry["numpy_timed_in_turns"] = numpy_alone is None
     entry["single_query_rounds"] = rounds
     entry["settings"] = [
         {"setting": name, "value": value, **timings[f"{name}={value}"]}
@@ -377,12 +440,28 @@ def run_scale(dim, size, stats, scratch, wanted, force):
         print(f"{name}: {', '.join(plan)} measured already (--force measures them again)")
         return
     print(f"d={dim} N={size}", flush=True)
+    lean = size >= LEAN_FROM
     started = time.perf_counter()
-    gallery, queries, _, _ = synthetic(stats, dim, size, seed=size + dim)
+    if lean:
+        chunked = ChunkedGallery(stats, dim, size, seed=size + dim, first_chunk=160_000)
+        queries = chunked.queries
+        gallery = chunked.whole() if result is None else None
+    else:
+        gallery, queries, _, _ = synthetic(stats, dim, size, seed=size + dim)
     generate_seconds = time.perf_counter() - started
     if result is None:
-        exact = numpy_search(gallery, queries)
+        numpy_alone = None
+        if lean:  # NumPy alone now; the indexes are built from chunks once it is gone.
+            timings, found = interleaved_latencies(
+                {"numpy": lambda q, g=gallery: numpy_search(g, q)}, queries, rounds=1
+            )
+            numpy_alone, exact = timings["numpy"], found["numpy"]
+            print(f"  numpy alone {numpy_alone}", flush=True)
+        else:
+            exact = numpy_search(gallery, queries)
         result = {
+            "numpy_alone": numpy_alone,
+            "gallery_in_chunks": lean,
             "dim": dim,
             "gallery_size": size,
             "queries": QUERIES,
@@ -397,14 +476,31 @@ def run_scale(dim, size, stats, scratch, wanted, force):
             "indexes": [],
         }
     exact = np.array(result["exact_top10"])
-    assert np.array_equal(numpy_search(gallery, queries[:5]), exact[:5]), "not the same gallery"
+    if lean:
+        del gallery
+        gc.collect()
+        gallery = chunked
+        write(name, result)
+    else:
+        assert np.array_equal(numpy_search(gallery, queries[:5]), exact[:5]), "another gallery"
     for key, (index_type, sweep, options) in plan.items():
         if key in done:
             continue
         if index_type == "pca_flat":
             entry = measure_pca(gallery, queries, exact, scratch)
         else:
-            entry = measure_index(gallery, queries, exact, index_type, sweep, scratch, **options)
+            if lean and index_type in ("ivf", "ivfpq"):
+                options = {**options, "nlist": round(4 * np.sqrt(size))}
+            entry = measure_index(
+                gallery,
+                queries,
+                exact,
+                index_type,
+                sweep,
+                scratch,
+                numpy_alone=result["numpy_alone"],
+                **options,
+            )
         result["indexes"] = [e for e in result["indexes"] if e["name"] != key]
         result["indexes"].append({"name": key, "load_average_after": os.getloadavg(), **entry})
         result["summary"] = summarise(result)
