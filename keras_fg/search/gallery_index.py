@@ -24,9 +24,13 @@ AUTO_FLAT_BELOW = 20_000
 # list (faiss warns below 39); the rest of the gallery is only assigned to its nearest list.
 IVF_TRAIN_ITERATIONS = 10
 IVF_TRAIN_POINTS_PER_LIST = 40
-DEFAULT_NPROBE = 16
+# Query-time defaults, from bench/search.py at 10^5 x 1,280 (bench/results/search_d1280_n100000.json):
+# IVF scanning 5 % of its lists (64 of 1,265) found 0.999 of the exact top 10, 2.5 % 0.987;
+# HNSW with 256 candidates 0.995, with 128 0.978.
+DEFAULT_NPROBE_FRACTION = 0.05
+DEFAULT_NPROBE = "5% of the lists (at least 8)"  # What the help says.
 DEFAULT_HNSW_M = 32
-DEFAULT_EF_SEARCH = 128
+DEFAULT_EF_SEARCH = 256
 DEFAULT_EF_CONSTRUCTION = 40
 # Fewer queries than this are searched on one thread: for one query a team of OpenMP threads
 # costs more than it saves, most on a loaded machine (bench/search.py's 2 shared cores: flat
@@ -133,7 +137,7 @@ class GalleryIndex:
         fingerprint: the fingerprint of the model whose embeddings the index holds
             (`Predictor.fingerprint()`), or `None` (embeddings from elsewhere). Set by `build`.
         nlist: IVF lists; `None` picks 4·√N (at most N / 39) when the index is trained.
-        nprobe: IVF lists scanned per query. Defaults to `DEFAULT_NPROBE`.
+        nprobe: IVF lists scanned per query. `None` (default): 5 % of the lists, at least 8.
         hnsw_m: HNSW links per entry. Defaults to 32.
         ef_search: HNSW candidates per query. Defaults to `DEFAULT_EF_SEARCH`.
         pq_bytes: bytes per entry of `"ivfpq"` (a divisor of `dim`); `None` picks the divisor
@@ -157,7 +161,7 @@ class GalleryIndex:
         metric="cosine",
         fingerprint=None,
         nlist=None,
-        nprobe=DEFAULT_NPROBE,
+        nprobe=None,
         hnsw_m=DEFAULT_HNSW_M,
         ef_search=DEFAULT_EF_SEARCH,
         pq_bytes=None,
@@ -172,14 +176,14 @@ class GalleryIndex:
             if value is not None and int(value) < 1:
                 raise GalleryIndexError(f"`{name}` must be >= 1. Received: {name}={value}")
         for name, value in (("nprobe", nprobe), ("hnsw_m", hnsw_m), ("ef_search", ef_search)):
-            if int(value) < 1:
+            if value is not None and int(value) < 1:
                 raise GalleryIndexError(f"`{name}` must be >= 1. Received: {name}={value}")
         self.dim = None if dim is None else int(dim)
         self.index_type = index_type
         self.metric = metric
         self.fingerprint = fingerprint
         self.nlist = None if nlist is None else int(nlist)
-        self.nprobe = int(nprobe)
+        self.nprobe = None if nprobe is None else int(nprobe)
         self.hnsw_m = int(hnsw_m)
         self.ef_search = int(ef_search)
         self.pq_bytes = None if pq_bytes is None else int(pq_bytes)
@@ -676,7 +680,8 @@ class GalleryIndex:
     def _set_query_options(self, nprobe, ef_search):
         faiss = self._faiss
         if self._kind in ("ivf", "ivfpq"):
-            value = int(nprobe or self.nprobe)
+            lists = faiss.extract_index_ivf(self._index).nlist
+            value = int(nprobe or self.nprobe or max(8, round(DEFAULT_NPROBE_FRACTION * lists)))
             if value < 1:
                 raise GalleryIndexError(f"`nprobe` must be >= 1. Received: {nprobe}")
             faiss.extract_index_ivf(self._index).nprobe = value
