@@ -694,22 +694,32 @@ def markdown_table():
         for name in result.get("missing", []):
             lines.append(f"| {result['dim']:,} | {size} | {name}: not measured | | | | | | | | |")
     if machine:
+        loads = [
+            load
+            for path in RESULTS.glob("search_d*_n*.json")
+            for load in json.loads(path.read_text())["machine"]["load_average_1_5_15"][:1]
+        ]
         lines.append("")
         lines.append(
             f"Measured by `python bench/search.py` on {machine['processor']}, "
-            f"{machine['cpu_count']} cores shared with other jobs, faiss threads = cores; "
-            "each row the fastest setting reaching recall@10 >= 0.99 against NumPy's exact top "
-            "10 (else the most accurate), NumPy timed in turns with it, query by query. "
-            "Synthetic embeddings drawn from the statistics of "
-            "pretrained MobileNetV2 embeddings of mini-MARS (see the JSON's `calibration`)."
+            f"{machine['cpu_count']} cores shared with other jobs (1-minute load average "
+            f"{min(loads):.0f}-{max(loads):.0f} when each gallery finished: absolute times are "
+            "several times an idle machine's; compare within a row), faiss threads = cores "
+            "(one for fewer than 20 queries). Each row the fastest setting reaching recall@10 "
+            ">= 0.99 against NumPy's exact top 10 (else the most accurate), NumPy timed in turns "
+            "with it, block by block (at 10^6, before it: the two do not fit in memory "
+            "together). bytes/entry: the index file over its entries (IVF's centroids "
+            "included). Synthetic embeddings drawn from the statistics of pretrained MobileNetV2 "
+            "embeddings of mini-MARS (the JSON's `calibration`)."
         )
     end_to_end = RESULTS / "search_end_to_end.json"
     if end_to_end.exists():
         result = json.loads(end_to_end.read_text())
         lines += [
             "",
-            "| predict.py on mini-MARS (529 gallery images) | wall s | of which search s |",
-            "| --- | ---: | ---: |",
+            "| predict.py on mini-MARS (529 gallery images), median of 3 | wall s | model "
+            "load s | gallery embedding s | query embedding s | search s |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
         ]
         labels = {
             "build": "`--index DIR --build GALLERY` (once)",
@@ -718,13 +728,25 @@ def markdown_table():
             "index_1_query": "`QUERY --index DIR` (1 query)",
             "gallery_1_query": "`QUERY --gallery GALLERY` (1 query)",
         }
+
+        def cell(run, key, digits):
+            value = run["in_process_median"].get(key)
+            return "" if value is None else f"{value:.{digits}f}"
+
         for key, label in labels.items():
             run = result[key]
-            search = run["in_process_median"].get("search_seconds")
             lines.append(
-                f"| {label} | {run['wall_seconds_median']:.2f} | "
-                f"{'' if search is None else f'{search:.4f}'} |"
+                f"| {label} | {run['wall_seconds_median']:.1f} | "
+                f"{cell(run, 'load_model_seconds', 1)} | {cell(run, 'build_seconds', 1)} | "
+                f"{cell(run, 'embed_queries_seconds', 1)} | {cell(run, 'search_seconds', 4)} |"
             )
+        lines.append("")
+        lines.append(
+            f"rank-1 of the 32 queries: {result['rank1']['index_32_queries']:.3f} from the index, "
+            f"{result['rank1']['gallery_32_queries']:.3f} with --gallery. 1-minute load average "
+            f"{result['machine']['load_average_1_5_15'][0]:.0f} on the 2 cores: the wall times "
+            "are mostly Python and TensorFlow starting."
+        )
     return "\n".join(lines)
 
 
