@@ -24,9 +24,9 @@ AUTO_FLAT_BELOW = 20_000
 # list (faiss warns below 39); the rest of the gallery is only assigned to its nearest list.
 IVF_TRAIN_ITERATIONS = 10
 IVF_TRAIN_POINTS_PER_LIST = 40
-# Query-time defaults, from bench/search.py at 10^5 x 1,280 (bench/results/search_d1280_n100000.json):
-# IVF scanning 5 % of its lists (64 of 1,265) found 0.999 of the exact top 10, 2.5 % 0.987;
-# HNSW with 256 candidates 0.995, with 128 0.978.
+# Query-time defaults, from bench/search.py at 10^5 x 1,280
+# (bench/results/search_d1280_n100000.json): IVF scanning 5 % of its lists (64 of 1,265)
+# found 0.999 of the exact top 10, 2.5 % 0.987; HNSW with 256 candidates 0.995, 128 0.978.
 DEFAULT_NPROBE_FRACTION = 0.05
 DEFAULT_NPROBE = "5% of the lists (at least 8)"  # What the help says.
 DEFAULT_HNSW_M = 32
@@ -119,7 +119,8 @@ class GalleryIndex:
 
     - `"flat"`: exact; every query is compared with every entry (4·d bytes per entry).
     - `"ivf"`: the entries split into `nlist` lists by k-means (nlist ≈ 4·√N, trained on the
-      first vectors added); a query scans the `nprobe` nearest lists. Approximate.
+      first vectors added); a query scans the `nprobe` nearest lists. Approximate. The lists
+      stay as first trained: rebuild an index that has grown many times over its first add.
     - `"hnsw"`: a navigable small-world graph (`M` links per entry); `ef_search` candidates
       per query. Approximate; 4·d + 8·M bytes per entry; removal rebuilds the graph.
     - `"ivfpq"`: IVF whose entries are product-quantised to `pq_bytes` bytes each: the one for
