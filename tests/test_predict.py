@@ -1,5 +1,6 @@
 """predict.py: the same answers from a .keras file, its SavedModel and its TFLite file; JSON,
-attention overlays, unreadable files, unknown class names, gallery rankings, bad input."""
+attention overlays, unreadable files, unknown class names, gallery rankings, a gallery index
+built, extended and searched, bad input."""
 
 import json
 import shutil
@@ -249,14 +250,18 @@ def test_gallery_ranking_on_mini_market1501(market_dir, mobilenet_weights, tmp_p
         "task",
         "metric",
         "gallery",
+        "index",
+        "index_type",
         "gallery_size",
         "top_k",
         "rank1",
         "queries_with_match",
         "queries",
+        "timings",
         "skipped",
     }
     assert (result["task"], result["gallery_size"], result["top_k"]) == ("reid", 32, 10)
+    assert (result["index"], result["index_type"]) == (None, "flat")  # --gallery: temporary.
     assert len(result["queries"]) == result["queries_with_match"] == 32
     assert result["rank1"] >= 0.3
     for query in result["queries"]:
@@ -283,6 +288,97 @@ def test_gallery_ranking_on_mini_market1501(market_dir, mobilenet_weights, tmp_p
     assert query["ranking_figure"] == str(output / "0005_c1s1_001351_00_ranking.png")
     figure = keras.utils.img_to_array(keras.utils.load_img(query["ranking_figure"]))
     assert figure.shape[1] > 8 * figure.shape[0]  # The query, then 10 ranked images in a row.
+
+
+def test_index_build_add_and_search_answer_as_the_gallery_does(forms, market_dir, tmp_path, capsys):
+    """--index DIR --build, then --add, then queries: the rankings of --gallery (one path)."""
+    gallery = market_dir / "bounding_box_test"
+    half = tmp_path / "half"
+    half.mkdir()
+    for path in sorted(gallery.glob("*.jpg"))[::2]:
+        shutil.copy(path, half / path.name)
+    index = tmp_path / "index"
+    built, _ = predict_json(capsys, forms["keras"], "--index", index, "--build", half)
+    assert (built["task"], built["added"], built["count"], built["structure"]) == (
+        "index",
+        16,
+        16,
+        "flat",
+    )
+    added, _ = predict_json(
+        capsys, forms["keras"], "--index", index, "--build", gallery, "--add", "--threads", 1
+    )
+    # The files of half/ have other paths than gallery/'s: only paths already indexed are kept out.
+    assert (added["added"], added["already_indexed"], added["count"]) == (32, 0, 48)
+    again, _ = predict_json(capsys, forms["keras"], "--index", index, "--build", gallery, "--add")
+    assert (again["added"], again["already_indexed"], again["count"]) == (0, 32, 48)
+
+    status, out, err = predict(capsys, forms["keras"], "--index", index, "--build", half)
+    assert status == 2 and "already holds a gallery index: pass --add" in err
+
+    shutil.rmtree(index)
+    predict_json(capsys, forms["keras"], "--index", index, "--build", gallery)
+    output = tmp_path / "rankings"
+    searched, _ = predict_json(
+        capsys, forms["keras"], market_dir / "query", "--index", index, "--output", output
+    )
+    expected, _ = predict_json(capsys, forms["keras"], market_dir / "query", "--gallery", gallery)
+    assert (searched["index"], searched["index_type"]) == (str(index), "flat")
+    assert searched["rank1"] == expected["rank1"]
+    for query, reference in zip(searched["queries"], expected["queries"]):
+        assert query["first_match_rank"] == reference["first_match_rank"]
+        assert [r["image"] for r in query["ranking"]] == [r["image"] for r in reference["ranking"]]
+        np.testing.assert_allclose(
+            [r["distance"] for r in query["ranking"]],
+            [r["distance"] for r in reference["ranking"]],
+            atol=1e-6,
+        )
+        assert Path(query["ranking_figure"]).is_file()
+    status, table, _ = predict(capsys, forms["keras"], market_dir / "query", "--index", index)
+    assert status == 0 and table.splitlines()[0].split() == [
+        "query",
+        "rank",
+        "distance",
+        "match",
+        "gallery",
+        "image",
+    ]
+
+    # Another model's embeddings are refused, in one line.
+    other = tmp_path / "other.keras"
+    keras.utils.set_random_seed(1)
+    create_model("gap", CLASSES, backbone="tiny", image_size=SIZE).save(other)
+    status, out, err = predict(capsys, other, market_dir / "query", "--index", index)
+    assert status == 2 and out == "" and len(err.splitlines()) == 1
+    assert err.startswith("predict.py: error: Model fingerprint mismatch: the index was built")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--build", "GALLERY"], "--build needs --index DIR"),
+        (["QUERY", "--index", "INDEX", "--gallery", "GALLERY"], "--gallery and --index exclude"),
+        (["QUERY", "--index", "INDEX/absent"], "no gallery index in"),
+        (["--index", "INDEX", "--build", "GALLERY", "--add", "--nprobe", "0"], "--nprobe must"),
+        (["QUERY", "--add"], "--add needs --build FOLDER"),
+        ([], "an image or folder to predict is needed"),
+    ],
+)
+def test_bad_search_options_are_one_line(flags, message, forms, market_dir, tmp_path, capsys):
+    names = {
+        "GALLERY": market_dir / "bounding_box_test",
+        "QUERY": market_dir / "query",
+        "INDEX": tmp_path,
+    }
+    flags = [
+        str(names[flag.split("/")[0]]) + flag[len(flag.split("/")[0]) :]
+        if flag.split("/")[0] in names
+        else flag
+        for flag in flags
+    ]
+    status, out, err = predict(capsys, forms["keras"], *flags)
+    assert status == 2 and out == ""
+    assert len(err.splitlines()) == 1 and message in err, err
 
 
 @pytest.mark.parametrize(

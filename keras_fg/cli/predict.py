@@ -2,6 +2,8 @@
 
     python predict.py MODEL IMAGE_OR_FOLDER [--top-k 5] [--output DIR] [--json]
     python predict.py MODEL QUERY_IMAGE_OR_FOLDER --gallery FOLDER [--top-k 10] [--output DIR]
+    python predict.py MODEL --index DIR --build GALLERY_FOLDER [--add] [--index-type auto]
+    python predict.py MODEL QUERY_IMAGE_OR_FOLDER --index DIR [--top-k 10] [--output DIR]
 
 MODEL is a `.keras` file (from train.py), a SavedModel directory or a `.tflite` file (from
 export.py): each gives the same answers, within the export's parity bounds, because every
@@ -9,9 +11,12 @@ image is prepared by the one rule of `keras_fg.export.preprocess.decode_and_resi
 image resized to the model's input, no crop).
 
 Classification: the top-k classes of each image with their probabilities, as a table, or as
-JSON with `--json`. Re-identification (`--gallery`): every gallery image ranked by the distance
-of its embedding (`"features"`) to each query's, nearest first; with Market-1501 file names
-(`PPPP_cC...`), each ranked image is marked as a true match of the query's person or not.
+JSON with `--json`. Re-identification: the gallery images nearest each query by the distance
+of their embeddings (`"features"`), nearest first; with Market-1501 file names (`PPPP_cC...`),
+each ranked image is marked as a true match of the query's person or not. The gallery is a
+`keras_fg.search.GalleryIndex`: `--index DIR --build FOLDER` embeds a folder once into an index
+on disk (`--add` extends it with the files it does not hold yet), `--index DIR` searches it;
+`--gallery FOLDER` builds a temporary exact (flat) index of the folder and searches it.
 
 With `--output DIR`: `DIR/predictions.json` (the JSON), and one figure per image:
 `<image>_attention.png` (the attention overlays, for MA-CNN and DASRBN) or
@@ -19,13 +24,12 @@ With `--output DIR`: `DIR/predictions.json` (the JSON), and one figure per image
 and red for a wrong one). Unreadable files are reported by name and skipped.
 
 Exit status: 0 on success; 2 on bad input (a missing path, an unknown model form, no readable
-image), with a one-line error.
+image, an index built with another model or damaged), with a one-line error.
 """
 
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -34,14 +38,27 @@ import numpy as np
 import tensorflow as tf
 
 from keras_fg import viz
-from keras_fg.cli.predict_models import PredictInputError, detect_form, load_predictor
 from keras_fg.data.market1501 import FILE_NAME
-from keras_fg.export.preprocess import decode_and_resize
-from keras_fg.metrics import pairwise_distances
+from keras_fg.inference import (
+    PredictInputError,
+    detect_form,
+    list_images,
+    load_predictor,
+    predict_files,
+)
+from keras_fg.search import (
+    AUTO_FLAT_BELOW,
+    DEFAULT_EF_SEARCH,
+    DEFAULT_NPROBE,
+    FaissMissingError,
+    GalleryIndexError,
+)
 
 PROGRAM = "predict.py"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")  # What decode_and_resize reads.
 CLASSES_SHOWN, RANKS_SHOWN = 5, 10  # --top-k defaults.
+# Gallery entries searched per query to find its first true match: the whole gallery up to
+# this size, so that a small gallery's first_match_rank and rank-1 are exact.
+MATCH_SEARCH_DEPTH = 1000
 DISPLAY_SIDE = 512  # Figures show the original image, shrunk to at most this many pixels.
 
 
@@ -49,12 +66,18 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog=PROGRAM,
         description="Run a trained keras_fg model (.keras, SavedModel or .tflite) on images: "
-        "the top-k classes of each, or with --gallery, the gallery ranked for each query.",
+        "the top-k classes of each, or with --gallery or --index, the nearest gallery images "
+        "of each query.",
         epilog="Exit status: 0 on success; 2 on bad input (a missing path, an unknown model "
-        "form, no readable image). Unreadable images in a folder are named and skipped.",
+        "form, no readable image, an index of another model or damaged). Unreadable images in "
+        "a folder are named and skipped.",
     )
     parser.add_argument("model", help="a .keras file, a SavedModel directory or a .tflite file")
-    parser.add_argument("images", help="an image, or a folder of images (any nesting)")
+    parser.add_argument(
+        "images",
+        nargs="?",
+        help="an image, or a folder of images (any nesting); optional with --build",
+    )
     parser.add_argument(
         "--top-k",
         type=int,
@@ -76,9 +99,35 @@ def build_parser():
     reid.add_argument(
         "--metric",
         choices=("cosine", "euclidean"),
-        default="cosine",
-        help="distance between embeddings (default: cosine, as train.py evaluates)",
+        help="distance between embeddings (default: cosine, as train.py evaluates; an index "
+        "keeps the metric it was built with)",
     )
+    search = parser.add_argument_group("person search (a gallery index on disk; needs faiss)")
+    search.add_argument("--index", metavar="DIR", help="the gallery index's folder")
+    search.add_argument(
+        "--build",
+        metavar="FOLDER",
+        help="embed this folder's images into the index at --index (a new index)",
+    )
+    search.add_argument(
+        "--add",
+        action="store_true",
+        help="with --build: extend the index at --index with the images it does not hold yet",
+    )
+    search.add_argument(
+        "--index-type",
+        choices=("auto", "flat", "ivf", "hnsw", "ivfpq"),
+        default="auto",
+        help="with --build: flat is exact; ivf, hnsw and ivfpq are approximate, for large "
+        f"galleries; auto: flat below {AUTO_FLAT_BELOW:,} images, ivf above",
+    )
+    search.add_argument(
+        "--nprobe", type=int, help=f"ivf lists scanned per query (default: {DEFAULT_NPROBE})"
+    )
+    search.add_argument(
+        "--ef-search", type=int, help=f"hnsw candidates per query (default {DEFAULT_EF_SEARCH})"
+    )
+    search.add_argument("--threads", type=int, help="faiss threads (default: one per core)")
     return parser
 
 
@@ -86,7 +135,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except PredictInputError as error:
+    except (PredictInputError, GalleryIndexError, FaissMissingError) as error:
         print(f"{PROGRAM}: error: {error}", file=sys.stderr)
         return 2
 
@@ -97,22 +146,38 @@ def run(args):
         raise PredictInputError(f"--top-k must be >= 1. Received: {args.top_k}")
     if args.batch_size < 1:
         raise PredictInputError(f"--batch-size must be >= 1. Received: {args.batch_size}")
+    check_search_arguments(args)
     detect_form(args.model)  # Every path is checked before the model takes time to load.
-    queries = list_images(args.images, "Image")
+    queries = list_images(args.images, "Image") if args.images else None
     gallery = list_images(args.gallery, "Gallery") if args.gallery else None
+    build = list_images(args.build, "Gallery") if args.build else None
     output = Path(args.output) if args.output else None
     if output is not None and output.exists() and not output.is_dir():
         raise PredictInputError(f"Output {output} exists and is not a directory")
+    if args.index and not args.build:
+        check_index_folder(args.index)
+    if args.threads is not None:
+        from keras_fg.search import set_num_threads
+
+        set_num_threads(args.threads)
+    started = time.perf_counter()
     predictor = load_predictor(args.model)
+    timings = {"load_model_seconds": time.perf_counter() - started}
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
 
-    if gallery is None:
+    if gallery is None and args.index is None:
         result = classify(predictor, queries, args, output)
         table = classification_table(result)
     else:
-        result = rank_gallery(predictor, queries, gallery, args, output)
-        table = ranking_table(result)
+        index, built = open_index(predictor, gallery, build, args, timings)
+        if queries is None:
+            result, table = built, index_table(built)
+        else:
+            result = search_index(predictor, index, queries, args, output, timings)
+            if built is not None:
+                result["build"] = built
+            table = ranking_table(result)
     if output is not None:
         result["output"] = str(output / "predictions.json")
         temporary = output / "predictions.json.tmp"  # Never a half-written predictions.json.
@@ -135,7 +200,9 @@ def classify(predictor, paths, args, output):
     when one was written) and `skipped` (`{"image", "reason"}`).
     """
     top_k = args.top_k or CLASSES_SHOWN
-    kept, outputs, skipped = predict_files(predictor, paths, args.batch_size, "image")
+    kept, outputs, skipped = predict_files(
+        predictor, paths, args.batch_size, "image", Progress(len(paths), "image")
+    )
     probabilities = outputs["probabilities"]
     top_k = min(top_k, probabilities.shape[-1])
     best = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
@@ -202,31 +269,122 @@ def classification_table(result):
 # Re-identification.
 
 
-def rank_gallery(predictor, query_paths, gallery_paths, args, output):
-    """Ranks the gallery for each query by embedding distance, nearest first.
+def check_search_arguments(args):
+    """One line for each combination of search options that cannot work."""
+    if args.images is None and not args.build:
+        raise PredictInputError("an image or folder to predict is needed (or --index with --build)")
+    if args.index and args.gallery:
+        raise PredictInputError(
+            "--gallery and --index exclude each other (--gallery is a temporary index)"
+        )
+    if args.build and not args.index:
+        raise PredictInputError("--build needs --index DIR: the folder to write the index into")
+    if args.add and not args.build:
+        raise PredictInputError("--add needs --build FOLDER: the images to add")
+    for name in ("nprobe", "ef_search", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise PredictInputError(f"--{name.replace('_', '-')} must be >= 1. Received: {value}")
+    if args.index and args.build and not args.add and (Path(args.index) / "manifest.json").exists():
+        raise PredictInputError(
+            f"{args.index} already holds a gallery index: pass --add to extend it, or remove it "
+            "to build a new one"
+        )
 
-    The whole gallery is ranked (unlike the evaluation protocol, no same-camera image is
-    dropped). When file names follow Market-1501 (`PPPP_cC...`), each ranked image carries
-    its `person_id` and `camera` and `match` (same person as the query; None when either
-    id is unknown or junk, -1), each query its `first_match_rank`, and the result `rank1`,
-    the share of queries with a true match in the gallery whose nearest image is one.
+
+def check_index_folder(folder):
+    if not (Path(folder) / "manifest.json").is_file():
+        raise PredictInputError(
+            f"no gallery index in {folder} (no manifest.json): build one with "
+            f"{PROGRAM} MODEL --index {folder} --build GALLERY_FOLDER"
+        )
+
+
+def open_index(predictor, gallery_paths, build_paths, args, timings):
+    """The `GalleryIndex` to search, and a summary of what was built (None when nothing was).
+
+    `--gallery`: a temporary flat index of the folder; `--index --build [--add]`: the index
+    at `--index` built or extended, then saved; `--index` alone: the index loaded.
     """
-    top_k = args.top_k or RANKS_SHOWN
+    from keras_fg.search import GalleryIndex
+
+    started = time.perf_counter()
+    if gallery_paths is not None:
+        index = GalleryIndex(index_type="flat", metric=args.metric or "cosine")
+        index.predictor = predictor
+        progress = Progress(len(gallery_paths), "gallery")
+        skipped = index.add(gallery_paths, predictor, args.batch_size, progress)
+        index.skipped = skipped
+        timings["build_seconds"] = time.perf_counter() - started
+        return index, None
+    folder = Path(args.index)
+    if build_paths is None or (args.add and (folder / "manifest.json").exists()):
+        index = GalleryIndex.load(folder, predictor)
+    else:
+        index = GalleryIndex(index_type=args.index_type, metric=args.metric or "cosine")
+    timings["load_index_seconds"] = time.perf_counter() - started
+    if args.metric is not None and args.metric != index.metric:
+        raise PredictInputError(
+            f"--metric {args.metric}: the index at {folder} was built for {index.metric}"
+        )
+    if build_paths is None:
+        index.skipped = []
+        return index, None
+    before = len(index)
+    started = time.perf_counter()
+    skipped = index.add(
+        build_paths, predictor, args.batch_size, Progress(len(build_paths), "gallery")
+    )
+    timings["build_seconds"] = time.perf_counter() - started
+    started = time.perf_counter()
+    if len(index) > before:  # Else every image was in the index already: nothing to write.
+        index.save(folder)
+    timings["save_seconds"] = time.perf_counter() - started
+    index.skipped = [entry for entry in skipped if entry["reason"] != "already in the index"]
+    built = {
+        **describe(predictor),
+        "task": "index",
+        "index": str(folder),
+        "index_type": index.index_type,
+        "structure": index.structure,
+        "metric": index.metric,
+        "gallery": str(args.build),
+        "added": len(index) - before,
+        "already_indexed": len(skipped) - len(index.skipped),
+        "count": len(index),
+        "timings": dict(timings),
+        "skipped": index.skipped,
+    }
+    return index, built
+
+
+def search_index(predictor, index, query_paths, args, output, timings):
+    """The nearest gallery entries of each query in `index`, nearest first.
+
+    Unlike the evaluation protocol, no same-camera image is dropped. When file names follow
+    Market-1501 (`PPPP_cC...`), each ranked image carries its `person_id` and `camera` and
+    `match` (same person as the query; None when either id is unknown or junk, -1), each query
+    its `first_match_rank` (searched among the `MATCH_SEARCH_DEPTH` nearest, or the whole
+    gallery when smaller; None when the first match is further), and the result `rank1`, the
+    share of queries whose person is in the gallery whose nearest image is one.
+    """
+    top_k = min(args.top_k or RANKS_SHOWN, len(index))
+    started = time.perf_counter()
     kept_queries, query_outputs, skipped = predict_files(
-        predictor, query_paths, args.batch_size, "query"
+        predictor, query_paths, args.batch_size, "query", Progress(len(query_paths), "query")
     )
-    kept_gallery, gallery_outputs, skipped_gallery = predict_files(
-        predictor, gallery_paths, args.batch_size, "gallery"
+    timings["embed_queries_seconds"] = time.perf_counter() - started
+    depth = min(len(index), max(top_k, MATCH_SEARCH_DEPTH))
+    started = time.perf_counter()
+    hits = index.search(
+        query_outputs["features"], depth, nprobe=args.nprobe, ef_search=args.ef_search
     )
-    distances = pairwise_distances(
-        query_outputs["features"], gallery_outputs["features"], metric=args.metric
-    )
-    gallery_people = [market_person(path) for path in kept_gallery]
+    timings["search_seconds"] = time.perf_counter() - started
+    people_in_gallery = {record["person_id"] for record in index.records}
     queries = []
-    for row, path in enumerate(kept_queries):
+    for path, ranking in zip(kept_queries, hits):
         person = market_person(path)
-        order = np.argsort(distances[row], kind="stable")
-        matches = [same_person(person, gallery_people[index]) for index in order]
+        matches = [same_person(person, hit) for hit in ranking]
         first = next((rank for rank, match in enumerate(matches, start=1) if match), None)
         entry = {
             "image": str(path),
@@ -234,26 +392,33 @@ def rank_gallery(predictor, query_paths, gallery_paths, args, output):
             "first_match_rank": first,
             "ranking": [
                 {
-                    "rank": rank,
-                    "image": str(kept_gallery[index]),
-                    "distance": float(distances[row, index]),
-                    **gallery_people[index],
-                    "match": matches[rank - 1],
+                    "rank": hit["rank"],
+                    "image": hit["path"],
+                    "distance": hit["distance"],
+                    "person_id": hit["person_id"],
+                    "camera": hit["camera"],
+                    "match": match,
                 }
-                for rank, index in enumerate(order[:top_k], start=1)
+                for hit, match in zip(ranking[:top_k], matches)
             ],
         }
         if output is not None:
             entry["ranking_figure"] = str(write_ranking_figure(path, entry, output, args))
         queries.append(entry)
-    answerable = [query for query in queries if query["first_match_rank"] is not None]
-    return {
+    answerable = [
+        query
+        for query in queries
+        if query["person_id"] not in (None, -1) and query["person_id"] in people_in_gallery
+    ]
+    result = {
         **describe(predictor),
         "task": "reid",
-        "metric": args.metric,
-        "gallery": str(args.gallery),
-        "gallery_size": len(kept_gallery),
-        "top_k": min(top_k, len(kept_gallery)),
+        "metric": index.metric,
+        "gallery": str(args.gallery or args.build or index_sources(index)),
+        "index": str(args.index) if args.index else None,
+        "index_type": index.structure,
+        "gallery_size": len(index),
+        "top_k": top_k,
         "rank1": (
             sum(query["first_match_rank"] == 1 for query in answerable) / len(answerable)
             if answerable
@@ -261,8 +426,29 @@ def rank_gallery(predictor, query_paths, gallery_paths, args, output):
         ),
         "queries_with_match": len(answerable),
         "queries": queries,
-        "skipped": skipped + skipped_gallery,
+        "timings": dict(timings),
+        "skipped": skipped + index.skipped,
     }
+    return result
+
+
+def index_sources(index):
+    """The folder the index's images share (their common parent), for the summary."""
+    try:
+        return os.path.commonpath([record["path"] for record in index.records])
+    except ValueError:  # Relative and absolute paths mixed.
+        return ""
+
+
+def index_table(built):
+    lines = [
+        f"{built['index']}: {built['count']} images ({built['added']} added from "
+        f"{built['gallery']}, {built['already_indexed']} already indexed), "
+        f"{built['structure']} index, {built['metric']} distance",
+        f"embedded and added in {built['timings']['build_seconds']:.1f} s, saved in "
+        f"{built['timings']['save_seconds']:.1f} s",
+    ]
+    return "\n".join(lines) + summary_line(built)
 
 
 def market_person(path):
@@ -316,71 +502,6 @@ def ranking_table(result):
 # Images.
 
 
-def list_images(path, role):
-    """`[path]` for a file; the image files under a folder (any nesting), sorted."""
-    path = Path(path)
-    if not path.exists():
-        raise PredictInputError(f"{role} path not found: {path}")
-    if path.is_file():
-        return [path]
-    paths = sorted(
-        Path(root) / name
-        for root, _, names in os.walk(path)
-        for name in names
-        if name.lower().endswith(IMAGE_EXTENSIONS)
-    )
-    if not paths:
-        raise PredictInputError(
-            f"{role} folder {path} holds no images ({', '.join(IMAGE_EXTENSIONS)})"
-        )
-    return paths
-
-
-def predict_files(predictor, paths, batch_size, label):
-    """Reads, resizes and predicts `paths` in batches; unreadable files are named and skipped.
-
-    Returns `(kept_paths, outputs, skipped)`: the model's outputs stacked over the images
-    that were read, and `[{"image", "reason"}]` for those that were not.
-    """
-    kept, outputs, skipped = [], [], []
-    progress = Progress(len(paths), label)
-    for start in range(0, len(paths), batch_size):
-        batch, images = [], []
-        for path in paths[start : start + batch_size]:
-            try:
-                images.append(read_image(path, predictor.image_size))
-                batch.append(path)
-            except UnreadableImage as error:
-                skipped.append({"image": str(path), "reason": str(error)})
-                progress.message(f"{PROGRAM}: skipped unreadable image {path}: {error}")
-        if images:
-            outputs.append(predictor.predict(np.stack(images)))
-            kept += batch
-        progress.update(min(start + batch_size, len(paths)))
-    progress.close()
-    if not kept:
-        raise PredictInputError(
-            f"no readable image among the {len(paths)} {label} file(s) "
-            f"(first: {skipped[0]['image']}: {skipped[0]['reason']})"
-        )
-    return kept, {name: np.concatenate([o[name] for o in outputs]) for name in outputs[0]}, skipped
-
-
-class UnreadableImage(Exception):
-    pass
-
-
-def read_image(path, size):
-    """The model's input pixels for one file, by `decode_and_resize` (serving's own rule)."""
-    try:
-        data = Path(path).read_bytes()
-        return decode_and_resize(data, size).numpy()
-    except OSError as error:
-        raise UnreadableImage(error.strerror or str(error)) from error
-    except tf.errors.OpError as error:  # Not an image, or a corrupt one.
-        raise UnreadableImage(first_line(error.message)) from error
-
-
 def display_image(path):
     """The original image for a figure, shrunk to at most `DISPLAY_SIDE` pixels a side."""
     image = tf.io.decode_image(Path(path).read_bytes(), channels=3, expand_animations=False)
@@ -428,7 +549,7 @@ class Progress:
         if self.shown:
             sys.stderr.write("\n")
             self.shown = False
-        print(text, file=sys.stderr)
+        print(f"{PROGRAM}: {text}", file=sys.stderr)
 
     def close(self):
         if self.shown:
@@ -460,10 +581,3 @@ def format_rows(rows, right=()):
         ]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
-
-
-def first_line(message):
-    """The gist of a TensorFlow error: its first line, without the op's wrapping."""
-    line = next((line.strip() for line in str(message).splitlines() if line.strip()), "")
-    line = re.sub(r"\s*\[Op:\w+\]$", "", re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", line))
-    return line or "unreadable"

@@ -454,8 +454,8 @@ def resolve(args):
         raise ValueError("--format synthetic takes no --data")
     if args.format != "synthetic" and args.data is None:
         raise ValueError(f"--format {args.format} needs --data DIR")
-    if args.task == "reid" and args.format not in ("market1501",):
-        raise ValueError(f"--task reid needs --format market1501. Received: --format {args.format}")
+    if args.task == "reid" and args.format not in ("market1501", "folder"):
+        raise ValueError(f"--task reid needs --format market1501 or folder, not {args.format}")
     if args.backbone is None:
         args.backbone = "tiny" if args.format == "synthetic" else "mobilenetv2"
     resolve_task_defaults(args)

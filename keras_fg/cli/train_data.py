@@ -185,11 +185,25 @@ class ReidData:
 
     def __init__(self, args):
         self.counter = SkipCounter()
-        self.train = _limit(
-            load_dataset("market1501", args.data, "train"), args.max_train_images, args.seed
-        )
-        self.query = load_dataset("market1501", args.data, "query")
-        self.gallery = load_dataset("market1501", args.data, "gallery")
+        if args.format == "folder":
+            from keras_fg.data import load_identity_folders
+
+            # One folder per person, no camera ids: every image is given a camera of its own,
+            # so that the part weights and the evaluation count every other image of a person
+            # as a match; the test images are queries and gallery at once (leave-one-out).
+            train, test = (load_identity_folders(args.data, split) for split in ("train", "test"))
+            train.cameras = np.arange(len(train), dtype=np.int32)
+            test.cameras = np.arange(len(test), dtype=np.int32)
+            self.train = _limit(train, args.max_train_images, args.seed)
+            self.query = self.gallery = test
+            self.protocol = "all_other_images"
+        else:
+            self.train = _limit(
+                load_dataset("market1501", args.data, "train"), args.max_train_images, args.seed
+            )
+            self.query = load_dataset("market1501", args.data, "query")
+            self.gallery = load_dataset("market1501", args.data, "gallery")
+            self.protocol = "market1501"
         self.class_names = self.train.class_names
         self.sampler = PKSampler(
             self.train.labels, args.num_identities, args.num_instances, seed=args.seed
@@ -288,10 +302,13 @@ class ReidData:
             return None
 
     def evaluate(self, model, args):
-        from keras_fg.metrics import evaluate_reid
+        from keras_fg.metrics import PROTOCOLS, evaluate_reid
 
         query, query_flipped, query_index = self.embed(model, self.query, args)
-        gallery, gallery_flipped, gallery_index = self.embed(model, self.gallery, args)
+        if self.gallery is self.query:  # Without cameras: one set, each image against the rest.
+            gallery, gallery_flipped, gallery_index = query, query_flipped, query_index
+        else:
+            gallery, gallery_flipped, gallery_index = self.embed(model, self.gallery, args)
         ids = (
             self.query.labels[query_index],
             self.query.cameras[query_index],
@@ -326,6 +343,8 @@ class ReidData:
         result["variants"] = variants
         result["num_query_images"] = len(query)
         result["num_gallery_images"] = len(gallery)
+        result["protocol"] = self.protocol
+        result["protocol_description"] = PROTOCOLS[self.protocol]
         return result
 
     def sample_images(self, args, count):

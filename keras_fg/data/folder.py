@@ -128,3 +128,42 @@ def _stratified_split(records, fraction, seed):
         count = min(int(round(fraction * len(members))), len(members) - 1)
         is_val[rng.permutation(members)[:count]] = True
     return {"train": records.subset(~is_val), "val": records.subset(is_val)}
+
+
+def load_identity_folders(root, split):
+    """Read a re-identification set laid out as one folder per person, without camera ids.
+
+        root/train/<person>/**/<image>     training identities
+        root/test/<person>/**/<image>      evaluation identities (or val/, valid/, validation/)
+
+    The evaluation images serve as queries and gallery at once: with no camera ids, every
+    other image of a person is a true match (`keras_fg.metrics.evaluate_reid_without_cameras`).
+
+    Args:
+        root: the tree's root folder.
+        split: "train" (labels 0..P-1 over the training people, in sorted folder order) or
+            "test" (labels 0..P-1 over the evaluation people).
+
+    Returns:
+        ImageRecords, `cameras` None; `class_names` the person folders' names.
+
+    Raises:
+        FileNotFoundError: `root` has no train/ folder, or no test/ (or val/) folder, or one of
+            them holds no person folder with images.
+
+    Example:
+
+    >>> people = load_identity_folders("my_people", "train")  # doctest: +SKIP
+    >>> people.class_names[:2], people.cameras                # doctest: +SKIP
+    (['alice', 'bob'], None)
+    """
+    root = require_dir(root, f"{NAME} of identities")
+    check_split(split, ("train", "test"), f"{NAME} of identities")
+    wanted = ("train",) if split == "train" else ("test",) + SPLIT_FOLDERS["val"]
+    found = [root / name for name in wanted if (root / name).is_dir()]
+    if not found or not (root / "train").is_dir():
+        raise FileNotFoundError(
+            f"{root} is not a re-identification folder tree: expected train/ and test/ (or "
+            "val/) folders, each holding one folder of images per person"
+        )
+    return _scan(found[0], _class_folders(found[0]))

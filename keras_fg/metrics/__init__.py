@@ -9,4 +9,9 @@ from keras_fg.metrics.classification import (
     top_k_accuracy,
 )
 from keras_fg.metrics.re_ranking import k_reciprocal_re_ranking
-from keras_fg.metrics.reid import evaluate_reid, pairwise_distances
+from keras_fg.metrics.reid import (
+    PROTOCOLS,
+    evaluate_reid,
+    evaluate_reid_without_cameras,
+    pairwise_distances,
+)

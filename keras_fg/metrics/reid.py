@@ -1,4 +1,5 @@
-"""Person re-identification evaluation: CMC, mAP and mINP under the Market-1501 protocol."""
+"""Person re-identification evaluation: CMC, mAP and mINP under the Market-1501 protocol, or
+without camera ids (every other image of a person a true match)."""
 
 import numpy as np
 
@@ -222,3 +223,47 @@ def evaluate_reid(
     results["num_skipped_queries"] = int(num_queries - valid.sum())
     results["num_queries"] = int(num_queries)
     return results
+
+
+# What evaluation.json says of each protocol.
+PROTOCOLS = {
+    "market1501": "Market-1501: queries against the gallery; gallery images of the query's person "
+    "seen by the query's camera are dropped, junk images (id -1) too",
+    "all_other_images": "no camera ids: each image is a query against all the other images, and "
+    "every other image of its person is a true match",
+}
+
+
+def evaluate_reid_without_cameras(features, ids, metric="cosine", ranks=(1, 5, 10), **options):
+    """Re-identification accuracy of one set of images without camera ids: leave-one-out.
+
+    Each image is a query against all the other images, and every other image of its person is
+    a true match (the Market-1501 protocol drops same-camera matches; with no cameras there is
+    nothing to drop but the query itself). This is `evaluate_reid` with the set as query and
+    gallery and a camera of its own for every image, so that "same person, same camera" is the
+    query alone. A person with one image has no true match: that query is skipped.
+
+    Args:
+        features: array `(N, D)` of embeddings.
+        ids: integer person ids `(N,)`.
+        metric: `"cosine"` or `"euclidean"`.
+        ranks: the CMC ranks to report.
+        **options: `evaluate_reid`'s other arguments (`re_ranking`, `batch_size`, ...).
+
+    Returns:
+        `evaluate_reid`'s dict, with `"protocol": "all_other_images"`.
+
+    Example:
+
+    ```python
+    results = evaluate_reid_without_cameras(embeddings, person_ids)
+    print(f"rank-1 {results['rank1']:.1%}  mAP {results['mAP']:.1%}")
+    ```
+    """
+    features = _as_features(features, "features")
+    ids = _as_vector(ids, "ids", len(features))
+    own_camera = np.arange(len(features))
+    results = evaluate_reid(
+        features, ids, own_camera, features, ids, own_camera, metric=metric, ranks=ranks, **options
+    )
+    return {**results, "protocol": "all_other_images"}
