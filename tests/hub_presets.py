@@ -13,7 +13,7 @@ PRESET_SIZE = 32
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SCALE = [1 / (255 * s) for s in STD]
 OFFSET = [-m / s for m, s in zip(MEAN, STD)]
-TRANSFORMER = {"num_layers": 4, "num_heads": 2, "hidden_dim": 32}
+TRANSFORMER = {"num_layers": 2, "num_heads": 2, "hidden_dim": 32}
 KINDS = ("dinov2", "vit", "clip", "siglip", "resnet")
 
 

@@ -11,7 +11,7 @@ from keras_fg.export.errors import ExportInputError, require_tensorflow_backend
 from keras_fg.export.parity import CHECKS, check_parity, model_outputs
 from keras_fg.export.preprocess import RESIZE_RULE, load_images, synthetic_images
 from keras_fg.export.saved_model import WARMUP_FILE, export_saved_model
-from keras_fg.export.tflite import INT8_OPTIONS, LABELS_FILE, export_tflite
+from keras_fg.export.tflite import INT8_OPTIONS, LABELS_FILE, export_tflite, int8_refusal
 
 FORMATS = (
     "saved_model",
@@ -276,6 +276,9 @@ def _export_one(model, fmt, staging, settings, evaluation, calibration):
         entry["warmup_requests"] = WARMUP_FILE
     else:
         quantization = fmt.split("_", 1)[1]
+        refusal = int8_refusal(model) if quantization == "int8" else None
+        if refusal:
+            return {**entry, "file": None, "skipped": refusal}
         if quantization in ("int8", "int16x8") and calibration is None:
             return {
                 **entry,

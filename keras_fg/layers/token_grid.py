@@ -47,14 +47,15 @@ class TokenGrid(keras.layers.Layer):
 
     def __init__(self, grid_size, num_prefix_tokens=1, **kwargs):
         super().__init__(**kwargs)
-        if isinstance(grid_size, numbers.Integral) and not isinstance(grid_size, bool):
-            grid_size = (grid_size, grid_size)
+        sides = grid_size
+        if isinstance(sides, numbers.Integral) and not isinstance(sides, bool):
+            sides = (sides, sides)
         if not (
-            isinstance(grid_size, (tuple, list))
-            and len(grid_size) == 2
+            isinstance(sides, (tuple, list))
+            and len(sides) == 2
             and all(
                 isinstance(side, numbers.Integral) and not isinstance(side, bool) and side > 0
-                for side in grid_size
+                for side in sides
             )
         ):
             raise ValueError(
@@ -70,7 +71,7 @@ class TokenGrid(keras.layers.Layer):
                 "`num_prefix_tokens` must be an integer >= 0. "
                 f"Received: num_prefix_tokens={num_prefix_tokens!r}"
             )
-        self.grid_size = tuple(int(side) for side in grid_size)
+        self.grid_size = tuple(int(side) for side in sides)
         self.num_prefix_tokens = int(num_prefix_tokens)
 
     def build(self, input_shape):

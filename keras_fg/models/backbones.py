@@ -21,6 +21,10 @@ import keras
 from keras_fg.layers.image_preprocessing import ImagePreprocessing
 
 HUB_PREFIX = "hub:"
+# The backbone's learning rate relative to the head's for LayerNorm backbones (ConvNeXt,
+# keras-hub transformers): 10x lower, as B-CNN fine-tunes its pretrained layers against a
+# new head; they have no BatchNormalization to keep frozen (see `is_layer_normalized`).
+LAYER_NORM_LR_MULTIPLIER = 0.1
 
 
 def is_hub_name(name):

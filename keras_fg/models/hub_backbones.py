@@ -94,9 +94,13 @@ def create_hub_backbone(
             "A keras-hub backbone is named 'hub:<preset name or folder>', such as "
             f"'hub:dinov2_small' or 'hub:/data/presets/dinov2_small'. Received: name={name!r}"
         )
+    # Handles such as "kaggle://keras/dinov2/keras/dinov2_small" are keras-hub's to resolve.
+    looks_like_path = "://" not in preset and (preset.startswith((".", "~")) or os.sep in preset)
+    if looks_like_path and not os.path.isdir(os.path.expanduser(preset)):
+        raise FileNotFoundError(f"Preset folder of backbone {name!r} not found: {preset}")
     height, width = image_size
-    network, kind = load_network(preset, (height, width))
-    scale, offset = preset_scaling(preset)
+    network, kind = load_network(os.path.expanduser(preset), (height, width))
+    scale, offset = preset_scaling(os.path.expanduser(preset))
     return HubBackbone(
         network,
         image_size=(height, width),
@@ -296,7 +300,7 @@ class HubBackbone(keras.Model):
         feature_layer: str. The tap of the feature map: a pyramid level (`"P5"`) for a CNN,
             `"block_<i>"` (1 to the depth) for a transformer. Defaults to `None`, the last.
         earlier_feature_layer: str. `None` for one feature map, `"default"` (the level
-            before the last, or block ⌈3·depth/4⌉) or a tap name: the backbone then
+            before the last, or block ⌈3·depth/4⌉, at most depth − 1) or a tap name: the backbone then
             returns both maps along channels, as `create_backbone` describes.
         preset: str. The preset it was loaded from, for the record. Defaults to `None`.
         **kwargs: `keras.Model` arguments, such as `name`.
@@ -334,7 +338,14 @@ class HubBackbone(keras.Model):
         earlier = None
         if earlier_feature_layer is not None:
             names = list(taps)
-            default = names[-2] if kind == "cnn" else names[-(-3 * len(names) // 4) - 1]
+            if len(names) < 2:
+                raise ValueError(
+                    f"This keras-hub {kind} backbone has one {'level' if kind == 'cnn' else 'block'}"
+                    f", so no earlier one. Received: earlier_feature_layer={earlier_feature_layer!r}"
+                )
+            # A CNN's level before the last; a transformer's block ⌈3·depth/4⌉ (9 of 12).
+            depth = len(names)
+            default = names[-2] if kind == "cnn" else names[min(-(-3 * depth // 4), depth - 1) - 1]
             earlier = (
                 default
                 if earlier_feature_layer == "default"
@@ -382,9 +393,22 @@ class HubBackbone(keras.Model):
         self.earlier_feature_layer = earlier_feature_layer
         self.preset = preset
 
+    def save_own_variables(self, store):
+        # keras-hub 0.32's DINOv2 writes its position table back into the saved one only when
+        # a *signed* sum of the changes exceeds 1e-7, so a fine-tuned table can be dropped on
+        # saving. `at_size` built it with its table for this very size (the interpolation is
+        # a copy), so the saved table is set to the live one here; the network's own saving
+        # runs after this (a parent saves before its children).
+        network = self.network
+        if self.kind == "dinov2" and network.position_embedding_shape == network.image_shape:
+            embeddings = network.embeddings
+            embeddings.position_embeddings.assign(embeddings.interpolated_position_embeddings)
+        super().save_own_variables(store)
+
     @property
-    def layer_normalized(self):
-        """Whether the network normalises with LayerNorm (the transformers), not BatchNorm."""
+    def is_transformer(self):
+        """Whether the network is a vision transformer (normalised by LayerNorm, no
+        BatchNormalization to freeze), not a CNN."""
         return self.kind != "cnn"
 
     def get_config(self):
@@ -425,7 +449,7 @@ def _taps(network, kind):
     CNNs: their pyramid levels. Transformers: `"block_<i>"`, the tokens after block `i`
     through the model's final LayerNorm.
     """
-    inputs = network.inputs
+    (inputs,) = network.inputs  # One image input (a dict of one for some networks).
     if kind == "cnn":
         return inputs, dict(network.pyramid_outputs)
     if kind == "dinov2":
