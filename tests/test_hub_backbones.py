@@ -390,7 +390,9 @@ def test_convnext_tiny_pcb_trains_saves_and_exports(tmp_path):
         reloaded.predict(images, verbose=0)["features"],
         model.predict(images, verbose=0)["features"],
     )
-    entries, report = exported(model, tmp_path, ["saved_model", "tflite_fp16"])
+    # One conversion here; SavedModel and the other formats on every family are in
+    # bench/backbones.py's export matrix.
+    entries, report = exported(model, tmp_path, ["tflite_fp16"])
     assert report["passed"], entries
 
 
