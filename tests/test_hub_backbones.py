@@ -314,6 +314,20 @@ def test_every_family_on_dinov2_trains_saves_and_reloads_identically(presets, fa
         np.testing.assert_array_equal(value, expected[key], err_msg=key)
 
 
+def test_split_at_backbone_gives_the_token_map_and_a_head_that_reads_it(presets):
+    from keras_fg.models import split_at_backbone
+
+    model = create_model("gap", 3, backbone=f"hub:{presets['dinov2']}", image_size=32)
+    backbone, head = split_at_backbone(model)
+    assert backbone is model.backbone and head.input_shape == (None, 4, 4, 32)
+    images = pixels((2, 32, 32, 3))
+    np.testing.assert_allclose(
+        head.predict(backbone.predict(images, verbose=0), verbose=0)["probabilities"],
+        model.predict(images, verbose=0)["probabilities"],
+        atol=1e-6,
+    )
+
+
 def test_dinov2_fine_tuned_position_table_survives_saving_at_another_size(presets, tmp_path):
     # keras-hub 0.32 alone drops a fine-tuned table on saving (see HubBackbone).
     keras.utils.set_random_seed(0)
