@@ -27,6 +27,7 @@ No accuracy is measured here: the weights are random.
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -264,14 +265,27 @@ def export_worker(family, backbone, presets):
 # ------------------------------------------------------------------------------ driver
 
 
+def row_key(row):
+    """`(family, backbone)` of a result row, measured or failed."""
+    return (row["family"], row["backbone"]) if "family" in row else tuple(row["args"][1:3])
+
+
 def in_subprocess(*worker_args):
     command = [sys.executable, __file__, "--worker", json.dumps(worker_args)]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if done.returncode:
-        tail = done.stderr.strip().splitlines()[-5:]
-        print(f"  failed: {worker_args[:2]}: {' | '.join(tail)}", flush=True)
-        return {"error": "\n".join(tail), "args": worker_args[:2]}
+        # TensorFlow's start-up log lines are not the error.
+        log = re.compile(r"^([IWE]\d{4} |WARNING: All log messages)")
+        lines = [line for line in done.stderr.strip().splitlines() if not log.match(line)]
+        tail = lines[-5:]
+        reason = "killed (SIGKILL: out of memory?)" if done.returncode == -9 else "failed"
+        print(f"  {reason}: {worker_args[:3]}: {' | '.join(tail)}", flush=True)
+        return {
+            "error": "\n".join(tail) or reason,
+            "returncode": done.returncode,
+            "args": worker_args[:3],
+        }
     result = json.loads(done.stdout.strip().splitlines()[-1])
     result["subprocess_seconds"] = time.perf_counter() - start
     return result
@@ -293,6 +307,11 @@ def main():
     parser.add_argument("--sections", default="speed,latency,heads,exports")
     parser.add_argument("--steps", type=int, default=3, help="timed batches per figure")
     parser.add_argument("--latency-runs", type=int, default=20)
+    parser.add_argument(
+        "--speed-configs",
+        nargs="*",
+        help="FAMILY:BACKBONE rows of the speed section to measure again, in place",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -322,11 +341,18 @@ def main():
         for kind in sorted({k for s in sections for k in needs.get(s, [])}):
             presets[kind] = write_vit_preset(kind, os.path.join(folder, kind))
         if "speed" in sections:
-            payload["speed"] = {"steps": args.steps, "rows": []}
-            for family, backbone in SPEED:
+            configs = [tuple(c.split(":")) for c in args.speed_configs or []] or SPEED
+            if not args.speed_configs:
+                payload["speed"] = {"steps": args.steps, "rows": []}
+            rows = payload["speed"]["rows"]
+            for family, backbone in configs:
                 print(f"speed: {family} on {backbone}", flush=True)
                 row = in_subprocess("speed", family, backbone, presets, args.steps)
-                payload["speed"]["rows"].append(row)
+                where = [i for i, r in enumerate(rows) if row_key(r) == (family, backbone)]
+                if where:
+                    rows[where[0]] = {**row, "measured_again": True}
+                else:
+                    rows.append(row)
                 save()
         if "latency" in sections:
             print("latency: TFLite fp32, ViT-S-sized", flush=True)
