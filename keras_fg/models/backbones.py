@@ -7,6 +7,12 @@ images of raw RGB pixel values in [0, 255], shape `(B, H, W, 3)`, to the feature
 whatever the backbone. The model families put their heads on it (the backbone / task
 split of KerasHub) and call it as `backbone(images, training=False)` to keep its
 BatchNormalization in inference mode.
+
+The registry holds `keras.applications` networks; keras-hub presets are named
+`"hub:<preset name or folder>"` and built by `keras_fg.models.hub_backbones` (ViT, DINOv2,
+CLIP and SigLIP vision towers as token grids, CNN presets by pyramid level). LayerNorm
+backbones (ConvNeXt, the transformers) have no BatchNormalization to freeze: see
+`is_layer_normalized`. docs/backbones.md says how to choose one.
 """
 
 import dataclasses

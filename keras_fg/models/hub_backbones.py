@@ -1,7 +1,7 @@
 """Backbones from keras-hub presets: ViT, DINOv2, CLIP and SigLIP vision towers, and CNNs.
 
 `create_backbone("hub:<preset>")` loads a keras-hub preset, by name (`"hub:dinov2_small"`,
-downloaded once by keras-hub) or from a local folder (`"hub:/data/presets/dinov2_small"`,
+downloaded once by keras-hub) or from a local folder (`"hub:presets/dinov2_small"`,
 written by `save_to_preset` or downloaded earlier), and wraps it as a keras_fg backbone:
 raw [0, 255] RGB pixels in, a feature map `(B, h, w, C)` out.
 
@@ -92,7 +92,7 @@ def create_hub_backbone(
     if not preset:
         raise ValueError(
             "A keras-hub backbone is named 'hub:<preset name or folder>', such as "
-            f"'hub:dinov2_small' or 'hub:/data/presets/dinov2_small'. Received: name={name!r}"
+            f"'hub:dinov2_small' or 'hub:presets/dinov2_small'. Received: name={name!r}"
         )
     # Handles such as "kaggle://keras/dinov2/keras/dinov2_small" are keras-hub's to resolve.
     looks_like_path = "://" not in preset and (preset.startswith((".", "~")) or os.sep in preset)
