@@ -1,6 +1,6 @@
 """Today's backbones on this CPU: speed, memory, head sizes and the export matrix.
 
-Four sections, each figure written to bench/results/backbones.json as soon as it is measured:
+Five sections, each figure written to bench/results/backbones.json as soon as it is measured:
 
 - `speed`: GAP and MA-CNN on MobileNetV2, ConvNeXt-Tiny and a ViT-S-sized keras-hub model
   (DINOv2-S/14's config: 12 blocks, 384 wide, 6 heads, patch 14, random weights, saved as a
@@ -17,6 +17,8 @@ Four sections, each figure written to bench/results/backbones.json as soon as it
   ResNet and ConvNeXt-Tiny (weights=None): one training step, `.keras` save and reload
   (largest output difference, expected 0), then `export_model` to SavedModel and TFLite
   fp32 / fp16 / dynamic / int8 with its parity checks, on 8 random images.
+- `int8_transformer` (not in the default run): full-integer int8 on the small DINOv2 with
+  keras_fg's refusal switched off, beside fp16: what the refusal rests on.
 
 No accuracy is measured here: the weights are random.
 
@@ -210,6 +212,39 @@ def heads_worker(presets):
     return {"rows": rows, "num_classes": 200, "image_size": 224}
 
 
+def int8_transformer_worker(family, presets):
+    """Full-integer int8 on the small random DINOv2 with `int8_refusal` switched off: what
+    the refusal in keras_fg.export.tflite rests on."""
+    import keras
+    import numpy as np
+
+    from keras_fg.export import check_parity, export_tflite, tflite
+    from keras_fg.models import create_model
+
+    tflite.int8_refusal = lambda model: None  # This measurement only.
+    model_name, options = EXPORT_FAMILIES[family]
+    keras.utils.set_random_seed(0)
+    model = create_model(model_name, 3, backbone=f"hub:{presets['hub_dinov2_tiny']}",
+                         image_size=32, **options)  # fmt: skip
+    model.compile(optimizer=keras.optimizers.AdamW(1e-2))
+    images = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype("float32")
+    model.fit(images[:4], np.array([0, 1, 2, 0]), batch_size=4, epochs=1, verbose=0)
+    row = {"family": family, "backbone": "hub_dinov2_tiny"}
+    with tempfile.TemporaryDirectory() as folder:
+        for quantization in ("fp16", "int8"):
+            path = os.path.join(folder, f"m_{quantization}.tflite")
+            try:
+                export_tflite(model, path, quantization, representative_images=images)
+            except Exception as error:
+                row[quantization] = {"error": " ".join(str(error).split())[:300]}
+                continue
+            parity = check_parity(model, path, images, latency_runs=3)
+            row[quantization] = {
+                k: parity[k] for k in ("max_abs_diff", "top1_agreement") if k in parity
+            }
+    return row
+
+
 def export_worker(family, backbone, presets):
     import keras
     import numpy as np
@@ -298,6 +333,7 @@ def run_worker(arguments):
         "latency": latency_worker,
         "heads": heads_worker,
         "export": export_worker,
+        "int8_transformer": int8_transformer_worker,
     }
     print(json.dumps(workers[kind](*rest)))
 
@@ -370,6 +406,17 @@ def main():
                     row = in_subprocess("export", family, backbone, presets)
                     payload["exports"]["rows"].append(row)
                     save()
+        if "int8_transformer" in sections:
+            payload["int8_transformer"] = {
+                "what": "full-integer int8 (calibrated on the 8 evaluation images) against "
+                "fp16, on the small random DINOv2 at 32 px, keras_fg's int8 refusal off",
+                "rows": [],
+            }
+            for family in ("gap", "bcnn", "macnn", "dasrbn", "pcb"):
+                print(f"int8_transformer: {family}", flush=True)
+                row = in_subprocess("int8_transformer", family, presets)
+                payload["int8_transformer"]["rows"].append(row)
+                save()
 
 
 if __name__ == "__main__":
