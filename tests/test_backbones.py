@@ -76,7 +76,8 @@ def test_preprocessing_is_exported():
 def test_registry_names():
     required = {
         "vgg16", "vgg19", "resnet50", "mobilenetv2", "mobilenetv3small",
-        "mobilenetv3large", "efficientnetv2b0", "tiny",
+        "mobilenetv3large", "efficientnetv2b0", "efficientnetv2s", "efficientnetv2m",
+        "convnexttiny", "convnextsmall", "convnextbase", "tiny",
     }  # fmt: skip
     assert required <= set(BACKBONES)
     assert list_backbones() == sorted(BACKBONES)
@@ -93,10 +94,30 @@ def test_every_backbone_builds_with_its_channels_and_stride(name):
     # Raw pixels in: the preprocessing is the first layer, or the network's own.
     assert isinstance(backbone.layers[1], ImagePreprocessing)
     assert backbone.layers[1].mode == spec.preprocessing
-    if spec.preprocessing == "none":
-        assert any(isinstance(layer, keras.layers.Rescaling) for layer in backbone.layers)
+    if spec.preprocessing == "none":  # Rescaling (EfficientNet, MobileNetV3), Normalization.
+        own = (keras.layers.Rescaling, keras.layers.Normalization)
+        assert any(isinstance(layer, own) for layer in backbone.layers)
     features = keras.ops.convert_to_numpy(backbone(random_pixels((1, 64, 64, 3)), training=False))
     assert features.shape == (1, *backbone.output_shape[1:]) and np.isfinite(features).all()
+
+
+@pytest.mark.parametrize("name", sorted(n for n in BACKBONES if BACKBONES[n].earlier_feature_layer))
+def test_every_registered_earlier_layer_is_one_downsampling_step_before(name):
+    backbone = create_backbone(name, image_size=64, earlier_feature_layer="default")
+    network = {layer.name: layer for layer in backbone.layers}
+    earlier = network[BACKBONES[name].earlier_feature_layer].output
+    stride = BACKBONES[name].stride
+    assert tuple(earlier.shape[1:3]) == (2 * 64 // stride, 2 * 64 // stride)
+    assert backbone.output_shape[-1] == BACKBONES[name].channels + earlier.shape[-1]
+
+
+def test_convnext_is_layer_normalized_and_has_no_batch_normalization():
+    from keras_fg.models.backbones import is_layer_normalized
+
+    backbone = create_backbone("convnexttiny", image_size=32)
+    kinds = {type(layer).__name__ for layer in backbone.layers}
+    assert "LayerNormalization" in kinds and "BatchNormalization" not in kinds
+    assert is_layer_normalized("convnexttiny") and not is_layer_normalized("efficientnetv2s")
 
 
 def test_tiny_has_no_batch_normalization():

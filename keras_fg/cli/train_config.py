@@ -6,7 +6,13 @@ import os
 from pathlib import Path
 
 from keras_fg.data.datasets import FORMATS
-from keras_fg.models.backbones import BACKBONES, list_backbones
+from keras_fg.models.backbones import (
+    LAYER_NORM_LR_MULTIPLIER,
+    is_hub_name,
+    is_layer_normalized,
+    list_backbones,
+    offers_last_stride_1,
+)
 from keras_fg.models.factory import list_models
 
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
@@ -100,8 +106,10 @@ def build_parser():
     )
     model.add_argument(
         "--backbone",
-        choices=list_backbones(),
-        help="default: tiny for synthetic data, mobilenetv2 otherwise",
+        type=backbone_name,
+        metavar="{" + ",".join(list_backbones()) + ",hub:PRESET}",
+        help="default: tiny for synthetic data, mobilenetv2 otherwise; hub:PRESET is a "
+        "keras-hub preset name or folder (pip install keras-fg[hub]; no --weights)",
     )
     model.add_argument(
         "--weights",
@@ -209,8 +217,10 @@ def build_parser():
     optim.add_argument(
         "--backbone-lr-multiplier",
         type=float,
-        default=1.0,
-        help="the backbone learns at learning-rate times this",
+        default=None,
+        help="the backbone learns at learning-rate times this (default: "
+        f"{LAYER_NORM_LR_MULTIPLIER} for LayerNorm backbones, convnext* and hub: transformers, "
+        "which have no BatchNormalization to freeze; else 1)",
     )
     optim.add_argument(
         "--validation-freq",
@@ -446,6 +456,16 @@ def resolve_run_directory(value):
     return folder
 
 
+def backbone_name(value):
+    """`--backbone`: a registered name, or `hub:<keras-hub preset name or folder>`."""
+    if value in list_backbones() or (is_hub_name(value) and len(value) > len("hub:")):
+        return value
+    raise argparse.ArgumentTypeError(
+        f"invalid choice: {value!r} (choose from {', '.join(list_backbones())}, "
+        "or hub:<keras-hub preset name or folder>)"
+    )
+
+
 def resolve(args):
     """Fills the defaults that depend on other flags and checks combinations."""
     if args.format is None:
@@ -512,6 +532,18 @@ def resolve(args):
     if args.model != "macnn" and phases != ["joint"]:
         raise ValueError("--macnn-phases applies to --model macnn only")
     args.weights = None if args.weights in (None, "", "none", "None") else args.weights
+    if is_hub_name(args.backbone) and args.weights:
+        raise ValueError(
+            f"--backbone {args.backbone} carries its weights: leave --weights out. "
+            f"Received: --weights {args.weights}"
+        )
+    if args.backbone_lr_multiplier is None:
+        layer_norm = is_layer_normalized(args.backbone)
+        args.backbone_lr_multiplier = LAYER_NORM_LR_MULTIPLIER if layer_norm else 1.0
+    if args.backbone_lr_multiplier <= 0:
+        raise ValueError(
+            f"--backbone-lr-multiplier must be > 0. Received: {args.backbone_lr_multiplier}"
+        )
     if args.macnn_init is None:
         # From scratch, clustering by where channels peak splits a part by its place on the
         # body, and the best part points less often (docs/experiments.md#ma-cnn-on-the-synthetic-set).
@@ -553,12 +585,12 @@ def resolve_task_defaults(args):
         "random_erasing": reid,
         "bnneck": reid,
         "center_loss_weight": 5e-4 if reid else 0.0,
-        "last_stride": 1 if reid and BACKBONES[args.backbone].last_stride_layers else 2,
+        "last_stride": 1 if reid and offers_last_stride_1(args.backbone) else 2,
     }
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.last_stride == 1 and not BACKBONES[args.backbone].last_stride_layers:
+    if args.last_stride == 1 and not offers_last_stride_1(args.backbone):
         raise ValueError(f"--last-stride 1 is not offered for --backbone {args.backbone}")
     if args.center_loss_weight < 0:
         raise ValueError(f"--center-loss-weight must be >= 0. Received: {args.center_loss_weight}")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from keras_fg.export.errors import ExportInputError, require_tensorflow_backend
-from keras_fg.export.int8 import INT8_OPTIONS
+from keras_fg.export.int8 import INT8_OPTIONS, int8_refusal
 from keras_fg.export.parity import CHECKS, check_parity, model_outputs
 from keras_fg.export.preprocess import RESIZE_RULE, encode_images, load_images, synthetic_images
 from keras_fg.export.saved_model import WARMUP_FILE, export_saved_model
@@ -297,6 +297,9 @@ def _export_one(model, fmt, staging, settings, evaluation, calibration):
         entry["warmup_requests"] = WARMUP_FILE
     else:
         quantization = fmt.split("_", 1)[1]
+        refusal = int8_refusal(model) if quantization == "int8" else None
+        if refusal:
+            return {**entry, "file": None, "skipped": refusal}
         if quantization in ("int8", "int16x8") and calibration is None:
             return {
                 **entry,

@@ -569,3 +569,20 @@ def _with_int8_weights(flatbuffer, tensors, min_size=0):
     builder = flatbuffers.Builder(len(flatbuffer) + 1024)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output()), sorted(changed)
+
+
+def int8_refusal(model):
+    """Why full-integer int8 is not offered for `model`, or `None` when it is.
+
+    A vision transformer backbone (keras-hub ViT, DINOv2, CLIP, SigLIP): its LayerNorm,
+    softmax and GELU in int8 do not keep the model's decisions (docs/backbones.md).
+    """
+    backbones = model.backbones() if hasattr(model, "backbones") else []
+    kinds = [b.kind for b in backbones if getattr(b, "is_transformer", False)]
+    if not kinds:
+        return None
+    return (
+        f"full-integer int8 is not offered for a vision transformer backbone ({kinds[0]}): "
+        "its LayerNorm, softmax and GELU do not keep the model's decisions in int8; "
+        "tflite_dynamic (int8 weights) and tflite_fp16 are the smaller files"
+    )

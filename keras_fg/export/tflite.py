@@ -114,6 +114,9 @@ def export_tflite(
             f"Unknown quantization. Valid: {', '.join(QUANTIZATIONS)}. "
             f"Received: quantization={quantization!r}"
         )
+    refusal = int8.int8_refusal(model) if quantization == "int8" else None
+    if refusal:
+        raise ExportError(f"TFLite conversion (int8) of {path} is not offered: {refusal}")
     calibrated = quantization in ("int8", "int16x8")
     if calibrated and (representative_images is None or not len(representative_images)):
         raise ValueError(f"Quantization {quantization!r} needs `representative_images`.")

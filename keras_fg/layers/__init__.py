@@ -8,3 +8,4 @@ from keras_fg.layers.part_crop import PartCrop
 from keras_fg.layers.part_weighted_embedding import PartWeightedEmbedding
 from keras_fg.layers.per_location_outer_product import PerLocationOuterProduct
 from keras_fg.layers.spatial_attention_lstm import SpatialAttentionLSTM
+from keras_fg.layers.token_grid import TokenGrid

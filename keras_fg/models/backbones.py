@@ -7,6 +7,12 @@ images of raw RGB pixel values in [0, 255], shape `(B, H, W, 3)`, to the feature
 whatever the backbone. The model families put their heads on it (the backbone / task
 split of KerasHub) and call it as `backbone(images, training=False)` to keep its
 BatchNormalization in inference mode.
+
+The registry holds `keras.applications` networks; keras-hub presets are named
+`"hub:<preset name or folder>"` and built by `keras_fg.models.hub_backbones` (ViT, DINOv2,
+CLIP and SigLIP vision towers as token grids, CNN presets by pyramid level). LayerNorm
+backbones (ConvNeXt, the transformers) have no BatchNormalization to freeze: see
+`is_layer_normalized`. docs/backbones.md says how to choose one.
 """
 
 import dataclasses
@@ -19,6 +25,17 @@ from collections.abc import Callable
 import keras
 
 from keras_fg.layers.image_preprocessing import ImagePreprocessing
+
+HUB_PREFIX = "hub:"
+# The backbone's learning rate relative to the head's for LayerNorm backbones (ConvNeXt,
+# keras-hub transformers): 10x lower, as B-CNN fine-tunes its pretrained layers against a
+# new head; they have no BatchNormalization to keep frozen (see `is_layer_normalized`).
+LAYER_NORM_LR_MULTIPLIER = 0.1
+
+
+def is_hub_name(name):
+    """Whether `name` names a keras-hub preset, `"hub:<preset name or folder>"`."""
+    return isinstance(name, str) and name.startswith(HUB_PREFIX)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +56,9 @@ class BackboneSpec:
         earlier_feature_layer: An earlier block's layer, one downsampling step before the
             default feature layer: the second stream of a two-depth backbone
             (`create_backbone(..., earlier_feature_layer=...)`); empty if none is registered.
+        normalization: `"batch"` or `"layer"`: what normalises the network's activations.
+            BatchNormalization is kept frozen when fine-tuning; LayerNorm networks have none
+            to freeze and are fine-tuned at a lower rate instead (`is_layer_normalized`).
     """
 
     application: Callable
@@ -48,6 +68,7 @@ class BackboneSpec:
     stride: int
     last_stride_layers: tuple = ()
     earlier_feature_layer: str = ""
+    normalization: str = "batch"
 
 
 def _tiny_convnet(include_top=False, weights=None, input_tensor=None, input_shape=None):
@@ -138,13 +159,83 @@ BACKBONES = {
         32,
     ),
     "efficientnetv2b0": BackboneSpec(_apps.EfficientNetV2B0, "top_activation", "none", 1280, 32),
+    # The earlier layer: the last block before block 6's stride-2 step (14×14 at 224 px).
+    "efficientnetv2s": BackboneSpec(
+        _apps.EfficientNetV2S,
+        "top_activation",
+        "none",
+        1280,
+        32,
+        earlier_feature_layer="block5i_add",
+    ),
+    "efficientnetv2m": BackboneSpec(
+        _apps.EfficientNetV2M,
+        "top_activation",
+        "none",
+        1280,
+        32,
+        earlier_feature_layer="block5n_add",
+    ),
+    # ConvNeXt (Liu et al., CVPR 2022) normalises with LayerNorm and takes [0, 255] (its
+    # Normalization layer is built in). Its headless model ends in a LayerNorm that Keras
+    # numbers by how many were built before, renamed here; the earlier layer is stage 3's
+    # output, before the last downsampling step.
+    **{
+        f"convnext{size}": BackboneSpec(
+            _named_output(getattr(_apps, f"ConvNeXt{size.title()}"), f"convnext_{size}_final_norm"),
+            f"convnext_{size}_final_norm",
+            "none",
+            channels,
+            32,
+            earlier_feature_layer=f"convnext_{size}_stage_2_block_{blocks - 1}_identity",
+            normalization="layer",
+        )
+        for size, channels, blocks in (("tiny", 768, 9), ("small", 768, 27), ("base", 1024, 27))
+    },
     "tiny": BackboneSpec(_tiny_convnet, "conv4", "unit", 128, 8, earlier_feature_layer="conv3"),
 }
 
 
 def list_backbones():
-    """The registered backbone names, sorted."""
+    """The registered backbone names, sorted (keras-hub presets, `"hub:<preset>"`, besides)."""
     return sorted(BACKBONES)
+
+
+def is_layer_normalized(name):
+    """Whether backbone `name` normalises with LayerNorm rather than BatchNormalization.
+
+    ConvNeXt and keras-hub's transformers (`"hub:..."` ViT, DINOv2, CLIP, SigLIP) have no
+    BatchNormalization to keep frozen: their recipe is a lower learning rate for the
+    backbone (`train.py --backbone-lr-multiplier`, 0.1 for them by default).
+    """
+    if is_hub_name(name):
+        from keras_fg.models.hub_backbones import is_transformer_preset
+
+        return is_transformer_preset(name)
+    return name in BACKBONES and BACKBONES[name].normalization == "layer"
+
+
+def offers_last_stride_1(name):
+    """Whether `create_backbone(name, last_stride=1)` is offered."""
+    return name in BACKBONES and bool(BACKBONES[name].last_stride_layers)
+
+
+def has_earlier_feature_layer(name):
+    """Whether `earlier_feature_layer="default"` names a layer of backbone `name`.
+
+    True for every keras-hub preset (the pyramid level before the last, or a transformer's
+    block at three quarters of its depth).
+    """
+    return is_hub_name(name) or (name in BACKBONES and bool(BACKBONES[name].earlier_feature_layer))
+
+
+def backbone_label(name):
+    """`name` as it goes into model names: registered names as they are, `"hub_<preset>"`."""
+    if is_hub_name(name):
+        from keras_fg.models.hub_backbones import hub_label
+
+        return hub_label(name)
+    return name
 
 
 def create_backbone(
@@ -159,7 +250,12 @@ def create_backbone(
     """Builds a registered backbone: raw [0, 255] RGB pixels in, a feature map out.
 
     Args:
-        name: A name from `list_backbones()`, such as `"vgg19"` or `"mobilenetv2"`.
+        name: A name from `list_backbones()`, such as `"vgg19"` or `"mobilenetv2"`; or a
+            keras-hub preset, `"hub:<preset name>"` (`"hub:dinov2_small"`, downloaded once
+            by keras-hub) or `"hub:<folder>"` (a preset saved with `save_to_preset`, used
+            offline). A preset carries its weights and its pixel scaling; see
+            `keras_fg.models.hub_backbones` for the feature maps each kind gives and the
+            input sizes it takes. Needs `pip install "keras-fg[hub]"`.
         weights: `None` for random initialisation; `"imagenet"` for the
             `keras.applications` ImageNet weights (downloaded, so online only); or the
             path of a local weights file saved from the whole headless application,
@@ -170,7 +266,8 @@ def create_backbone(
         image_size: Input size in pixels: an int for square images, or a
             `(height, width)` tuple such as `(256, 128)` for person re-identification.
         feature_layer: Name of the layer whose output is the feature map; `None` for
-            the registered default, `BACKBONES[name].feature_layer`.
+            the registered default, `BACKBONES[name].feature_layer`. For keras-hub presets,
+            a pyramid level (`"P4"`) of a CNN or a transformer block (`"block_6"`).
         name_prefix: Prepended to the model name, so that two backbones of the same
             kind can sit side by side in one model.
         last_stride: 2 (the network as published) or 1: the last downsampling step
@@ -186,7 +283,8 @@ def create_backbone(
             tells where they split. DASRBN reads them as its two streams.
 
     Returns:
-        A Functional `keras.Model` named `f"{name_prefix}{name}_backbone"`, input
+        A Functional `keras.Model` named `f"{name_prefix}{name}_backbone"` (for keras-hub
+        presets a `HubBackbone` named `f"{name_prefix}{backbone_label(name)}_backbone"`), input
         `(B, height, width, 3)` float RGB pixels in [0, 255], output the feature map
         `(B, h, w, C)`; with the default layer `C = BACKBONES[name].channels` and
         `h = ceil(height / BACKBONES[name].stride)` for sizes the network divides evenly
@@ -198,9 +296,20 @@ def create_backbone(
     >>> backbone.output_shape
     (None, 7, 7, 1280)
     """
+    if is_hub_name(name):
+        return _create_hub_backbone(
+            name,
+            weights,
+            image_size,
+            feature_layer,
+            name_prefix,
+            last_stride,
+            earlier_feature_layer,
+        )
     if name not in BACKBONES:
         raise ValueError(
-            f"Unknown backbone. Valid names: {', '.join(list_backbones())}. Received: name={name!r}"
+            f"Unknown backbone. Valid names: {', '.join(list_backbones())}, or "
+            f"'hub:<keras-hub preset name or folder>'. Received: name={name!r}"
         )
     spec = BACKBONES[name]
     if last_stride not in (1, 2) or isinstance(last_stride, bool):
@@ -241,6 +350,29 @@ def create_backbone(
     return keras.Model(images, features, name=f"{name_prefix}{name}_backbone")
 
 
+def _create_hub_backbone(
+    name, weights, image_size, feature_layer, name_prefix, last_stride, earlier_feature_layer
+):
+    if weights is not None:
+        raise ValueError(
+            f"A keras-hub backbone's weights come with its preset ({name!r}): leave `weights` "
+            f"out. Received: weights={weights!r}"
+        )
+    if last_stride != 2:
+        raise ValueError(
+            f"`last_stride=1` is not offered for keras-hub backbones. Received: last_stride={last_stride!r}"
+        )
+    from keras_fg.models.hub_backbones import create_hub_backbone
+
+    return create_hub_backbone(
+        name,
+        _height_width(image_size),
+        feature_layer=feature_layer,
+        earlier_feature_layer=earlier_feature_layer,
+        name_prefix=name_prefix,
+    )
+
+
 TWO_DEPTHS = "two_depths"
 
 
@@ -272,15 +404,23 @@ def _two_depths(network, name, spec, features, earlier_feature_layer):
             f"Unknown earlier_feature_layer for backbone {name!r} ({len(layer_names)} layers, "
             f"listed by keras.Model.summary()). Received: earlier_feature_layer={layer_name!r}"
         )
-    earlier = network.get_layer(layer_name).output
+    return join_depths(features, network.get_layer(layer_name).output)
+
+
+def join_depths(features, earlier, name=TWO_DEPTHS):
+    """`[F, pool(F_early)]` along channels: the earlier map brought to `F`'s grid.
+
+    Each block of cells is averaged when the grids differ by a whole factor (every earlier
+    location is kept), otherwise the earlier map is resized.
+    """
     grid, earlier_grid = tuple(features.shape[1:3]), tuple(earlier.shape[1:3])
     factor = earlier_grid[0] // grid[0]
     if earlier_grid == (grid[0] * factor, grid[1] * factor):
-        if factor > 1:  # Average each block of cells: every earlier location is kept.
+        if factor > 1:
             earlier = keras.layers.AveragePooling2D(factor, name="pool_earlier_features")(earlier)
     else:
         earlier = keras.layers.Resizing(*grid, name="resize_earlier_features")(earlier)
-    return keras.layers.Concatenate(name=TWO_DEPTHS)([features, earlier])
+    return keras.layers.Concatenate(name=name)([features, earlier])
 
 
 def _height_width(image_size):

@@ -1,6 +1,6 @@
 """One factory for every model family, so that one command line can drive them all."""
 
-from keras_fg.models.backbones import BACKBONES, create_backbone
+from keras_fg.models.backbones import backbone_label, create_backbone, has_earlier_feature_layer
 from keras_fg.models.bilinear_cnn import BilinearCNN
 from keras_fg.models.dasrbn import DASRBN
 from keras_fg.models.gap_classifier import GAPClassifier
@@ -38,7 +38,8 @@ def create_model(
     Args:
         name: the family: `"gap"`, `"bcnn"`, `"macnn"`, `"dasrbn"` or `"pcb"`.
         num_classes: number of classes (identities for re-identification).
-        backbone: a backbone name from `keras_fg.models.list_backbones()`.
+        backbone: a backbone name from `keras_fg.models.list_backbones()`, or a keras-hub
+            preset, `"hub:<preset name or folder>"` (see `create_backbone`).
         weights: the backbone's weights: `None`, `"imagenet"` or a local `.weights.h5` path.
         image_size: input size, an int or `(height, width)`.
         feature_layer: the backbone layer whose output the head reads (default: the
@@ -88,10 +89,7 @@ def create_model(
             name_prefix="part_",
         )
     two_depths = (
-        name == "dasrbn"
-        and second_backbone is None
-        and backbone in BACKBONES
-        and bool(BACKBONES[backbone].earlier_feature_layer)
+        name == "dasrbn" and second_backbone is None and has_earlier_feature_layer(backbone)
     )
     features = create_backbone(
         backbone,
@@ -101,4 +99,4 @@ def create_model(
         last_stride=last_stride,
         earlier_feature_layer="default" if two_depths else None,
     )
-    return family(features, num_classes, name=f"{name}_{backbone}", **options)
+    return family(features, num_classes, name=f"{name}_{backbone_label(backbone)}", **options)
