@@ -122,7 +122,9 @@ def build_parser():
         f"galleries; auto: flat below {AUTO_FLAT_BELOW:,} images, ivf above",
     )
     search.add_argument(
-        "--nprobe", type=int, help=f"ivf lists scanned per query (default: {DEFAULT_NPROBE})"
+        "--nprobe",
+        type=int,
+        help=f"ivf lists scanned per query (default: {DEFAULT_NPROBE.replace('%', '%%')})",
     )
     search.add_argument(
         "--ef-search", type=int, help=f"hnsw candidates per query (default {DEFAULT_EF_SEARCH})"
