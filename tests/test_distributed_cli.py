@@ -6,16 +6,12 @@ evaluation of the saved model.keras on the same images.
 """
 
 import json
-import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from train_runs import ENV, ROOT, run_two_workers
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
 # Small and fast: 32 px, the tiny backbone, one cached head epoch and one image epoch.
 SMALL = [
     "--synthetic-train", "64", "--synthetic-test", "24", "--synthetic-classes", "4",
@@ -138,49 +134,6 @@ def test_mirrored_reid_run_evaluates_like_one_device(mars_dir, tmp_path):
     assert evaluation["num_query_images"] == again["num_query_images"] == 32
     for key in ("rank1", "mAP"):
         assert evaluation[key] == pytest.approx(again[key], abs=1e-9), key
-
-
-def _free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def run_two_workers(arguments, run_dir):
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(2)]}
-    processes = []
-    for index in range(2):
-        task = {"cluster": cluster, "task": {"type": "worker", "index": index}}
-        processes.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    str(ROOT / "train.py"),
-                    *map(str, arguments),
-                    "--strategy",
-                    "multi_worker",
-                    "--output",
-                    str(run_dir),
-                ],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                env=dict(ENV, TF_CONFIG=json.dumps(task)),
-                cwd=ROOT,
-            )
-        )
-    for process in processes:
-        try:
-            _, stderr = process.communicate(timeout=600)
-        except subprocess.TimeoutExpired:
-            for p in processes:
-                p.kill()
-            raise
-        assert process.returncode == 0, stderr[-4000:]
 
 
 def test_two_workers_train_macnn_through_both_phases(tmp_path):

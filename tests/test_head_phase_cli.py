@@ -2,18 +2,13 @@
 steps, no "ran out of data" warning, and a cache that goes to disk under a memory budget."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from train_runs import ENV, ROOT, kill_after_epoch
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
 # 6 epochs: 3 of the head on cached features (train + flips: 2 x 300 maps, batch 64: 10
 # steps), then 3 of every layer on images (300 // 32 = 9 steps).
 RUN = [
@@ -75,23 +70,7 @@ def test_a_run_killed_in_either_phase_resumes_to_identical_weights(
     straight, tmp_path, phase, kill_after
 ):
     run_dir = tmp_path / "resumed"
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *RUN, "--output", str(run_dir)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=ENV,
-        cwd=ROOT,
-    )
-    state = run_dir / "checkpoint" / "state.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        if state.exists() and json.loads(state.read_text())["epoch"] >= kill_after:
-            break
-        time.sleep(0.02)
-    assert process.poll() is None, "the run ended before it could be killed"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    record = json.loads(state.read_text())
+    record = kill_after_epoch(RUN, run_dir, kill_after)
     assert record["phase"] == phase and record["epoch"] < 6
 
     result = train("--resume", run_dir)

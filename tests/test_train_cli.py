@@ -3,15 +3,13 @@
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from train_runs import kill_after_epoch, run_two_workers
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = [
@@ -223,24 +221,8 @@ def test_interrupted_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
     expected = json.loads((tmp_path / "straight" / "evaluation.json").read_text())
 
     out = tmp_path / "resumed"
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *args, "--output", str(out)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=ENV,
-        cwd=ROOT,
-    )
-    state = out / "checkpoint" / "state.json"
-    deadline = time.time() + 240
-    while time.time() < deadline and process.poll() is None:
-        if state.exists() and json.loads(state.read_text())["epoch"] >= 1:
-            break
-        time.sleep(0.05)
-    assert process.poll() is None, "the run ended before it could be interrupted"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    interrupted_at = kill_after_epoch(args, out, 1, timeout=240)["epoch"]
     assert not (out / "evaluation.json").exists()
-    interrupted_at = json.loads(state.read_text())["epoch"]
     assert 1 <= interrupted_at < 4
 
     # Resuming is explicit: the same command again is refused, and so is a changed flag.
@@ -338,60 +320,13 @@ def test_balanced_class_weights():
     assert balanced_class_weights(labels, 3, "none") is None
 
 
-def _free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def test_two_workers_on_loopback_finish_with_identical_weights(tmp_path):
     import keras
 
     import keras_fg  # noqa: F401  (registers the model classes for loading)
 
-    ports = _free_ports(2)
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
     out = tmp_path / "run"
-    processes = []
-    for index in range(2):
-        env = dict(
-            ENV,
-            TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
-        )
-        processes.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    str(ROOT / "train.py"),
-                    *QUICK,
-                    "--model",
-                    "gap",
-                    "--epochs",
-                    "2",
-                    "--strategy",
-                    "multi_worker",
-                    "--output",
-                    str(out),
-                ],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                env=env,
-                cwd=ROOT,
-            )
-        )
-    for process in processes:
-        try:
-            _, stderr = process.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            for p in processes:
-                p.kill()
-            raise
-        assert process.returncode == 0, stderr[-4000:]
+    run_two_workers([*QUICK, "--model", "gap", "--epochs", "2"], out, timeout=300)
     chief = keras.saving.load_model(out / "model.keras")
     worker = keras.saving.load_model(out / "workers" / "worker-1" / "model.keras")
     start = keras_fg.models.create_model("gap", 4, backbone="tiny", image_size=64)
