@@ -24,6 +24,7 @@ No accuracy is measured here: the weights are random.
 
     python bench/backbones.py                       # all four sections
     python bench/backbones.py --sections heads      # one section (merged into the JSON)
+    python bench/backbones.py --sections int8_transformer --output backbones_int8_transformer
 """
 
 import argparse
@@ -348,12 +349,13 @@ def main():
         nargs="*",
         help="FAMILY:BACKBONE rows of the speed section to measure again, in place",
     )
+    parser.add_argument("--output", default=NAME, help="the result's name in bench/results")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return run_worker(args.worker)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    path = RESULTS / f"{NAME}.json"
+    path = RESULTS / f"{args.output}.json"
     payload = json.loads(path.read_text()) if path.exists() else {}
     payload.pop("machine", None)
     payload["command"] = "python bench/backbones.py --sections " + ",".join(sections)
@@ -363,7 +365,7 @@ def main():
     )
 
     def save():
-        write_json(NAME, payload)
+        write_json(args.output, payload)
 
     with tempfile.TemporaryDirectory() as folder:
         sys.path.insert(0, str(ROOT / "tests"))  # The small presets the tests use.
