@@ -342,6 +342,14 @@ def test_dinov2_fine_tuned_position_table_survives_saving_at_another_size(preset
         reloaded.predict(images, verbose=0)["probabilities"],
         model.predict(images, verbose=0)["probabilities"],
     )
+    # A resumed run: the reloaded model trains on and is saved again.
+    reloaded.fit(images, np.array([0, 1, 2, 0]), batch_size=4, epochs=1, verbose=0)
+    reloaded.save(tmp_path / "resumed.keras")
+    again = keras.saving.load_model(tmp_path / "resumed.keras")
+    np.testing.assert_array_equal(
+        again.predict(images, verbose=0)["probabilities"],
+        reloaded.predict(images, verbose=0)["probabilities"],
+    )
 
 
 def exported(model, tmp_path, formats, images=None):
