@@ -24,6 +24,7 @@ No accuracy is measured here: the weights are random.
 
     python bench/backbones.py                       # all four sections
     python bench/backbones.py --sections heads      # one section (merged into the JSON)
+    python bench/backbones.py --sections int8_transformer --output backbones_int8_transformer
 """
 
 import argparse
@@ -236,7 +237,8 @@ def int8_transformer_worker(family, presets):
             try:
                 export_tflite(model, path, quantization, representative_images=images)
             except Exception as error:
-                row[quantization] = {"error": " ".join(str(error).split())[:300]}
+                message = str(error).replace(path, os.path.basename(path))
+                row[quantization] = {"error": " ".join(message.split())[:300]}
                 continue
             parity = check_parity(model, path, images, latency_runs=3)
             row[quantization] = {
@@ -277,7 +279,8 @@ def export_worker(family, backbone, presets):
         try:
             report = export_model(model, os.path.join(folder, "export"), evaluation_data=files)
         except Exception as error:  # Recorded, not hidden: the matrix says what failed.
-            return {"family": family, "backbone": backbone, "error": str(error)[:1000]}
+            message = str(error).replace(folder + os.sep, "")
+            return {"family": family, "backbone": backbone, "error": message[:1000]}
     keep = ("skipped", "max_abs_diff", "top1_agreement", "size_bytes", "latency_ms", "error")
     return {
         "family": family,
@@ -348,12 +351,18 @@ def main():
         nargs="*",
         help="FAMILY:BACKBONE rows of the speed section to measure again, in place",
     )
+    parser.add_argument(
+        "--export-configs",
+        nargs="*",
+        help="FAMILY:BACKBONE rows of the export matrix to measure (again), in place",
+    )
+    parser.add_argument("--output", default=NAME, help="the result's name in bench/results")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return run_worker(args.worker)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    path = RESULTS / f"{NAME}.json"
+    path = RESULTS / f"{args.output}.json"
     payload = json.loads(path.read_text()) if path.exists() else {}
     payload.pop("machine", None)
     payload["command"] = "python bench/backbones.py --sections " + ",".join(sections)
@@ -363,7 +372,7 @@ def main():
     )
 
     def save():
-        write_json(NAME, payload)
+        write_json(args.output, payload)
 
     with tempfile.TemporaryDirectory() as folder:
         sys.path.insert(0, str(ROOT / "tests"))  # The small presets the tests use.
@@ -399,13 +408,21 @@ def main():
             payload["heads"] = in_subprocess("heads", presets)
             save()
         if "exports" in sections:
-            payload["exports"] = {"rows": []}
-            for backbone in EXPORT_BACKBONES:
-                for family in EXPORT_FAMILIES:
-                    print(f"exports: {family} on {backbone}", flush=True)
-                    row = in_subprocess("export", family, backbone, presets)
-                    payload["exports"]["rows"].append(row)
-                    save()
+            if not args.export_configs:
+                payload["exports"] = {"rows": []}
+            rows = payload["exports"]["rows"]
+            configs = [tuple(c.split(":")) for c in args.export_configs or []] or [
+                (f, b) for b in EXPORT_BACKBONES for f in EXPORT_FAMILIES
+            ]
+            for family, backbone in configs:
+                print(f"exports: {family} on {backbone}", flush=True)
+                row = in_subprocess("export", family, backbone, presets)
+                where = [i for i, r in enumerate(rows) if row_key(r) == (family, backbone)]
+                if where:
+                    rows[where[0]] = row
+                else:
+                    rows.append(row)
+                save()
         if "int8_transformer" in sections:
             payload["int8_transformer"] = {
                 "what": "full-integer int8 (calibrated on the 8 evaluation images) against "

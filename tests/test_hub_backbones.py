@@ -342,6 +342,14 @@ def test_dinov2_fine_tuned_position_table_survives_saving_at_another_size(preset
         reloaded.predict(images, verbose=0)["probabilities"],
         model.predict(images, verbose=0)["probabilities"],
     )
+    # A resumed run: the reloaded model trains on and is saved again.
+    reloaded.fit(images, np.array([0, 1, 2, 0]), batch_size=4, epochs=1, verbose=0)
+    reloaded.save(tmp_path / "resumed.keras")
+    again = keras.saving.load_model(tmp_path / "resumed.keras")
+    np.testing.assert_array_equal(
+        again.predict(images, verbose=0)["probabilities"],
+        reloaded.predict(images, verbose=0)["probabilities"],
+    )
 
 
 def exported(model, tmp_path, formats, images=None):
@@ -393,7 +401,9 @@ def test_keras_hub_cnn_dasrbn_exports_int8_with_parity(presets, tmp_path):
     assert entries["tflite_int8"]["file"].endswith("_int8.tflite")
 
 
-def test_convnext_tiny_pcb_trains_saves_and_exports(tmp_path):
+def test_convnext_tiny_pcb_trains_saves_and_reloads_identically(tmp_path):
+    # Its SavedModel and TFLite exports, every family, are bench/backbones.py's export matrix
+    # (a 28 M-parameter conversion costs minutes on two cores).
     keras.utils.set_random_seed(0)
     model = create_model("pcb", 3, backbone="convnexttiny", image_size=64, num_stripes=2)
     assert model.backbone.output_shape == (None, 2, 2, 768)
@@ -404,10 +414,6 @@ def test_convnext_tiny_pcb_trains_saves_and_exports(tmp_path):
         reloaded.predict(images, verbose=0)["features"],
         model.predict(images, verbose=0)["features"],
     )
-    # One conversion here; SavedModel and the other formats on every family are in
-    # bench/backbones.py's export matrix.
-    entries, report = exported(model, tmp_path, ["tflite_fp16"])
-    assert report["passed"], entries
 
 
 # ------------------------------------------------------------------------------ train.py

@@ -400,7 +400,8 @@ class HubBackbone(keras.Model):
         # a copy), so the saved table is set to the live one here; the network's own saving
         # runs after this (a parent saves before its children).
         network = self.network
-        if self.kind == "dinov2" and network.position_embedding_shape == network.image_shape:
+        same_grid = tuple(network.position_embedding_shape) == tuple(network.image_shape)
+        if self.kind == "dinov2" and same_grid:  # (Lists once read back from a config.)
             embeddings = network.embeddings
             embeddings.position_embeddings.assign(embeddings.interpolated_position_embeddings)
         super().save_own_variables(store)
