@@ -706,6 +706,7 @@ def main():
     lines += int8_stages_section(load("int8_stages"))
     lines += reid_section(load("reid_ablation"))
     lines += attention_section(load("attention") or load("attention_quick"))
+    lines += search_section()
     table = "\n".join(lines).rstrip() + "\n"
     results = ROOT / "docs" / "results.md"
     results.parent.mkdir(exist_ok=True)
@@ -721,6 +722,22 @@ def main():
             pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
             readme.write_text(pattern.sub(lambda _: f"{START}\n{summary}{END}", text, count=1))
             print("updated README.md between the results markers")
+
+
+def search_section():
+    """bench/search.py's table: the gallery index against NumPy, 10^4 to 10^6 entries."""
+    from search import markdown_table
+
+    if not list(RESULTS.glob("search_*.json")):
+        return []
+    return [
+        "### Person search: the gallery index (faiss) against NumPy brute force",
+        "",
+        "`python bench/search.py`; what the rows say: [search.md](search.md).",
+        "",
+        markdown_table(),
+        "",
+    ]
 
 
 def input_path_section(result):

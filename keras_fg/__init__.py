@@ -8,6 +8,8 @@ Sub-packages:
     keras_fg.metrics  classification metrics, CMC / mAP for re-identification
     keras_fg.export   SavedModel and TFLite export with parity checks (import it explicitly)
     keras_fg.viz      attention overlays (import it explicitly)
+    keras_fg.inference  one predictor for .keras, SavedModel and .tflite (import it explicitly)
+    keras_fg.search   the gallery index for person search, on faiss (import it explicitly)
 """
 
 from keras_fg import data, layers, losses, metrics, models

@@ -219,6 +219,8 @@ class ReidData:
 
     @property
     def evaluation_size(self):
+        if self.query is self.gallery:  # Folders of people: every image is both.
+            return len(self.query)
         return len(self.query) + len(self.gallery)
 
     def steps_per_epoch(self, batch_size):
