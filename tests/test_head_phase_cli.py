@@ -2,12 +2,10 @@
 steps, no "ran out of data" warning, and a cache that goes to disk under a memory budget."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from train_runs import ENV, ROOT, kill_after_epoch
+from train_runs import kill_after_epoch, train
 
 # 6 epochs: 3 of the head on cached features (train + flips: 2 x 300 maps, batch 64: 10
 # steps), then 3 of every layer on images (300 // 32 = 9 steps).
@@ -17,20 +15,6 @@ RUN = [
     "--head-batch-size", "64", "--head-learning-rate", "3e-3", "--batch-size", "32",
     "--macnn-init", "clustering", "--verbose", "2",
 ]  # fmt: skip
-
-
-def train(*args, check=True):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=ENV,
-        cwd=ROOT,
-    )
-    if check:
-        assert result.returncode == 0, result.stderr[-4000:]
-    return result
 
 
 def weights(run_dir):

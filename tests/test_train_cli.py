@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from train_runs import kill_after_epoch, run_two_workers
+from train_runs import kill_after_epoch, run_two_workers, train
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = [
@@ -29,20 +29,6 @@ QUICK = [
     "none",
 ]
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
-
-
-def train(*args, timeout=300, check=True, cwd=ROOT):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=ENV,
-        cwd=cwd,
-    )
-    if check:
-        assert result.returncode == 0, result.stderr[-4000:]
-    return result
 
 
 def one_line_error(result):

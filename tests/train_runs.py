@@ -1,5 +1,5 @@
-"""Helpers of the tests that run train.py in processes: two workers on loopback, and a run
-killed once its checkpoint reaches an epoch."""
+"""Helpers of the tests that run train.py in processes: one run, two workers on loopback, and
+a run killed once its checkpoint reaches an epoch."""
 
 import json
 import os
@@ -12,6 +12,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def train(*args, timeout=600, check=True, cwd=ROOT):
+    """train.py `args` in a process; asserts it succeeded unless `check=False`."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=ENV,
+        cwd=cwd,
+    )
+    if check:
+        assert result.returncode == 0, result.stderr[-4000:]
+    return result
 
 
 def free_ports(count):

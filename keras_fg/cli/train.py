@@ -365,7 +365,11 @@ class Training:
             reasons.append("--task reid trains on P x K batches of images")
         if args.macnn_phases != "joint":
             reasons.append("--macnn-phases alternates what the model trains")
-        if args.macnn_init == "clustering" and args.macnn_init_epoch >= args.head_epochs:
+        if (
+            args.model == "macnn"
+            and args.macnn_init == "clustering"
+            and args.macnn_init_epoch >= args.head_epochs
+        ):
             reasons.append("--macnn-init-epoch clusters after the head phase")
         if not reasons and getattr(self.model, "part_backbone", None) is None:
             try:
