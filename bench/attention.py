@@ -10,11 +10,18 @@ configuration: another image size (so another grid), another number of classes, 
     python bench/attention.py                              # macnn and dasrbn, 3 settings, 3 seeds
     python bench/attention.py --families macnn --seeds 0   # a subset
     python bench/attention.py --quick                      # default setting, 10 epochs, seed 0
+    python bench/attention.py --sweep 8 --sweep-seed 0     # 8 settings drawn at random
 
 Every run's JSON is written as soon as it finishes, to bench/results/attention/
 FAMILY-SETTING-seedN.json; runs already there are not redone, so an interrupted benchmark
 resumes. bench/results/attention.json then summarises every run found (mean and range over
 seeds); `--quick` writes attention_quick.json and keeps its runs apart.
+
+`--sweep N --sweep-seed S` draws N settings from a generator seeded by S over every knob of
+the synthetic set that train.py exposes -- image size 48-128 px, 4-24 classes, 0-12 clutter
+shapes, pixel noise 0-16 -- and a training seed for each, so that no one picks them by hand.
+Each family trains on each with train.py's defaults; runs go to bench/results/attention_sweep/
+and attention_sweep.json lists every run, worst pointing game first.
 """
 
 import argparse
@@ -33,14 +40,38 @@ SETTINGS = {
     "96px-16classes": ["--image-size", "96", "--synthetic-classes", "16"],
     "48px-6classes": ["--image-size", "48", "--synthetic-classes", "6"],
 }
+SWEEP_RANGES = {"image_size": (48, 128), "classes": (4, 24), "clutter": (0, 12), "noise": (0, 16)}
 MEASURES = ("top1", "pointing_game", "mass_in_box", "chance", "peak_mass", "uniform_peak_mass")
 
 
-def run_one(family, setting, seed, epochs, folder):
+def sweep_settings(count, sweep_seed):
+    """`count` settings drawn from `sweep_seed` alone: {name: (flags, training seed)}.
+
+    Setting i of a sweep does not depend on `count`, so a longer sweep extends a shorter one.
+    """
+    settings = {}
+    for index in range(count):
+        rng = np.random.default_rng([46, sweep_seed, index])
+        size, classes, clutter = (
+            int(rng.integers(lo, hi + 1))
+            for lo, hi in [SWEEP_RANGES[k] for k in ("image_size", "classes", "clutter")]
+        )
+        noise = round(float(rng.uniform(*SWEEP_RANGES["noise"])), 1)
+        flags = [
+            "--image-size", str(size), "--synthetic-classes", str(classes),
+            "--synthetic-clutter", str(clutter), "--synthetic-noise", str(noise),
+        ]  # fmt: skip
+        name = f"s{sweep_seed}n{index}_{size}px_{classes}classes_clutter{clutter}_noise{noise}"
+        settings[name] = (flags, int(rng.integers(0, 1000)))
+    return settings
+
+
+def run_one(family, setting, seed, epochs, folder, flags=None):
     path = folder / f"{family}-{setting}-seed{seed}.json"
     if path.exists():
         return json.loads(path.read_text())
-    arguments = ["--model", family, "--seed", str(seed), *SETTINGS[setting], "--verbose", "0"]
+    flags = SETTINGS[setting] if flags is None else flags
+    arguments = ["--model", family, "--seed", str(seed), *flags, "--verbose", "0"]
     if epochs:
         arguments += ["--epochs", str(epochs)]
     shown = "python train.py " + " ".join(arguments)
@@ -103,6 +134,29 @@ def summarise(folder):
     return summary
 
 
+def sweep_table(folder):
+    """Every sweep run, worst first (pointing game, then mass in box)."""
+    rows = []
+    for path in sorted(folder.glob("*.json")):
+        family, rest = path.stem.split("-", 1)
+        setting, seed = rest.rsplit("-", 1)
+        result = json.loads(path.read_text())
+        rows.append({"family": family, "setting": setting, "seed": int(seed[4:]), **result})
+    measured = [r for r in rows if "error" not in r]
+    measured.sort(key=lambda r: (r["pointing_game"], r["mass_in_box"]))
+    families = {}
+    for family in sorted({r["family"] for r in measured}):
+        mine = [r for r in measured if r["family"] == family]
+        families[family] = {
+            "settings": len(mine),
+            "worst": {k: mine[0][k] for k in ("setting", "seed", *MEASURES)},
+            "mean": {k: float(np.mean([r[k] for r in mine])) for k in MEASURES},
+            "min": {k: float(np.min([r[k] for r in mine])) for k in MEASURES},
+        }
+    failed = [r for r in rows if "error" in r]
+    return {"families": families, "runs": measured, "failed": failed}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--families", nargs="+", default=["macnn", "dasrbn"])
@@ -110,7 +164,11 @@ def main():
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None, help="default: train.py's")
     parser.add_argument("--quick", action="store_true", help="default setting, 10 epochs, seed 0")
+    parser.add_argument("--sweep", type=int, default=0, help="draw this many settings")
+    parser.add_argument("--sweep-seed", type=int, default=0, help="the draw's seed")
     args = parser.parse_args()
+    if args.sweep:
+        return sweep(args)
     name = "attention_quick" if args.quick else "attention"
     if args.quick:
         args.settings, args.seeds, args.epochs = ["default"], [0], args.epochs or 10
@@ -131,6 +189,36 @@ def main():
             "families": summarise(folder),
         },
     )
+    if failed:
+        sys.exit(f"failed: {'; '.join(failed)}")
+
+
+def sweep(args):
+    folder = RESULTS / "attention_sweep"
+    failed = []
+    for setting, (flags, seed) in sweep_settings(args.sweep, args.sweep_seed).items():
+        for family in args.families:
+            result = run_one(family, setting, seed, args.epochs, folder, flags)
+            if "error" in result:
+                failed.append(result["command"])
+    table = sweep_table(folder)
+    write_json(
+        "attention_sweep",
+        {
+            "benchmark": "attention_sweep",
+            "dataset": "train.py's synthetic fine-grained set, settings drawn by "
+            "`python bench/attention.py --sweep N --sweep-seed S` from "
+            + ", ".join(f"{k} {lo}-{hi}" for k, (lo, hi) in SWEEP_RANGES.items()),
+            **table,
+        },
+    )
+    for family, row in table["families"].items():
+        worst = row["worst"]
+        print(
+            f"{family}: {row['settings']} settings, worst {worst['setting']} seed "
+            f"{worst['seed']}: pointing {worst['pointing_game']:.3f}, mass "
+            f"{worst['mass_in_box']:.3f}, top-1 {worst['top1']:.3f}"
+        )
     if failed:
         sys.exit(f"failed: {'; '.join(failed)}")
 

@@ -209,7 +209,7 @@ def cub_section(runs, floor):
     return lines
 
 
-def summary_tables(runs, floor, attention, export, reid):
+def summary_tables(runs, floor, attention, export, reid, sweep=None):
     """The README's two tables: the families on the bird subset, and re-identification."""
     loads = [x for rows in runs.values() for r in rows for x in r.get("load_average_1min", [])]
     lines = [
@@ -254,6 +254,15 @@ def summary_tables(runs, floor, attention, export, reid):
             f"| {minutes:.0f} min | {point} | {parameters(recipe) / 1e6:.1f} M | {latency} "
             f"| {agreement} |"
         )
+    for family, row in (sweep or {}).get("families", {}).items():
+        mean, worst = row["mean"], row["worst"]
+        lines += [
+            "",
+            f"{model_name({'model': family})} on {row['settings']} synthetic settings drawn at "
+            f"random (`bench/attention.py --sweep`): pointing game {pct(mean['pointing_game'])} "
+            f"on average, {pct(worst['pointing_game'])} at worst ({worst['setting']}, mass in "
+            f"box {worst['mass_in_box']:.2f}, top-1 {pct(worst['top1'])}).",
+        ]
     lines += [
         "",
         "Person re-identification: mini-MARS (16 training identities; 32 queries against 529 "
@@ -512,6 +521,46 @@ def attention_section(result):
     return lines
 
 
+def attention_sweep_section(result):
+    """bench/attention.py --sweep: per family the mean and the worst setting, then every run."""
+    if not result or not result.get("families"):
+        return []
+    lines = [
+        "### Attention on settings drawn at random (synthetic data)",
+        "",
+        f"{result['dataset']}; one training seed per setting, train.py's defaults. Per family: "
+        "the mean over the settings and the worst setting; then every run, worst pointing "
+        "game first.",
+        "",
+        "| model | settings | top-1 mean (min) | pointing game mean (min) "
+        "| mass in box mean (min) | worst setting |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for family, row in result["families"].items():
+        mean, low, worst = row["mean"], row["min"], row["worst"]
+        lines.append(
+            f"| {model_name({'model': family})} | {row['settings']} "
+            + " ".join(f"| {pct(mean[k])} ({pct(low[k])})" for k in ("top1", "pointing_game"))
+            + f" | {mean['mass_in_box']:.2f} ({low['mass_in_box']:.2f}) "
+            f"| {worst['setting']}, seed {worst['seed']} |"
+        )
+    lines += [
+        "",
+        "| model | setting | seed | top-1 | pointing game | mass in box | chance | peak mass |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for run in result["runs"]:
+        lines.append(
+            f"| {model_name({'model': run['family']})} | {run['setting']} | {run['seed']} "
+            f"| {pct(run['top1'])} | {pct(run['pointing_game'])} | {run['mass_in_box']:.2f} "
+            f"| {pct(run['chance'])} | {run['peak_mass']:.3f} |"
+        )
+    for run in result.get("failed", []):
+        lines.append(f"| {run['family']} | {run['setting']} | {run['seed']} | failed | | | | |")
+    command = "python bench/attention.py --sweep 8 --sweep-seed 0` and `--sweep-seed 1"
+    return lines + ["", f"- `{command}` — {machine_line(result)}", ""]
+
+
 def int8_choice(float_layers):
     """How an int8 file was made: which layers it keeps in float."""
     whys = [layer.get("why") for layer in float_layers]
@@ -706,6 +755,7 @@ def main():
     lines += int8_stages_section(load("int8_stages"))
     lines += reid_section(load("reid_ablation"))
     lines += attention_section(load("attention") or load("attention_quick"))
+    lines += attention_sweep_section(load("attention_sweep"))
     lines += search_section()
     table = "\n".join(lines).rstrip() + "\n"
     results = ROOT / "docs" / "results.md"
@@ -715,7 +765,14 @@ def main():
     readme = ROOT / "README.md"
     if readme.exists() and runs and floor:
         summary = "\n".join(
-            summary_tables(runs, floor, load("attention"), export, load("reid_ablation"))
+            summary_tables(
+                runs,
+                floor,
+                load("attention"),
+                export,
+                load("reid_ablation"),
+                load("attention_sweep"),
+            )
         )
         text = readme.read_text()
         if START in text and END in text:

@@ -137,7 +137,7 @@ def frozen_floor():
     import keras
 
     from keras_fg.cli.train_config import parse_args
-    from keras_fg.cli.train_data import ReidData
+    from keras_fg.cli.train_data import DataSettings, ReidData
     from keras_fg.models import create_backbone
 
     args = parse_args(common_flags(1)[:-2] + ["--last-stride", "2"])
@@ -145,7 +145,7 @@ def frozen_floor():
     pooled = keras.layers.GlobalAveragePooling2D()(backbone.output)
     model = keras.Model(backbone.input, {"features": pooled})
     start = time.perf_counter()
-    evaluation = ReidData(args).evaluate(model, args)
+    evaluation = ReidData(DataSettings.from_args(args)).evaluate(model)
     return {
         "command": "python bench/reid_ablation.py --rows floor "
         "(MobileNetV2 with the shared weights, global average pooling of out_relu, 256x128)",

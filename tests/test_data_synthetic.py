@@ -38,6 +38,10 @@ def test_class_names_and_arguments():
         SyntheticFineGrained(image_size=16)
     with pytest.raises(ValueError, match="num_train=-1"):
         SyntheticFineGrained(num_train=-1)
+    with pytest.raises(ValueError, match="clutter=-1"):
+        SyntheticFineGrained(clutter=-1)
+    with pytest.raises(ValueError, match="noise=-0.5"):
+        SyntheticFineGrained(noise=-0.5)
     with pytest.raises(ValueError, match="Unknown split: 'val'"):
         data.split("val")
 

@@ -60,7 +60,7 @@ def single_device_evaluation(run_dir):
 
     args = parse_args(["--resume", str(run_dir)])
     model = keras.saving.load_model(run_dir / "model.keras")
-    return load_data(args).evaluate(model, args)
+    return load_data(args).evaluate(model)
 
 
 @pytest.fixture(scope="module")

@@ -1186,7 +1186,8 @@ def test_cli_exports_a_synthetic_run_directory_on_its_own_images(tmp_path, capsy
     run = tmp_path / "run"
     trained = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "--model", "gap", "--synthetic-classes", "4",
-         "--synthetic-train", "96", "--synthetic-test", "32", "--epochs", "2",
+         "--synthetic-train", "96", "--synthetic-test", "32", "--synthetic-clutter", "2",
+         "--synthetic-noise", "3", "--epochs", "2",
          "--batch-size", "16", "--seed", "3", "--verbose", "0", "--output", str(run)],
         capture_output=True, text=True, timeout=600, cwd=tmp_path,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""},
@@ -1194,7 +1195,7 @@ def test_cli_exports_a_synthetic_run_directory_on_its_own_images(tmp_path, capsy
     assert trained.returncode == 0, trained.stderr[-3000:]
 
     read = read_run_directory(run)
-    expected = SyntheticFineGrained(4, 64, num_train=96, num_test=32, seed=3)
+    expected = SyntheticFineGrained(4, 64, num_train=96, num_test=32, seed=3, clutter=2, noise=3)
     np.testing.assert_array_equal(read["calibration_data"], expected.x_train)
     np.testing.assert_array_equal(read["evaluation_data"], expected.x_test)
     # They are the run's own test images: the model scores on them what train.py reported.

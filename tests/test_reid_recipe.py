@@ -194,11 +194,12 @@ def test_warmup_switch_changes_only_the_first_learning_rates():
 
 
 def test_random_erasing_switch_only_erases(mars_dir):
-    from keras_fg.cli.train_data import ReidData
+    from keras_fg.cli.train_data import DataSettings, ReidData
 
     def first_batch(*flags):
         args = reid_args(*flags, data=mars_dir)
-        images, labels = next(iter(ReidData(args).training_dataset(args, 0, 1)))
+        data = ReidData(DataSettings.from_args(args))
+        images, labels = next(iter(data.training_dataset(0, 1)))
         return images.numpy(), labels.numpy()
 
     erased, labels = first_batch()

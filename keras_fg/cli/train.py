@@ -123,9 +123,9 @@ def run(args):
         error._during_training = True
         raise
 
-    part_weights = data.fit_part_weights(model, args) if args.task == "reid" else None
+    part_weights = data.fit_part_weights(model) if args.task == "reid" else None
     atomic_save(model, output / "model.keras")
-    evaluation = data.evaluate(model, args)
+    evaluation = data.evaluate(model)
     if part_weights:
         evaluation["part_weights"] = part_weights
     evaluation.update(timings)
@@ -259,7 +259,7 @@ class Training:
         elif start < args.head_epochs:
             self.fit(
                 trainer,
-                lambda first, end: self.data.training_dataset(args, first, end),
+                lambda first, end: self.data.training_dataset(first, end),
                 steps,
                 start,
                 args.head_epochs,
@@ -289,7 +289,7 @@ class Training:
             self.checkpoint.restore(model)
         self.fit(
             model,
-            lambda first, end: self.data.training_dataset(args, first, end),
+            lambda first, end: self.data.training_dataset(first, end),
             steps,
             start,
             args.epochs,
@@ -407,13 +407,13 @@ class Training:
             )
 
         started = time.time()
-        cache = build(*data.cache_source(args), flips=True)
+        cache = build(*data.cache_source(), flips=True)
         print(f"Feature cache built in {time.time() - started:.0f} s")
         self.timings["feature_cache_seconds"] = round(time.time() - started, 1)
         self.timings["feature_cache_bytes"] = cache.nbytes
         validation = None
-        if args.validation_freq and data.validation_pipeline(args) is not None:
-            validation = build(*data.cache_source(args, split="evaluation"), flips=False)
+        if args.validation_freq and data.validation_pipeline() is not None:
+            validation = build(*data.cache_source(split="evaluation"), flips=False)
         return cache, validation
 
     def head_steps(self, cache):
@@ -453,7 +453,7 @@ class Training:
                 callbacks.insert(
                     0,
                     ChannelGroupingInitializer(
-                        self.data.pipeline(args, training=False, limit=256),
+                        self.data.pipeline(training=False, limit=256),
                         at_epoch=args.macnn_init_epoch,
                         seed=args.seed,
                     ),
@@ -461,7 +461,7 @@ class Training:
         return callbacks
 
     def validation_images(self):
-        return self.data.validation_pipeline(self.args) if self.args.validation_freq else None
+        return self.data.validation_pipeline() if self.args.validation_freq else None
 
 
 def run_progress(epochs):
@@ -565,7 +565,7 @@ def write_attention_overlays(model, data, args, output, count=8):
 
     from keras_fg import viz
 
-    images, labels = data.sample_images(args, count)
+    images, labels = data.sample_images(count)
     outputs = model.predict(images, verbose=0)
     figure = viz.attention_grid(
         images,
@@ -580,8 +580,8 @@ def write_attention_overlays(model, data, args, output, count=8):
 
 
 def load_data(args):
-    from keras_fg.cli.train_data import ClassificationData, ReidData
+    """The run's training and evaluation data, read with the settings its flags give."""
+    from keras_fg.cli.train_data import ClassificationData, DataSettings, ReidData
 
-    if args.task == "reid":
-        return ReidData(args)
-    return ClassificationData(args)
+    settings = DataSettings.from_args(args)
+    return ReidData(settings) if args.task == "reid" else ClassificationData(settings)

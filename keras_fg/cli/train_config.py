@@ -85,6 +85,15 @@ def build_parser():
     task.add_argument("--synthetic-train", type=int, default=2000, help="synthetic training images")
     task.add_argument("--synthetic-test", type=int, default=500, help="synthetic test images")
     task.add_argument(
+        "--synthetic-clutter", type=int, default=6, help="synthetic background shapes per image"
+    )
+    task.add_argument(
+        "--synthetic-noise",
+        type=float,
+        default=8.0,
+        help="synthetic pixel noise, standard deviation on the 0-255 scale",
+    )
+    task.add_argument(
         "--max-train-images",
         type=int,
         default=None,

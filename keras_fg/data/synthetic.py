@@ -93,6 +93,10 @@ class SyntheticFineGrained:
                 f"`num_train` and `num_test` must be >= 0. "
                 f"Received: num_train={num_train}, num_test={num_test}"
             )
+        if clutter < 0 or noise < 0:
+            raise ValueError(
+                f"`clutter` and `noise` must be >= 0. Received: clutter={clutter}, noise={noise}"
+            )
         self.num_classes = num_classes
         self.image_size = image_size
         self.num_train = num_train

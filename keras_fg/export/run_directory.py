@@ -121,6 +121,8 @@ def _synthetic_images(config, calibration_images, evaluation_images):
             num_train=min(num_train, calibration_images),
             num_test=min(num_test, evaluation_images),
             seed=config.get("seed", 0),
+            clutter=config.get("synthetic_clutter", defaults["clutter"].default),
+            noise=config.get("synthetic_noise", defaults["noise"].default),
         )
     except (TypeError, ValueError) as error:
         raise ExportInputError(f"Cannot generate the run's synthetic data: {error}") from error
