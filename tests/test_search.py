@@ -160,6 +160,40 @@ def test_flat_distances_are_pairwise_distances(metric):
     np.testing.assert_array_equal(ids[:, :5], np.argsort(expected, axis=1)[:, :5])
 
 
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_flat_search_in_blocks_is_faiss_own_exact_search(metric, monkeypatch):
+    """The flat index scores its storage in blocks with NumPy: the answer is faiss' own, across
+    block edges, after removals and additions, with ties in order of addition."""
+    import faiss
+
+    from keras_fg.search import gallery_index
+
+    monkeypatch.setattr(gallery_index, "FLAT_BLOCK", 64)
+    vectors, _ = clustered(300, 16, 12)
+    vectors[250:260] = vectors[10]  # Ten copies of one entry: a tie across two blocks.
+    index = GalleryIndex(index_type="flat", metric=metric)
+    index.add_embeddings(vectors[:200], [f"{i}.jpg" for i in range(200)])
+    index.search_arrays(vectors[:1])  # Caches the ids (and norms), which add/remove refresh.
+    index.remove([f"{i}.jpg" for i in range(0, 200, 7)])
+    index.add_embeddings(vectors[200:], [f"{i}.jpg" for i in range(200, 300)])
+    queries = np.concatenate([vectors[10:11], vectors[:5] + 0.02])
+    distances, ids = index.search_arrays(queries, k=20)
+
+    keep = np.array([i for i in range(300) if i >= 200 or i % 7])
+    stored = vectors[keep] / (np.linalg.norm(vectors[keep], axis=1, keepdims=True)
+                              if metric == "cosine" else 1)  # fmt: skip
+    normalised = queries / (np.linalg.norm(queries, axis=1, keepdims=True)
+                            if metric == "cosine" else 1)  # fmt: skip
+    reference = (faiss.IndexFlatIP if metric == "cosine" else faiss.IndexFlatL2)(16)
+    reference.add(stored.astype(np.float32))
+    scores, rows = reference.search(normalised.astype(np.float32), 20)
+    expected = 1 - scores if metric == "cosine" else np.sqrt(np.maximum(scores, 0))
+    np.testing.assert_allclose(distances, expected, atol=1e-5)
+    np.testing.assert_array_equal(ids[1:, :5], keep[rows[1:, :5]])  # (Row 0 is all ties.)
+    # The query equal to entry 10 finds it and its ten copies first, in order of addition.
+    assert ids[0, :11].tolist() == [10, *range(250, 260)]
+
+
 @pytest.mark.parametrize(
     "index_type, setting, value",
     [("ivf", "nprobe", 8), ("hnsw", "ef_search", 64), ("ivfpq", "nprobe", 8)],

@@ -32,11 +32,12 @@ DEFAULT_NPROBE = "5% of the lists (at least 8)"  # What the help says.
 DEFAULT_HNSW_M = 32
 DEFAULT_EF_SEARCH = 256
 DEFAULT_EF_CONSTRUCTION = 40
-# Fewer queries than this are searched on one thread: for one query a team of OpenMP threads
-# costs more than it saves, most on a loaded machine (bench/search.py's 2 shared cores: flat
-# over 10^4 x 1,280, 31 ms a query on 2 threads, 6 ms on one; the IDMap's id translation forks
-# a team too). faiss' own switch to BLAS for flat search is at 20 queries.
+# An approximate index searches fewer queries than this on one thread: for one query a team of
+# OpenMP threads costs more than it saves, most on a loaded machine (the IDMap's id translation
+# forks a team too).
 SMALL_BATCH = 20
+# The flat index is scored in blocks of this many entries (a (queries, block) score matrix).
+FLAT_BLOCK = 65_536
 EXTRA = 'pip install "keras-fg[search]" (or: pip install -e ".[search]")'
 
 
@@ -192,6 +193,7 @@ class GalleryIndex:
         self._faiss = import_faiss()
         self._index = None
         self._kind = None  # The faiss structure in use: "flat", "ivf", "hnsw" or "ivfpq".
+        self._flat_cache = None  # The flat index's ids and squared norms, between searches.
         self._records = {}  # id -> {"id", "path", "person_id", "camera"}, in order of addition.
         self._ids_of_path = {}
         self._next_id = 0
@@ -306,6 +308,7 @@ class GalleryIndex:
                 self._create(np.concatenate([stored, vectors]))
                 self._index.add_with_ids(stored, stored_ids)
         self._index.add_with_ids(vectors, ids)
+        self._flat_cache = None
         for entry_id, record in zip(ids.tolist(), records):
             self._records[entry_id] = {"id": entry_id, **record}
             self._ids_of_path[record["path"]] = entry_id
@@ -346,6 +349,7 @@ class GalleryIndex:
                     f"faiss removed {removed} entries instead of {len(ids)}: the index and its "
                     "records disagree"
                 )
+        self._flat_cache = None
         for entry_id in ids.tolist():
             del self._ids_of_path[self._records.pop(entry_id)["path"]]
         return len(ids)
@@ -362,7 +366,8 @@ class GalleryIndex:
             nprobe: IVF lists scanned, for this call (default: the index's `nprobe`).
             ef_search: HNSW candidates, for this call (default: the index's `ef_search`).
 
-        Fewer than `SMALL_BATCH` queries run on one faiss thread (faiss' thread count is
+        The flat index is scored by NumPy's BLAS on faiss' storage; the approximate ones
+        search fewer than `SMALL_BATCH` queries on one faiss thread (faiss' thread count is
         global: do not search from several Python threads at once).
 
         Returns:
@@ -394,19 +399,76 @@ class GalleryIndex:
         if _are_paths(queries):
             queries = self._embed_queries(queries, model_or_predictor)
         queries = self._prepare(queries, "queries")
+        k = min(int(k), len(self))
+        if self._kind == "flat":
+            scores, ids = self._flat_search(queries, k)
+        else:
+            scores, ids = self._faiss_search(queries, k, nprobe, ef_search)
+        if self.metric == "cosine":
+            distances = 1.0 - scores
+        else:  # Squared L2 distances, as faiss returns them.
+            distances = np.sqrt(np.maximum(scores, 0.0))
+        return np.where(ids < 0, np.inf, distances).astype(np.float32), ids
+
+    def _faiss_search(self, queries, k, nprobe, ef_search):
         self._set_query_options(nprobe, ef_search)
         threads = self._faiss.omp_get_max_threads()
         if len(queries) < SMALL_BATCH and threads > 1:
             self._faiss.omp_set_num_threads(1)
         try:
-            scores, ids = self._index.search(queries, min(int(k), len(self)))
+            return self._index.search(queries, k)
         finally:
             self._faiss.omp_set_num_threads(threads)
-        if self.metric == "cosine":
-            distances = 1.0 - scores
-        else:  # faiss returns squared L2 distances.
-            distances = np.sqrt(np.maximum(scores, 0.0))
-        return np.where(ids < 0, np.inf, distances).astype(np.float32), ids
+
+    def _flat_search(self, queries, k):
+        """Exact search of the flat index: one BLAS product per block of its own storage.
+
+        The vectors are read in place (no copy) from the faiss index. faiss scans fewer than
+        20 queries without BLAS, one query per thread; NumPy's product spreads even a single
+        query over every core, so the flat index answers as fast as brute force in NumPy.
+        Returns what faiss would: `(scores, ids)`, scores the inner products (cosine) or the
+        squared L2 distances (euclidean), best first; ties in order of addition.
+        """
+        faiss = self._faiss
+        inner = faiss.downcast_index(self._index.index)
+        count = inner.ntotal
+        stored = faiss.rev_swig_ptr(inner.get_xb(), count * self.dim).reshape(count, self.dim)
+        if self._flat_cache is None:  # Ids and squared norms change only with add and remove.
+            norms = None
+            if self.metric == "euclidean":
+                norms = np.concatenate(
+                    [
+                        np.einsum(
+                            "ij,ij->i", stored[i : i + FLAT_BLOCK], stored[i : i + FLAT_BLOCK]
+                        )
+                        for i in range(0, count, FLAT_BLOCK)
+                    ]
+                )
+            self._flat_cache = (faiss.vector_to_array(self._index.id_map), norms)
+        entry_ids, norms = self._flat_cache
+        best = np.empty((len(queries), 0), np.float32)  # Higher is nearer.
+        where = np.empty((len(queries), 0), np.int64)
+        for start in range(0, count, FLAT_BLOCK):
+            scores = queries @ stored[start : start + FLAT_BLOCK].T
+            if norms is not None:  # -‖q - g‖² + ‖q‖²: the ranking of the L2 distance.
+                scores = 2 * scores - norms[start : start + FLAT_BLOCK]
+            if scores.shape[1] > k:
+                top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+                scores = np.take_along_axis(scores, top, axis=1)
+            else:
+                top = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
+            best = np.concatenate([best, scores], axis=1)
+            where = np.concatenate([where, top + start], axis=1)
+            if best.shape[1] > k:
+                keep = np.argpartition(-best, k - 1, axis=1)[:, :k]
+                best = np.take_along_axis(best, keep, axis=1)
+                where = np.take_along_axis(where, keep, axis=1)
+        # Nearest first; equal scores in order of addition.
+        order = np.lexsort((where, -best), axis=1)
+        best, where = np.take_along_axis(best, order, 1), np.take_along_axis(where, order, 1)
+        if norms is not None:
+            best = np.einsum("ij,ij->i", queries, queries)[:, None] - best
+        return best, entry_ids[where]
 
     # === Persistence ===
 
