@@ -17,8 +17,8 @@ MANIFEST = "manifest.json"
 INDEX_TYPES = ("auto", "flat", "ivf", "hnsw", "ivfpq")
 METRICS = ("cosine", "euclidean")
 # "auto" keeps an exact flat index below this many entries and an IVF index from it on.
-# bench/search.py, d = 1,280 on 2 shared cores: flat's median query took 6 ms at 10^4 entries and
-# 62 ms at 3·10^4, where IVF took 0.6 ms at recall@10 0.996 (bench/results/search_d1280_n*.json).
+# bench/search.py, d = 1,280 on 2 shared cores: flat's median query took 2.3 ms at 10^4 entries
+# and 12 ms at 3·10^4, where IVF took 0.6 ms at recall@10 0.996 (docs/search.md).
 AUTO_FLAT_BELOW = 20_000
 # IVF: the coarse quantiser's k-means runs this many iterations on at most this many points per
 # list (faiss warns below 39); the rest of the gallery is only assigned to its nearest list.
