@@ -59,7 +59,7 @@ sys.path.insert(0, str(ROOT))
 SIZES = {1280: (10_000, 30_000, 100_000, 1_000_000), 7680: (10_000, 100_000)}
 QUERIES, K = 100, 10
 NPROBES = (1, 2, 4, 8, 16, 32, 64, 128)
-EF_SEARCHES = (16, 32, 64, 128, 256)
+EF_SEARCHES = (16, 32, 64, 128, 256, 512, 1024)
 PQ_BYTES = (96, 192)
 RERANK, RERANK_NPROBES = 100, (16, 64)  # IVF-PQ's candidates re-ranked exactly, and its nprobes.
 PCA_DIM, PCA_SAMPLE = 1280, 4000
