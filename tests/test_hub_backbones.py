@@ -307,6 +307,21 @@ def test_every_family_on_dinov2_trains_saves_and_reloads_identically(presets, fa
     images = fit_one_step(model, 32)
     after = [keras.ops.convert_to_numpy(w) for w in model.backbone.trainable_weights]
     assert any(np.abs(a - b).max() > 0 for a, b in zip(after, before))  # The backbone learned.
+    assert_reloads_identically(model, images, tmp_path)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_on_a_keras_hub_cnn_trains_saves_and_reloads_identically(
+    presets, family, tmp_path
+):
+    name, options = FAMILIES[family]
+    keras.utils.set_random_seed(0)
+    model = create_model(name, 3, backbone=f"hub:{presets['resnet']}", image_size=64, **options)
+    images = fit_one_step(model, 64)
+    assert_reloads_identically(model, images, tmp_path)
+
+
+def assert_reloads_identically(model, images, tmp_path):
     model.save(tmp_path / "model.keras")
     reloaded = keras.saving.load_model(tmp_path / "model.keras")
     expected = model.predict(images, verbose=0)

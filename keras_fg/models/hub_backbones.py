@@ -400,8 +400,9 @@ class HubBackbone(keras.Model):
         # a copy), so the saved table is set to the live one here; the network's own saving
         # runs after this (a parent saves before its children).
         network = self.network
-        same_grid = tuple(network.position_embedding_shape) == tuple(network.image_shape)
-        if self.kind == "dinov2" and same_grid:  # (Lists once read back from a config.)
+        if self.kind == "dinov2" and (
+            tuple(network.position_embedding_shape) == tuple(network.image_shape)
+        ):  # (tuples: a config read back gives lists)
             embeddings = network.embeddings
             embeddings.position_embeddings.assign(embeddings.interpolated_position_embeddings)
         super().save_own_variables(store)
