@@ -343,7 +343,10 @@ def test_full_macnn_with_part_crops_converts_to_builtins(jpeg_bytes, tmp_path):
     images = np.random.default_rng(1).uniform(0, 255, (16, SIZE, SIZE, 3)).astype("float32")
     path = tmp_path / "macnn_crops_int8.tflite"
     details = export_tflite(model, path, "int8", representative_images=images, return_details=True)
-    assert details["float_layers"][-1]["layer"] == f"after {model.backbone.name} and part_networks"
+    assert (
+        details["float_layers"][-1]["layer"]
+        == f"after {model.backbone.name}, outside part_networks"
+    )
     interpreter = Interpreter(model_path=str(path))
     tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
     convolutions = {
@@ -359,6 +362,12 @@ def test_full_macnn_with_part_crops_converts_to_builtins(jpeg_bytes, tmp_path):
     assert all(
         dtype == (np.float32 if name in stem else np.int8) for name, dtype in convolutions.items()
     )
+    # The head between the two runs (part maps, crop matrices, the crops) is float: int8 maps
+    # and crop matrices would move the crops themselves.
+    written = [tensors[index] for op in interpreter._get_ops_details() for index in op["outputs"]]
+    between = [t for t in written if _layer_tensors("channel_grouping", [t["name"]])]
+    between += [t for t in written if _layer_tensors("part_crop", [t["name"]])]
+    assert between and not [t["name"] for t in between if t["dtype"] == np.int8]
 
 
 def test_tflite_int8_of_a_trained_model_keeps_its_decisions(labelled_images, tmp_path):
@@ -880,7 +889,7 @@ def test_int8_head_starts_after_a_second_streams_backbone(tmp_path):
     path = tmp_path / "two_streams.tflite"
     details = export_tflite(model, path, "int8", representative_images=images, return_details=True)
     first, second = model.backbone.name, model.second_backbone.name
-    assert details["float_layers"][-1]["layer"] == f"after {first} and {second}"
+    assert details["float_layers"][-1]["layer"] == f"after {first}, outside {second}"
     interpreter = Interpreter(model_path=str(path))
     dtypes = {t["name"]: t["dtype"] for t in interpreter.get_tensor_details()}
     for name in (first, second):

@@ -442,9 +442,11 @@ def _quantize_int8(converter, float_layers, head_after=None, head_weights=False,
     stem's first run ends where the layer `after_stem` (the next dense or convolution layer)
     starts: a backbone that runs again later (MA-CNN's on its part crops) must not stretch
     the prefix over its first run.
-    With `head_after` (the names of the backbones), every op after the last one of them
-    stays float: the int8 graph then ends at the feature maps the head reads, behind one
-    DEQUANTIZE each. With `head_weights` too, the head's dense and convolution ops, the
+    With `head_after` (the names of the backbones), every op after the first backbone op
+    that belongs to none of them stays float: the int8 graph then ends at the feature maps
+    the head reads, behind one DEQUANTIZE each. A backbone that runs on what the head
+    computed (MA-CNN's part networks on the crops) is int8 again, but the head between the
+    runs is not: int8 part maps and crop matrices would move the crops themselves. With `head_weights` too, the head's dense and convolution ops, the
     logits' among them, get int8 weights (`_with_int8_weights`), but for those of the layers
     ranked for their weights (`_float_layers`).
 
@@ -473,10 +475,11 @@ def _quantize_int8(converter, float_layers, head_after=None, head_weights=False,
             t for name in head_after or () for t in _layer_tensors(name, names.values())
         }
         if backbone_tensors:
-            last = max(i for i, written in enumerate(outputs) if backbone_tensors & set(written))
+            inside = [bool(backbone_tensors & set(written)) for written in outputs]
+            first = inside.index(True)
             kept = {tensor for layer in layers for tensor in layer["tensors"]}
-            after = {t for written in outputs[last + 1 :] for t in written}
-            label = f"after {' and '.join(head_after)}"
+            after = {t for i, w in enumerate(outputs[first:], first) if not inside[i] for t in w}
+            label = f"after {head_after[0]}" + "".join(f", outside {n}" for n in head_after[1:])
             head = [{"layer": label, "why": _HEAD, "tensors": sorted(after - kept)}]
             if head_weights:
                 ranked = [layer for layer in layers if layer["why"] == _RANKED]
