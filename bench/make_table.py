@@ -261,7 +261,8 @@ def summary_tables(runs, floor, attention, export, reid, sweep=None):
             f"{model_name({'model': family})} on {row['settings']} synthetic settings drawn at "
             f"random (`bench/attention.py --sweep`): pointing game {pct(mean['pointing_game'])} "
             f"on average, {pct(worst['pointing_game'])} at worst ({worst['setting']}, mass in "
-            f"box {worst['mass_in_box']:.2f}, top-1 {pct(worst['top1'])}).",
+            f"box {worst['mass_in_box']:.2f}, top-1 {pct(worst['top1'])}); top-1 "
+            f"{pct(mean['top1'])} on average, {pct(row['min']['top1'])} at lowest.",
         ]
     lines += [
         "",
