@@ -565,8 +565,8 @@ def resolve(args):
         args.macnn_init = "clustering" if args.weights else "none"
     if args.warmup_epochs is None:
         # The attention families from scratch warm up for a tenth of the run: after one epoch
-        # at 3e-3 MA-CNN's backbone died on one seed of three
-        # (docs/experiments.md#ma-cnn-on-the-synthetic-set); DASRBN's 3e-3 was chosen with it.
+        # at 3e-3 MA-CNN's backbone died on one seed of three (docs/experiments.md#ma-cnn-on-
+        # the-synthetic-set); DASRBN's rate of 3e-3 was chosen with this warm-up.
         from_scratch = args.model in ("macnn", "dasrbn") and not args.weights
         args.warmup_epochs = float(max(1, args.epochs // 10)) if from_scratch else 1.0
     if args.warmup_epochs < 0:
