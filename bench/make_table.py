@@ -212,18 +212,12 @@ def cub_section(runs, floor):
 def summary_tables(runs, floor, attention, export, reid, sweep=None):
     """The README's two tables: the families on the bird subset, and re-identification."""
     loads = [x for rows in runs.values() for r in rows for x in r.get("load_average_1min", [])]
-    defaults = [
-        s["default"] for s in (attention or {}).get("families", {}).values() if "default" in s
-    ]
-    seeds = sorted({len(d["seeds"]) for d in defaults}) or [0]
-    seeds = "–".join(map(str, (seeds[0], seeds[-1]) if len(seeds) > 1 else seeds))
     lines = [
         "Birds: the 50-species CUB subset (1,500 training images), MobileNetV2 at 224 px on a "
         "2-core CPU; top-1 on the 1,449 test images, mean ± sd of the seeds run; the wall time "
         f"of the whole `train.py` command (the 2 cores shared: 1-minute load "
         f"{min(loads, default=0):.0f}–{max(loads, default=0):.0f} during these runs); the "
-        f"attention's pointing game on the synthetic set (default setting, {seeds} "
-        f"seed{'s' if seeds != '1' else ''}); int8 "
+        "attention's pointing game on the synthetic set (default setting, 3 seeds); int8 "
         "TFLite latency and its top-1 agreement with Keras. Floor (logistic regression on the "
         f"frozen features): {pct(floor['top1'])}.",
         "",

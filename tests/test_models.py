@@ -323,11 +323,7 @@ DISTRIBUTED_SCRIPT = textwrap.dedent(
     labels = np.arange(8) % 4
 
     def one_step(initial):
-        # BatchNormalization frozen: learning, it would normalise each replica's half batch
-        # by that half's statistics (Keras' default), not by the whole batch's.
-        model = create_model(
-            family, 4, backbone="tiny", image_size=32, freeze_batchnorm=True, **options
-        )
+        model = create_model(family, 4, backbone="tiny", image_size=32, **options)
         if initial is not None:
             model.set_weights(initial)
         start = [w.copy() for w in model.get_weights()]
@@ -367,7 +363,10 @@ def test_mirrored_strategy_step_equals_the_single_device_step(family):
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["moved"] > 1e-3  # The step did change the weights...
-    assert figures["error"] < 1e-5  # ...by the same amount on two replicas as on one.
+    # ...by the same amount on two replicas as on one, to float32 rounding: the tiny
+    # backbone's BatchNormalization sums its statistics across the replicas (per-replica
+    # statistics moved GAP's weights by a third of the step).
+    assert figures["error"] < 1e-4 * figures["moved"]
 
 
 def test_full_macnn_classifies_part_crops_and_converts_to_tflite_builtins(tmp_path):

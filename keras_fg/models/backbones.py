@@ -96,9 +96,11 @@ def _tiny_convnet(include_top=False, weights=None, input_tensor=None, input_shap
         x = keras.layers.Conv2D(
             filters, 3, padding="same", use_bias=False, name=f"conv{index}_conv"
         )(x)
-        # Per-replica statistics under tf.distribute, as keras.applications' networks: Keras
-        # synchronises them on TensorFlow only, and such a file would not load on JAX or torch.
-        x = keras.layers.BatchNormalization(name=f"conv{index}_bn")(x)
+        # Statistics over the global batch under tf.distribute: a mirrored step then equals
+        # the single-device step (Keras offers this on TensorFlow only).
+        x = keras.layers.BatchNormalization(
+            synchronized=keras.backend.backend() == "tensorflow", name=f"conv{index}_bn"
+        )(x)
         x = keras.layers.ReLU(name=f"conv{index}")(x)
     return keras.Model(keras.utils.get_source_inputs(images), x, name="tiny")
 
