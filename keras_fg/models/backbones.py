@@ -72,16 +72,12 @@ class BackboneSpec:
 
 
 def _tiny_convnet(include_top=False, weights=None, input_tensor=None, input_shape=None):
-    """Four 3×3 convolution blocks (32, 64, 64, 128 filters), each Conv2D → BatchNormalization
-    → ReLU, with 2×2 max pooling after the first three (stride 8).
+    """Four 3×3 Conv2D + ReLU layers (32, 64, 64, 128 filters), 2×2 max pooling after the
+    first three (stride 8), no BatchNormalization.
 
     A backbone small enough for tests and the embedded demo; it has no pretrained weights.
     The pooling between convolutions gives its last layer a receptive field wide enough to
     see where a part sits on its object, which the synthetic dataset's classes depend on.
-    BatchNormalization keeps its ReLUs alive at a learning rate of 3e-3: without it, the
-    last block's outputs all went to zero within a few epochs on larger grids
-    (docs/experiments.md#dasrbn-on-settings-drawn-at-random). Each block's output keeps the
-    block's name (`conv1` ... `conv4`), as Keras' ResNets name theirs `..._out`.
     """
     if weights is not None:
         raise ValueError(
@@ -93,15 +89,9 @@ def _tiny_convnet(include_top=False, weights=None, input_tensor=None, input_shap
     for index, filters in enumerate((32, 64, 64, 128), start=1):
         if index > 1:
             x = keras.layers.MaxPooling2D(name=f"pool{index - 1}")(x)
-        x = keras.layers.Conv2D(
-            filters, 3, padding="same", use_bias=False, name=f"conv{index}_conv"
-        )(x)
-        # Statistics over the global batch under tf.distribute: a mirrored step then equals
-        # the single-device step (Keras offers this on TensorFlow only).
-        x = keras.layers.BatchNormalization(
-            synchronized=keras.backend.backend() == "tensorflow", name=f"conv{index}_bn"
-        )(x)
-        x = keras.layers.ReLU(name=f"conv{index}")(x)
+        x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu", name=f"conv{index}")(
+            x
+        )
     return keras.Model(keras.utils.get_source_inputs(images), x, name="tiny")
 
 

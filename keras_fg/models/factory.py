@@ -1,11 +1,6 @@
 """One factory for every model family, so that one command line can drive them all."""
 
-from keras_fg.models.backbones import (
-    backbone_label,
-    create_backbone,
-    has_earlier_feature_layer,
-    is_hub_name,
-)
+from keras_fg.models.backbones import backbone_label, create_backbone, has_earlier_feature_layer
 from keras_fg.models.bilinear_cnn import BilinearCNN
 from keras_fg.models.dasrbn import DASRBN
 from keras_fg.models.gap_classifier import GAPClassifier
@@ -61,9 +56,7 @@ def create_model(
             feature map's height and width; see `create_backbone`).
         **options: the family's own arguments (e.g. `num_parts=4` for `"macnn"`,
             `projection_dim=8192` for `"bcnn"`) and the `FineGrainedModel` ones
-            (`class_names`, `label_smoothing`, `triplet_weight`, ...). `freeze_batchnorm`
-            defaults to frozen on pretrained weights (a file, `"imagenet"` or a keras-hub
-            preset) and to learning on a backbone trained from scratch (`weights=None`).
+            (`class_names`, `label_smoothing`, `triplet_weight`, ...).
 
     Returns:
         A compiled-ready `keras.Model`; `model.compile(optimizer=...)` is all it needs.
@@ -76,8 +69,6 @@ def create_model(
     if name not in MODELS:
         raise ValueError(f"Unknown model {name!r}. Valid models: {', '.join(list_models())}")
     family = MODELS[name]
-    # A backbone from scratch has no statistics to keep frozen.
-    options.setdefault("freeze_batchnorm", weights is not None or is_hub_name(backbone))
     if second_backbone is not None:
         if name not in ("bcnn", "dasrbn"):
             raise ValueError(
