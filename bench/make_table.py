@@ -65,28 +65,6 @@ def machine_line(result):
     )
 
 
-FUSED = {"fuse_branch_logits": "branch_logits", "fuse_part_logits": "part_logits"}
-
-
-def with_served_rows(result):
-    """`result` with, beside each fine-tuned DASRBN or MA-CNN row run before it served the
-    fused score (`fuse_branch_logits` / `fuse_part_logits: false`), a row of the score it
-    serves now: training is the same, and the run measured that score too. Its flip TTA was
-    not measured."""
-    families = {}
-    for family, r in result["families"].items():
-        for option, key in FUSED.items():
-            if r.get("options", {}).get(option) is False and f"fine_tuned_with_{key}" in r:
-                families[f"{family}_served"] = {
-                    **{k: v for k, v in r.items() if "flip_tta" not in k},
-                    "options": {k: v for k, v in r["options"].items() if k != option},
-                    "head_phase": r[f"head_phase_with_{key}"],
-                    "fine_tuned": r[f"fine_tuned_with_{key}"],
-                }
-        families[family] = r
-    return {**result, "families": families}
-
-
 # The published CUB-subset rows: configs/<recipe>.yaml, run by bench/accuracy.py.
 RECIPES = {
     "cub_gap": ("GAP (baseline)", "gap"),
@@ -114,41 +92,6 @@ def mean_sd(values):
     return f"{100 * values.mean():.1f} ± {100 * values.std(ddof=1):.1f} %"
 
 
-def served_top1(result):
-    """The top-1 of the score a family serves today, from a run of the former bench path."""
-    for option, key in FUSED.items():
-        if result.get("options", {}).get(option) is False and f"fine_tuned_with_{key}" in result:
-            return result[f"fine_tuned_with_{key}"]["top1"]
-    return result["fine_tuned"]["top1"]
-
-
-def former_bench_path():
-    """Per family: (top-1 of each seed, train minutes of each) of the former bench path, the
-    head trained by `bench/accuracy.py`'s own code, kept for one comparison."""
-    files = {
-        "": ("accuracy_224", "accuracy_224_seed1", "accuracy_224_seed2"),
-        "_part_crops": (
-            "accuracy_224_part_crops",
-            "accuracy_224_part_crops_seed1",
-            "accuracy_224_part_crops_seed2",
-        ),
-    }
-    former = {}
-    for suffix, names in files.items():
-        for name in names:
-            result = load(name)
-            if not result:
-                continue
-            for family, r in result["families"].items():
-                if "fine_tuned" not in r:
-                    continue
-                key = family + suffix
-                former.setdefault(key, ([], []))
-                former[key][0].append(served_top1(r))
-                former[key][1].append(r["train_seconds"] / 60)
-    return former
-
-
 def parameters(recipe):
     """Parameters of a recipe's model on the 50 classes (built with random weights)."""
     from keras_fg.cli.train import family_options
@@ -164,21 +107,20 @@ def parameters(recipe):
 
 
 def cub_section(runs, floor):
-    """Every recipe's train.py runs on the CUB subset, beside the former bench path."""
-    former = former_bench_path()
+    """Every recipe's train.py runs on the CUB subset."""
     lines = [
         "### Accuracy on real birds (CUB subset: 50 species, 1,500 train / 1,449 test)",
         "",
         "`train.py --config configs/<recipe>.yaml --seed S` with the shared MobileNetV2 weights "
-        "(bench/accuracy.py): top-1 on the test images, the whole image resized to 224 px, and "
-        "the wall time of the whole command. *Former bench path*: the same recipe trained by "
-        "the benchmark's own code before train.py could (mean of its runs, its training time "
-        "only); shown once, for the comparison.",
+        "(bench/accuracy.py): top-1 on the test images, the whole image resized to 224 px; "
+        "training time (the feature cache and both phases, as train.py reports it) and the "
+        "wall time of the whole command (evaluation and export included), means over the "
+        "seeds, with the 1-minute load of the 2 cores during the runs.",
         "",
         f"Floor (logistic regression on the frozen GAP features, C = 1): {pct(floor['top1'])}.",
         "",
-        "| recipe | model | seeds | top-1 per seed | mean ± sd | vs floor | wall time "
-        "| former bench path | its time |",
+        "| recipe | model | seeds | top-1 per seed | mean ± sd | vs floor | training time "
+        "| wall time | load |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for recipe, (name, family) in RECIPES.items():
@@ -187,13 +129,13 @@ def cub_section(runs, floor):
         rows = runs[recipe]
         top1 = [r["evaluation"]["top1"] for r in rows]
         minutes = np.mean([r["wall_seconds"] for r in rows]) / 60
-        before, before_minutes = former.get(family, ([], []))
+        training = np.mean([r["evaluation"]["training_seconds"] for r in rows]) / 60
+        loads = [x for r in rows for x in r.get("load_average_1min", [])]
         lines.append(
             f"| `configs/{recipe}.yaml` | {name} | {', '.join(str(r['seed']) for r in rows)} "
             f"| {', '.join(pct(t) for t in top1)} | **{mean_sd(top1)}** "
-            f"| {100 * (np.mean(top1) - floor['top1']):+.1f} | {minutes:.1f} min "
-            f"| {mean_sd(before) if before else '—'} "
-            f"| {f'{np.mean(before_minutes):.1f} min' if before else '—'} |"
+            f"| {100 * (np.mean(top1) - floor['top1']):+.1f} | {training:.1f} min "
+            f"| {minutes:.1f} min | {min(loads, default=0):.1f}–{max(loads, default=0):.1f} |"
         )
     loads = [
         load for rows in runs.values() for r in rows for load in r.get("load_average_1min", [])
@@ -211,13 +153,11 @@ def cub_section(runs, floor):
 
 def summary_tables(runs, floor, attention, export, reid, sweep=None):
     """The README's two tables: the families on the bird subset, and re-identification."""
-    loads = [x for rows in runs.values() for r in rows for x in r.get("load_average_1min", [])]
     lines = [
         "Birds: the 50-species CUB subset (1,500 training images), MobileNetV2 at 224 px on a "
         "2-core CPU; top-1 on the 1,449 test images, mean ± sd of the seeds run; the wall time "
-        f"of the whole `train.py` command (the 2 cores shared: 1-minute load "
-        f"{min(loads, default=0):.0f}–{max(loads, default=0):.0f} during these runs); the "
-        "attention's pointing game on the synthetic set (default setting, 3 seeds); int8 "
+        "of the whole `train.py` command in its least loaded run (the 2 cores were shared; "
+        "every run's time and load are in docs/results.md); the attention's pointing game on the synthetic set (default setting, 3 seeds); int8 "
         "TFLite latency and its top-1 agreement with Keras. Floor (logistic regression on the "
         f"frozen features): {pct(floor['top1'])}.",
         "",
@@ -236,7 +176,8 @@ def summary_tables(runs, floor, attention, export, reid, sweep=None):
             continue
         rows = runs[recipe]
         top1 = [r["evaluation"]["top1"] for r in rows]
-        minutes = np.mean([r["wall_seconds"] for r in rows]) / 60
+        quietest = min(rows, key=lambda r: np.mean(r.get("load_average_1min") or [np.inf]))
+        minutes = quietest["wall_seconds"] / 60
         int8 = next(
             (
                 e
@@ -290,112 +231,6 @@ def summary_tables(runs, floor, attention, export, reid, sweep=None):
             ]
             lines.append(f"| {name} | {figures[0]} | {figures[1]} | {len(row['seeds'])} |")
     lines += ["", "Every table, each row with its command: [docs/results.md](docs/results.md).", ""]
-    return lines
-
-
-def accuracy_section(results):
-    results = [with_served_rows(result) for result in results]
-    lines = [
-        "### Accuracy on real birds (CUB subset: 50 species, 1,500 train / 1,449 test)",
-        "",
-        "MobileNetV2 (shared weights), CPU. Phase one trains the head on backbone features "
-        "computed once (`keras_fg.models.train_head`); phase two, where shown, fine-tunes all "
-        "layers with BatchNormalization frozen. *vs floor*, mean per-class and flip TTA are "
-        "those of the final model (blank: not measured); train time counts both phases and "
-        "computing the features. DASRBN's and MA-CNN's rows labelled *main classifier alone* "
-        "ran before they served the fused score; the row above each is the score it serves, "
-        "from the same run. MA-CNN *channels weighed by d* ran before the signed weights.",
-        "",
-        "| model | px | head only | fine-tuned | vs floor | mean per-class | top-1, flip TTA "
-        "| train time | recipe |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    notes, best = [], {}
-    floors_shown = set()
-    for result in sorted(results, key=lambda r: r["image_size"]):
-        size = result["image_size"]
-        floor = result["floor_logistic_regression"]
-        if size not in floors_shown:
-            floors_shown.add(size)
-            lines.append(
-                f"| floor: logistic regression on frozen GAP features | {size} | "
-                f"{pct(floor['top1'])} | | | {pct(floor['mean_per_class_accuracy'])} | | | "
-                "scikit-learn's objective, C=1 |"
-            )
-        for family, r in result["families"].items():
-            tuned = "fine_tuned" in r
-            final = r["fine_tuned"] if tuned else r["head_phase"]
-            recipe = r["recipe"]["head_phase"]
-            if tuned:
-                recipe += f"; then {r['recipe']['fine_tune_phase']}"
-            if r["recipe"].get("model_options"):
-                recipe += f"; options {json.dumps(r['recipe']['model_options'])}"
-            if r["recipe"].get("part_crop_size"):
-                recipe += "; the part crops join in phase two"
-            if r["recipe"].get("seed"):
-                recipe += f"; seed {r['recipe']['seed']}"
-            tta = r.get("fine_tuned_flip_tta" if tuned else "head_phase_flip_tta", {}).get("top1")
-            # The final figure in bold: the fine-tuned one where there is one.
-            head = pct(r["head_phase"]["top1"])
-            head, fine = (head, f"**{pct(final['top1'])}**") if tuned else (f"**{head}**", "")
-            lines.append(
-                f"| {model_name(r)} | {size} | {head} | {fine} "
-                f"| {100 * (final['top1'] - floor['top1']):+.1f} "
-                f"| {pct(final['mean_per_class_accuracy'])} | {pct(tta) if tta else ''} "
-                f"| {r['train_seconds'] / 60:.1f} min | {recipe} |"
-            )
-            kind = "baseline" if r["model"] == "gap" else "fine-grained"
-            for top1, how in ((final["top1"], ""), (tta, ", flip TTA")):
-                if top1 is None:
-                    continue
-                # The best run trained within the goal's 30 minutes, else the best run.
-                rank = (r["train_seconds"] <= 1800, top1)
-                if kind not in best or rank > best[kind][0]:
-                    best[kind] = (rank, model_name(r) + how, size, r["train_seconds"])
-        commands = sorted({r["command"] for r in result["families"].values()})
-        notes += [f"`{c}` — {machine_line(result)}" for c in commands]
-    lines += seed_summary(results)
-    lines.append("")
-    for kind, ((in_time, top1), name, size, seconds) in sorted(best.items(), reverse=True):
-        reached = "reached" if top1 >= 0.91 and in_time else "not reached"
-        lines.append(
-            f"Goal (best {kind} model ≥ 91 % top-1 within 30 minutes of training): "
-            f"**{reached}** — best {pct(top1)}, {name} at {size} px, {seconds / 60:.1f} min."
-        )
-    return lines + [""] + [f"- {n}" for n in notes] + [""]
-
-
-def seed_summary(results):
-    """Mean top-1 of each model and recipe run on several seeds, with every seed's figure."""
-    runs = {}
-    for result in results:
-        for r in result["families"].values():
-            tuned = "fine_tuned" in r
-            recipe = (
-                r["recipe"]["head_phase"],
-                r["recipe"].get("fine_tune_phase"),
-                json.dumps(r["recipe"].get("model_options", {}), sort_keys=True),
-            )
-            key = (model_name(r), result["image_size"], recipe)
-            final = r["fine_tuned" if tuned else "head_phase"]["top1"]
-            runs.setdefault(key, {})[r["recipe"].get("seed", 0)] = final
-    rows = [(name, size, seeds) for (name, size, _), seeds in runs.items() if len(seeds) > 1]
-    if not rows:
-        return []
-    lines = [
-        "",
-        "Runs repeated on several seeds (same recipe): final top-1, mean and per seed.",
-        "",
-        "| model | px | seeds | mean top-1 | per seed | spread |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for name, size, seeds in sorted(rows, key=lambda row: -np.mean(list(row[2].values()))):
-        values = [seeds[k] for k in sorted(seeds)]
-        per_seed = ", ".join(f"{k}: {pct(seeds[k])}" for k in sorted(seeds))
-        lines.append(
-            f"| {name} | {size} | {len(values)} | **{pct(np.mean(values))}** | {per_seed} "
-            f"| {100 * (max(values) - min(values)):.1f} points |"
-        )
     return lines
 
 
@@ -723,25 +558,10 @@ def int8_stages_section(result):
 
 
 def main():
-    accuracy = [
-        load(p.stem)
-        for p in sorted(RESULTS.glob("accuracy_*.json"), key=lambda p: (len(p.stem), p.stem))
-        if p.stem != "accuracy_quick"
-    ]
     runs, floor = cub_runs(), load("cub/floor")
     lines = ["Regenerated by `python bench/make_table.py` from `bench/results/*.json`.", ""]
     if runs and floor:
         lines += cub_section(runs, floor)
-    if any(accuracy):
-        lines += [
-            "### The former bench path, run by run",
-            "",
-            "Every run of the benchmark's own training code before train.py had the cached "
-            "head phase, diagnosis runs included; [experiments.md](experiments.md) says what "
-            "each taught.",
-            "",
-        ]
-        lines += accuracy_section([a for a in accuracy if a])[2:]
     speed = load("speed") or load("speed_quick")
     if speed:
         lines += speed_section(speed)
