@@ -157,7 +157,8 @@ def summary_tables(runs, floor, attention, export, reid, sweep=None):
         "Birds: the 50-species CUB subset (1,500 training images), MobileNetV2 at 224 px on a "
         "2-core CPU; top-1 on the 1,449 test images, mean ± sd of the seeds run; the wall time "
         "of the whole `train.py` command in its least loaded run (the 2 cores were shared; "
-        "every run's time and load are in docs/results.md); the attention's pointing game on the synthetic set (default setting, 3 seeds); int8 "
+        "every run's time and load are in docs/results.md); the attention's pointing game on "
+        "the synthetic set (default setting, 3 seeds); int8 "
         "TFLite latency and its top-1 agreement with Keras. Floor (logistic regression on the "
         f"frozen features): {pct(floor['top1'])}.",
         "",
