@@ -27,22 +27,7 @@ def model_name(result):
             return f"B-CNN, compact ({r}² → {options['projection_dim']:,}-d Random Maclaurin)"
         return f"B-CNN, full ({r}² = {r * r:,}-d)"
     if result.get("model") == "macnn":
-        name = f"MA-CNN ({options.get('num_parts', 4)} parts)"
-        if options.get("signed_channel_weights") is False:
-            name += ", channels weighed by d"
-        if result.get("recipe", {}).get("part_crop_size"):
-            name += f", part crops of {result['recipe']['part_crop_size']} px"
-            if not options.get("crop_classifiers"):  # Runs before the option had none.
-                name += " in the fused classifier only"
-        return name + (
-            ", main classifier alone" if options.get("fuse_part_logits") is False else ""
-        )
-    if result.get("model") == "dasrbn" and options.get("attended_features") == "bilinear":
-        return "DASRBN, attended classifier on Σ α x"
-    if result.get("model") == "dasrbn" and options.get("fuse_branch_logits") is False:
-        return "DASRBN, main classifier alone"
-    if result.get("model") == "dasrbn" and options.get("dropout"):
-        return f"DASRBN, dropout {options['dropout']}"
+        return f"MA-CNN ({options.get('num_parts', 4)} parts)"
     return {"gap": "GAP (baseline)", "dasrbn": "DASRBN"}.get(family, family)
 
 
@@ -123,7 +108,7 @@ def cub_section(runs, floor):
         "| wall time | load |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for recipe, (name, family) in RECIPES.items():
+    for recipe, (name, _) in RECIPES.items():
         if recipe not in runs:
             continue
         rows = runs[recipe]
