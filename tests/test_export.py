@@ -688,6 +688,25 @@ def test_cli_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path, caps
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_strict_makes_a_quantized_file_that_misses_its_bound_fatal(
+    jpeg_dir, tmp_path, capsys, monkeypatch
+):
+    from keras_fg.export import parity
+    from keras_fg.export.cli import main
+
+    model_file = tmp_path / "gap.keras"
+    build("gap").save(model_file)
+    # A bound no file can meet: the dynamic-range file misses it, whatever its agreement.
+    monkeypatch.setitem(parity.CHECKS, "tflite_dynamic", ("top1_agreement", 1.01))
+    args = [str(model_file), "--formats", "tflite_fp32,tflite_dynamic"]
+    args += ["--evaluation-data", str(jpeg_dir)]
+    assert main([*args, "--output", str(tmp_path / "lenient")]) == 0
+    assert "gap_tiny_dynamic.tflite misses its parity bound" in capsys.readouterr().err
+    assert main([*args, "--output", str(tmp_path / "strict"), "--strict"]) == 1
+    report = json.loads((tmp_path / "strict" / "report.json").read_text())
+    assert [e["check"]["passed"] for e in report["exports"]] == [True, False]
+
+
 # ---------------------------------------------------------------------------------------------
 # Class names inside the .tflite, int8 layer selection, 16x8.
 
