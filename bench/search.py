@@ -756,16 +756,22 @@ def markdown_table():
             lines.append(f"| {result['dim']:,} | {size} | {name}: not measured | | | | | | | | |")
     if machine:
         loads = [
-            load
+            index["load_average_after"][0]
             for path in RESULTS.glob("search_d*_n*.json")
-            for load in json.loads(path.read_text())["machine"]["load_average_1_5_15"][:1]
+            for index in json.loads(path.read_text())["indexes"]
         ]
         lines.append("")
         lines.append(
             f"Measured by `python bench/search.py` on {machine['processor']}, "
-            f"{machine['cpu_count']} cores shared with other jobs (1-minute load average "
-            f"{min(loads):.0f}-{max(loads):.0f} when each gallery finished: absolute times are "
-            "several times an idle machine's; compare within a row); the flat index scored by "
+            f"{machine['cpu_count']} cores (1-minute load average {min(loads):.1f}-"
+            f"{max(loads):.1f} after each index"
+            + (
+                ": shared with other jobs, absolute times are several times an idle "
+                "machine's; compare within a row"
+                if max(loads) > 1.5 * machine["cpu_count"]
+                else ", the benchmark's own threads"
+            )
+            + "); the flat index scored by "
             "NumPy's BLAS on faiss' storage, the approximate ones on faiss threads = cores "
             "(one for fewer than 20 queries). Each row the fastest setting reaching recall@10 "
             ">= 0.99 against NumPy's exact top 10 (else the most accurate), NumPy timed in turns "
@@ -841,6 +847,8 @@ def write(name, payload):
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     temporary = path.with_suffix(".json.tmp")
+    # A JSON measured again (--force) keeps its figures but gets this run's machine and load.
+    payload = {k: v for k, v in payload.items() if k != "machine"}
     temporary.write_text(json.dumps({"machine": machine_info(), **payload}, indent=2) + "\n")
     temporary.replace(path)
     print(f"wrote {path.relative_to(ROOT)}", flush=True)
